@@ -1,0 +1,3 @@
+"""mergeshield: protect transformer checkpoints against unauthorized model merging."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""Declarative architecture specs: which stored tensors form each attention head, each MLP,
+and which lie on the residual stream.
+
+Convention (torch ``nn.Linear``): a linear map is ``y = W x + b`` with ``W`` of shape
+``[out, in]``.  A :class:`Slot` says where such a ``W`` (and ``b``) lives inside the stored
+tensors, so that GPT-2's transposed, fused ``Conv1D`` weights and the plain ``Linear`` weights
+of BERT or Llama look the same to every transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One logical linear map ``y = W x + b`` inside the stored tensors.
+
+    ``weight``/``bias``: stored tensor names (``bias`` is None when the layer has none).
+    ``transposed``: the weight is stored as ``[in, out]`` (GPT-2 ``Conv1D``).
+    ``chunk``: ``(index, count)`` when the map is one of ``count`` equal pieces of the output
+    dimension of a fused tensor (GPT-2 ``c_attn`` holds q | k | v).
+    """
+
+    weight: str
+    bias: str | None = None
+    transposed: bool = False
+    chunk: tuple[int, int] | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Multi-head attention ``o = sum_h W_O[:, h] softmax(q_h^T k_h / sqrt(d)) v_h``.
+
+    Query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query
+    attention; ``n_kv_heads == n_heads`` is ordinary multi-head attention).
+    ``rope``: rotary embeddings in the Hugging Face ``rotate_half`` layout, which rotates
+    dimension ``i`` together with ``i + head_dim / 2``.
+    """
+
+    q: Slot
+    k: Slot
+    v: Slot
+    o: Slot
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: bool = False
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def slots(self) -> dict[str, Slot]:
+        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Feed-forward block ``down(act(gate x) * up x)`` (gated) or ``down(act(up x))``.
+
+    Rows of ``up`` (and ``gate``) and columns of ``down`` are the ``n_units`` hidden units.
+    """
+
+    up: Slot
+    down: Slot
+    n_units: int
+    activation: str
+    gate: Slot | None = None
+
+    def slots(self) -> dict[str, Slot]:
+        slots = {"up": self.up, "down": self.down}
+        if self.gate is not None:
+            slots["gate"] = self.gate
+        return slots
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One transformer layer: the unit that is read, transformed and written at a time."""
+
+    name: str
+    hidden_size: int
+    attention: AttentionSpec
+    mlp: MLPSpec
+
+    def slots(self) -> dict[str, Slot]:
+        return {**self.attention.slots(), **self.mlp.slots()}
+
+    def tensor_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for slot in self.slots().values():
+            for name in slot.names():
+                if name not in names:  # fused tensors appear in several slots
+                    names.append(name)
+        return tuple(names)
+
+    def expected_shapes(self) -> dict[str, tuple[int, int]]:
+        """Logical ``[out, in]`` shape of every slot, from the config."""
+        a, m, d = self.attention, self.mlp, self.hidden_size
+        shapes = {
+            "q": (a.n_heads * a.head_dim, d),
+            "k": (a.n_kv_heads * a.head_dim, d),
+            "v": (a.n_kv_heads * a.head_dim, d),
+            "o": (d, a.n_heads * a.head_dim),
+            "up": (m.n_units, d),
+            "down": (d, m.n_units),
+        }
+        if m.gate is not None:
+            shapes["gate"] = (m.n_units, d)
+        return shapes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole checkpoint: its transformer blocks, and every other tensor.
+
+    ``residual`` lists the tensors outside the blocks' heads and MLP units: embeddings, norms,
+    the attention output bias, the MLP output bias and task heads.  They read or write the
+    residual stream, which the exact symmetries used here leave in its original basis, so
+    they are copied unchanged.
+    """
+
+    family: str
+    model_type: str
+    blocks: tuple[BlockSpec, ...]
+    residual: tuple[str, ...]

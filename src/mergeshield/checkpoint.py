@@ -1,0 +1,315 @@
+"""Hugging Face checkpoint folders: validation, streaming per block, atomic output.
+
+A checkpoint is a folder with ``config.json`` and ``model.safetensors`` or sharded
+``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``.  The input is only
+ever read (memory-mapped).  :func:`rewrite` writes the output shard by shard with the same
+tensor-to-shard layout and dtypes, transforming one block at a time, into a temporary folder
+that is renamed into place only when everything was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergeshield.architectures import SUPPORTED_MODEL_TYPES, BlockSpec, ModelSpec, describe
+from mergeshield.errors import MergeShieldError
+from mergeshield.symmetries.transform import view
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint folder (nothing is loaded but headers)."""
+
+    path: Path
+    config: Any  # transformers.PretrainedConfig
+    shards: dict[str, list[str]]  # shard file name -> tensor names, in file order
+    spec: ModelSpec
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def shard_of(self) -> dict[str, str]:
+        return {name: shard for shard, names in self.shards.items() for name in names}
+
+
+def _fail(message: str) -> None:
+    raise MergeShieldError(message)
+
+
+def load_config(path: Path) -> Any:
+    """``config.json`` parsed by transformers (``model_type`` checked first)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        _fail(f"{path}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MergeShieldError(f"{config_file}: not valid JSON ({err})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        _fail(
+            f"{path}: unsupported model_type {model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if raw.get("quantization_config"):
+        _fail(f"{path}: quantized checkpoints are not supported; dequantize to fp32/bf16 first")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises many types for malformed configs
+        raise MergeShieldError(f"{config_file}: transformers cannot read it ({err})") from None
+
+
+def _shard_files(path: Path) -> list[str]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise MergeShieldError(f"{index}: malformed index ({err})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (path / name).is_file():
+                _fail(f"{path}: shard {name} named in {INDEX} is missing")
+        return files
+    if (path / SINGLE).is_file():
+        return [SINGLE]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        _fail(
+            f"{path}: only safetensors checkpoints are supported; re-save with "
+            "model.save_pretrained(folder, safe_serialization=True)"
+        )
+    _fail(f"{path}: no {SINGLE} or {INDEX}")
+    raise AssertionError  # unreachable
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Validate a checkpoint folder and describe it; raises :class:`MergeShieldError`."""
+    path = Path(path)
+    if not path.exists():
+        _fail(f"{path}: no such folder")
+    if not path.is_dir():
+        _fail(f"{path}: not a folder (give the model folder, not a file)")
+    config = load_config(path)
+    shards: dict[str, list[str]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in _shard_files(path):
+        file = path / shard
+        _check_size(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    s = f.get_slice(name)
+                    shapes[name] = tuple(s.get_shape())
+                    dtypes[name] = _torch_dtype(s.get_dtype(), file, name)
+        except MergeShieldError:
+            raise
+        except Exception as err:
+            raise MergeShieldError(f"{file}: corrupt safetensors file ({err})") from None
+        shards[shard] = names
+    spec = describe(config, shapes.keys())
+    _check_block_tensors(path, spec, dtypes, shapes)
+    return Checkpoint(path=path, config=config, shards=shards, spec=spec, dtypes=dtypes, shapes=shapes)
+
+
+def _check_size(file: Path) -> None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise MergeShieldError(f"{file}: corrupt safetensors file ({err})") from None
+    if 8 + header_len + end != size:
+        _fail(f"{file}: truncated or padded safetensors file ({size} bytes, header says {8 + header_len + end})")
+
+
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def _torch_dtype(code: str, file: Path, name: str) -> torch.dtype:
+    if code not in _DTYPES:
+        _fail(f"{file}: tensor {name} has unsupported dtype {code} (quantized?)")
+    return _DTYPES[code]
+
+
+def _check_block_tensors(
+    path: Path, spec: ModelSpec, dtypes: dict[str, torch.dtype], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    for block in spec.blocks:
+        for name in block.tensor_names():
+            if dtypes[name] not in FLOAT_DTYPES:
+                _fail(
+                    f"{path}: {name} is {str(dtypes[name]).removeprefix('torch.')}; "
+                    "integer or quantized weights cannot be transformed exactly"
+                )
+        expected = block.expected_shapes()
+        for role, slot in block.slots().items():
+            w = torch.empty(shapes[slot.weight], device="meta")
+            b = torch.empty(shapes[slot.bias], device="meta") if slot.bias else None
+            tensors = {slot.weight: w} | ({slot.bias: b} if b is not None else {})
+            wv, bv = view(tensors, slot)
+            ok = tuple(wv.shape) == expected[role] and (bv is None or tuple(bv.shape) == expected[role][:1])
+            if not ok or (slot.chunk and w.shape[1 if slot.transposed else 0] % slot.chunk[1]):
+                _fail(
+                    f"{path}: {slot.weight} has shape {tuple(shapes[slot.weight])}, but config.json "
+                    f"implies {role} of shape {expected[role]} ([out, in])"
+                )
+
+
+class TensorReader:
+    """Memory-mapped access to every tensor of a checkpoint, checked for NaN and Inf."""
+
+    def __init__(self, checkpoint: Checkpoint, stack: ExitStack) -> None:
+        self.checkpoint = checkpoint
+        self._files = {
+            shard: stack.enter_context(safe_open(str(checkpoint.path / shard), framework="pt"))
+            for shard in checkpoint.shards
+        }
+        self._shard_of = checkpoint.shard_of
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            tensor = self._files[self._shard_of[name]].get_tensor(name)
+        except Exception as err:
+            raise MergeShieldError(f"{self.checkpoint.path}: cannot read {name} ({err})") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            _fail(f"{self.checkpoint.path}: {name} contains NaN or Inf values")
+        return tensor
+
+    def block(self, block: BlockSpec) -> dict[str, torch.Tensor]:
+        """The block's tensors as float64 working copies."""
+        return {name: self.get(name).to(torch.float64) for name in block.tensor_names()}
+
+
+@contextmanager
+def reader(checkpoint: Checkpoint) -> Iterator[TensorReader]:
+    with ExitStack() as stack:
+        yield TensorReader(checkpoint, stack)
+
+
+def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (without ``overwrite``), is the input, or lies inside it."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        _fail(f"{out}: output must not be the input folder or lie inside it")
+    if out_r in src_r.parents:
+        _fail(f"{out}: output must not contain the input folder")
+    if out.exists() and not overwrite:
+        _fail(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        _fail(f"{out}: exists and is not a folder")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                _fail(f"{out}: already exists; pass --overwrite to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy everything but the weight shards (tokenizer, configs, README, sub-folders)."""
+    shards = set(_shard_files(src))
+    for item in src.iterdir():
+        if item.name in shards:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+BlockFn = Callable[[int, BlockSpec, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def rewrite(
+    checkpoint: Checkpoint,
+    out: Path,
+    transform_block: BlockFn,
+    metadata: dict[str, str],
+    overwrite: bool = False,
+    on_block: Callable[[], None] | None = None,
+) -> None:
+    """Write ``checkpoint`` to ``out`` with every block passed through ``transform_block``.
+
+    ``transform_block(index, block, float64 tensors)`` returns the new float64 tensors; they are
+    cast back to the stored dtype here, once.  Shards are written one at a time; a block whose
+    tensors straddle two shards is kept until its last tensor is written, so memory stays near
+    one shard plus one block.
+    """
+    check_output_path(checkpoint.path, out, overwrite)
+    block_of = {n: i for i, b in enumerate(checkpoint.spec.blocks) for n in b.tensor_names()}
+    with reader(checkpoint) as src, atomic_folder(out, overwrite) as tmp:
+        copy_side_files(checkpoint.path, tmp)
+        pending: dict[str, torch.Tensor] = {}
+        for shard, names in checkpoint.shards.items():
+            with safe_open(str(checkpoint.path / shard), framework="pt") as f:
+                shard_meta = {
+                    k: v for k, v in (f.metadata() or {}).items() if not k.startswith("mergeshield_")
+                }
+            tensors: dict[str, torch.Tensor] = {}
+            for name in names:
+                if name not in block_of:
+                    tensors[name] = src.get(name)
+                    continue
+                if name not in pending:
+                    index = block_of[name]
+                    block = checkpoint.spec.blocks[index]
+                    new = transform_block(index, block, src.block(block))
+                    for key, value in new.items():
+                        if not torch.isfinite(value).all():
+                            _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
+                        pending[key] = value.to(checkpoint.dtypes[key]).contiguous()
+                    if on_block is not None:
+                        on_block()
+                tensors[name] = pending.pop(name)
+            save_file(tensors, str(tmp / shard), metadata=shard_meta | metadata)

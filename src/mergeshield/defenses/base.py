@@ -1,0 +1,125 @@
+"""Defense registry and the sampling pieces the defenses share.
+
+A defense maps one block (its spec, its float64 weights, optionally the public base model's
+weights of the same block) and a random generator to a :class:`BlockTransform`.  The
+transform is exact by construction; defenses differ only in how they sample it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
+from mergeshield.errors import MergeShieldError
+from mergeshield.symmetries.linalg import log_uniform, rope_commuting
+from mergeshield.symmetries.transform import BlockTransform, view
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DefenseOptions:
+    """Knobs of the defenses, with their papers' defaults.
+
+    ``scaling``: PaRaMS attention variant (``diagonal``, ``symmetric``, ``nonsymmetric``).
+    ``scale``: range of the random scales; ``None`` takes each variant's paper default.
+    ``max_cond``: bound on the condition number of every QK/VO matrix (see
+    :mod:`mergeshield.symmetries.linalg` for the float error it costs).
+    ``flip_fraction``: MergeBarrier's share of head directions that are flipped.
+    """
+
+    scaling: str = "nonsymmetric"
+    scale: tuple[float, float] | None = None
+    max_cond: float | None = 100.0
+    flip_fraction: float = 0.5
+
+
+@dataclass
+class BlockContext:
+    """What a defense sees of one block."""
+
+    block: BlockSpec
+    weights: Tensors  # float64 copies of the protected model's block tensors
+    base: Tensors | None  # float64 copies of the public base model's block tensors, if given
+    rng: np.random.Generator
+    options: DefenseOptions
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    summary: str
+    sample: Callable[[BlockContext], BlockTransform]
+    uses_base: bool = False
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+
+DEFENSES: dict[str, Defense] = {}
+
+
+def register(defense: Defense) -> Defense:
+    DEFENSES[defense.name] = defense
+    return defense
+
+
+def get_defense(name: str) -> Defense:
+    if name not in DEFENSES:
+        raise MergeShieldError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+    return DEFENSES[name]
+
+
+# --- shared sampling pieces -------------------------------------------------------------
+
+
+def random_head_permutation(att: AttentionSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Key/value heads permuted, and query heads permuted within their (moved) group."""
+    r = att.group_size
+    kv = rng.permutation(att.n_kv_heads)
+    q = np.concatenate([g * r + rng.permutation(r) for g in kv])
+    return kv, q
+
+
+def random_rope_matrix(
+    rng: np.random.Generator, head_dim: int, scale: tuple[float, float]
+) -> np.ndarray:
+    """A random ``c_j R(phi_j)`` on every rotary pair (``c`` log-uniform, ``phi`` uniform)."""
+    half = head_dim // 2
+    return rope_commuting(log_uniform(rng, *scale, half), rng.uniform(0, 2 * np.pi, half))
+
+
+def rope_safe_qk(
+    att: AttentionSpec, rng: np.random.Generator, scale: tuple[float, float]
+) -> np.ndarray:
+    """One :func:`random_rope_matrix` per key/value head."""
+    return np.stack([random_rope_matrix(rng, att.head_dim, scale) for _ in range(att.n_kv_heads)])
+
+
+def unit_vectors(mlp: MLPSpec, weights: Tensors) -> torch.Tensor:
+    """One row per hidden unit: its up row, up bias, gate row and down column, concatenated."""
+    parts = []
+    for slot in (mlp.up, mlp.gate):
+        if slot is None:
+            continue
+        w, b = view(weights, slot)
+        parts.append(w)
+        if b is not None:
+            parts.append(b[:, None])
+    parts.append(view(weights, mlp.down)[0].T)
+    return torch.cat(parts, dim=1)
+
+
+def mismatch_permutation(mlp: MLPSpec, weights: Tensors, base: Tensors) -> np.ndarray:
+    """PaRaMS "mismatching": the unit permutation farthest from the base model.
+
+    ``||theta_base - P theta||^2 = const - 2 sum_i <base_i, theta_perm[i]>``, so the farthest
+    permutation solves the linear assignment ``min sum_i C[i, perm[i]]`` with
+    ``C[i, j] = <base unit i, protected unit j>`` (Git Re-Basin with the sign reversed).
+    """
+    cost = unit_vectors(mlp, base) @ unit_vectors(mlp, weights).T
+    _, perm = linear_sum_assignment(cost.numpy(), maximize=False)
+    return perm

@@ -1,0 +1,179 @@
+"""The three published defenses, and all of their transforms together.
+
+- ``params`` (PaRaMS, ICCV 2025): MLP units permuted as far as possible from the base model
+  (random without ``--base``); attention scaled per head: ``diagonal`` (per channel
+  ``alpha ~ U(0.05, 20)`` on Q/K, an independent ``gamma`` on V/O), ``symmetric``
+  (``A = U diag(s) U^T``, ``s`` log-uniform in [0.05, 20]) or ``nonsymmetric``
+  (``A = (G + 1e-3 I) diag(s)``, ``G`` Gaussian, ``s`` log-uniform in [0.1, 15]); Q by ``A``,
+  K by ``A^-T``, V by ``A``, O by ``A^-1``.
+- ``mergelock`` (Model Unmerging, 2025): per head two independent random invertible matrices
+  ``A = G P S`` (Gaussian, permutation, log-uniform scaling) for QK and for VO; no MLP step.
+- ``mergebarrier`` (Do Not Merge My Model!, AAAI 2026): per head the orthogonal flip
+  ``P = I - 2 U_k U_k^T`` of the top-``k`` eigen-directions of ``W_Q W_Q^T + W_K W_K^T``
+  (``k = flip_fraction * head_dim``), applied to both Q and K (``P^-T = P``).  The Taylor
+  reparameterization of the MLP is left out: it replaces the MLP by polynomial coefficient
+  tensors, which stock transformers cannot load.
+- ``all``: heads permuted, MLP units permuted (far from the base when given) and, for gated
+  MLPs, rescaled; QK by MergeLock's ``A`` times MergeBarrier's flip; VO by an independent
+  MergeLock ``B``.
+
+Rotary models (Llama family): only matrices that commute with every rotary position may act
+on Q and K, i.e. ``c_j R(phi_j)`` on each rotary pair ``j``.  There the QK part becomes:
+``diagonal`` one ``alpha`` per pair; ``symmetric`` ``+-c`` per pair (the symmetric matrices of
+that set); ``nonsymmetric`` and ``mergelock`` a random ``c_j R(phi_j)``; ``mergebarrier`` the
+rotation by pi (a flip of both directions) of the ``k/2`` pairs with the most energy in
+``W_Q W_Q^T + W_K W_K^T``, which maximizes ``||(P - I) W||`` over such orthogonal maps.  VO and
+the MLP are unrestricted.  Under grouped-query attention one QK and one VO matrix per
+key/value head is shared by its query heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mergeshield.defenses.base import (
+    BlockContext,
+    Defense,
+    mismatch_permutation,
+    random_rope_matrix,
+    random_head_permutation,
+    register,
+    rope_safe_qk,
+)
+from mergeshield.errors import MergeShieldError
+from mergeshield.symmetries.linalg import (
+    bound_condition,
+    log_uniform,
+    random_orthogonal,
+    random_permutation_matrix,
+    rope_commuting,
+    rope_pairs,
+)
+from mergeshield.symmetries.transform import BlockTransform, view
+
+PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
+MERGELOCK_SCALE = (0.1, 10.0)
+GATED_UNIT_SCALE = (0.1, 10.0)
+
+
+def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
+    if ctx.base is not None:
+        return mismatch_permutation(ctx.block.mlp, ctx.weights, ctx.base)
+    return ctx.rng.permutation(ctx.block.mlp.n_units)
+
+
+def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
+    """PaRaMS attention matrices ``(A per kv head for QK, B per kv head for VO)``."""
+    att, rng, opt = ctx.block.attention, ctx.rng, ctx.options
+    if opt.scaling not in PAPER_SCALES:
+        raise MergeShieldError(f"unknown PaRaMS scaling {opt.scaling!r}; choose from {', '.join(PAPER_SCALES)}")
+    lo, hi = opt.scale or PAPER_SCALES[opt.scaling]
+    d, n, half = att.head_dim, att.n_kv_heads, att.head_dim // 2
+    qk, vo = [], []
+    for _ in range(n):
+        if opt.scaling == "diagonal":
+            alpha = rng.uniform(lo, hi, half if att.rope else d)
+            a = np.diag(np.tile(alpha, 2) if att.rope else alpha)
+            b = np.diag(rng.uniform(lo, hi, d))
+        elif opt.scaling == "symmetric":
+            u = random_orthogonal(rng, d)
+            b = bound_condition((u * log_uniform(rng, lo, hi, d)) @ u.T, opt.max_cond)
+            sign = rng.choice([-1.0, 1.0], half)
+            a = rope_commuting(sign * log_uniform(rng, lo, hi, half), np.zeros(half)) if att.rope else b
+        else:
+            g = rng.standard_normal((d, d)) + 1e-3 * np.eye(d)
+            b = bound_condition(g * log_uniform(rng, lo, hi, d), opt.max_cond)
+            a = random_rope_matrix(rng, d, (lo, hi)) if att.rope else b
+        qk.append(a)
+        vo.append(b)
+    return np.stack(qk), np.stack(vo)
+
+
+def params(ctx: BlockContext) -> BlockTransform:
+    qk, vo = _params_attention(ctx)
+    return BlockTransform(qk=qk, vo=vo, unit_perm=_mlp_permutation(ctx))
+
+
+def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
+    d, rng = ctx.block.attention.head_dim, ctx.rng
+    g = rng.standard_normal((d, d))
+    a = g @ random_permutation_matrix(rng, d) * log_uniform(rng, *(ctx.options.scale or MERGELOCK_SCALE), d)
+    return bound_condition(a, ctx.options.max_cond)
+
+
+def _mergelock_matrices(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
+    att = ctx.block.attention
+    if att.rope:
+        qk = rope_safe_qk(att, ctx.rng, ctx.options.scale or MERGELOCK_SCALE)
+    else:
+        qk = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
+    vo = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
+    return qk, vo
+
+
+def mergelock(ctx: BlockContext) -> BlockTransform:
+    qk, vo = _mergelock_matrices(ctx)
+    return BlockTransform(qk=qk, vo=vo)
+
+
+def barrier_flips(ctx: BlockContext) -> np.ndarray:
+    """MergeBarrier's ``P_g`` per key/value head (the top-k eigen-directions flipped)."""
+    att, opt = ctx.block.attention, ctx.options
+    d, r = att.head_dim, att.group_size
+    wq = view(ctx.weights, att.q)[0].reshape(att.n_heads, d, -1)
+    wk = view(ctx.weights, att.k)[0].reshape(att.n_kv_heads, d, -1)
+    flips = []
+    for g in range(att.n_kv_heads):
+        gram = (wk[g] @ wk[g].T + sum(wq[h] @ wq[h].T for h in range(g * r, (g + 1) * r))).numpy()
+        p = np.eye(d)
+        if att.rope:
+            first, second = rope_pairs(d)
+            energy = gram[first, first] + gram[second, second]
+            top = np.argsort(energy)[::-1][: max(1, round(opt.flip_fraction * d / 2))]
+            p[first[top], first[top]] = p[second[top], second[top]] = -1.0
+        else:
+            _, vecs = np.linalg.eigh(gram)
+            u = vecs[:, ::-1][:, : max(1, round(opt.flip_fraction * d))]
+            p -= 2 * u @ u.T
+        flips.append(p)
+    return np.stack(flips)
+
+
+def mergebarrier(ctx: BlockContext) -> BlockTransform:
+    return BlockTransform(qk=barrier_flips(ctx))
+
+
+def all_transforms(ctx: BlockContext) -> BlockTransform:
+    """Every exact transform together (head permutation applied first, see transform.py)."""
+    att, mlp = ctx.block.attention, ctx.block.mlp
+    kv_perm, q_perm = random_head_permutation(att, ctx.rng)
+    lock_qk, lock_vo = _mergelock_matrices(ctx)
+    # The flip is computed on the weights after the head permutation, where it is applied.
+    permuted = _permuted_heads(ctx, kv_perm, q_perm)
+    flips = barrier_flips(permuted)
+    scale = None
+    if mlp.gate is not None:
+        sign = ctx.rng.choice([-1.0, 1.0], mlp.n_units)
+        scale = sign * log_uniform(ctx.rng, *GATED_UNIT_SCALE, mlp.n_units)
+    return BlockTransform(
+        kv_perm=kv_perm,
+        q_perm=q_perm,
+        qk=lock_qk @ flips,
+        vo=lock_vo,
+        unit_perm=_mlp_permutation(ctx),
+        unit_scale=scale,
+    )
+
+
+def _permuted_heads(ctx: BlockContext, kv_perm: np.ndarray, q_perm: np.ndarray) -> BlockContext:
+    from mergeshield.symmetries.transform import apply_transform
+
+    weights = {k: v.clone() for k, v in ctx.weights.items()}
+    apply_transform(weights, ctx.block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
+    return BlockContext(ctx.block, weights, None, ctx.rng, ctx.options)
+
+
+register(Defense("params", "PaRaMS: MLP permutation far from the base + per-head attention scaling", params, uses_base=True, options=("scaling", "scale", "max_cond")))
+register(Defense("mergelock", "MergeLock: independent random invertible QK and VO matrices per head", mergelock, options=("scale", "max_cond")))
+register(Defense("mergebarrier", "MergeBarrier: orthogonal flip of each head's top QK eigen-directions", mergebarrier, options=("flip_fraction",)))
+register(Defense("all", "all exact transforms: heads, MLP units, QK, VO", all_transforms, uses_base=True, options=("scale", "max_cond", "flip_fraction")))

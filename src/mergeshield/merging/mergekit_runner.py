@@ -1,0 +1,193 @@
+"""Run one mergekit 0.1.5 merge through its Python API, offline, on CPU, quietly.
+
+Everything that depends on mergekit's internals lives here:
+
+* :func:`mergekit_workarounds` is the ONE place where known mergekit 0.1.5 bugs are patched
+  (in memory only, for the duration of a merge; site-packages is never edited).
+* :func:`run_mergekit` validates a config dict, runs ``mergekit.merge.run_merge`` into a
+  temporary folder with fast options, checks the output, and renames it into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import random
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.merging._io import atomic_dir, read_config, tensor_names
+
+LOG = logging.getLogger(__name__)
+
+# mergekit/plan.py MergePlanner.plan_tensor, 0.1.5: ``WeightInfo.aliases`` is a tuple, so this
+# list + tuple raises "TypeError: can only concatenate list (not "tuple") to list" for every
+# architecture whose JSON definition has an *optional* weight with aliases (BERT:
+# ``embeddings.position_ids``), i.e. every BERT/MiniLM merge fails before any tensor is read.
+ALIASES_BUG = "[w_in.name] + (w_in.aliases or [])"
+ALIASES_FIX = "[w_in.name, *(w_in.aliases or ())]"
+_PATCHED_ATTR = "__mergeshield_aliases_fix__"
+
+
+def aliases_bug_present() -> bool:
+    """True when the installed mergekit still has the BERT ``aliases`` bug in ``plan_tensor``."""
+    from mergekit.plan import MergePlanner
+
+    return ALIASES_BUG in inspect.getsource(MergePlanner.plan_tensor)
+
+
+def _fixed_plan_tensor() -> Any:
+    """``MergePlanner.plan_tensor`` recompiled from its own source with :data:`ALIASES_FIX`.
+
+    Compiled in ``mergekit.plan``'s namespace, with its file name and line numbers, so
+    tracebacks still point into mergekit.  Returns None when the bug is absent (nothing to fix).
+    """
+    import mergekit.plan as plan
+
+    original = plan.MergePlanner.plan_tensor
+    if getattr(original, _PATCHED_ATTR, False):
+        return original
+    source = inspect.getsource(original)
+    if ALIASES_BUG not in source:
+        return None
+    first_line = inspect.getsourcelines(original)[1]
+    fixed = "\n" * (first_line - 1) + textwrap.dedent(source).replace(ALIASES_BUG, ALIASES_FIX)
+    namespace: dict[str, Any] = {}
+    exec(compile(fixed, plan.__file__, "exec"), plan.__dict__, namespace)  # noqa: S102
+    function = namespace["plan_tensor"]
+    setattr(function, _PATCHED_ATTR, True)
+    return function
+
+
+@contextlib.contextmanager
+def mergekit_workarounds(enabled: bool = True) -> Iterator[None]:
+    """Patch the known mergekit 0.1.5 bugs for the duration of the block, then restore.
+
+    Only one bug needs patching (the other pitfalls are handled in :func:`run_mergekit` and
+    ``methods.py`` without touching mergekit):
+
+    * BERT ``aliases`` tuple bug (see :data:`ALIASES_BUG`): ``plan_tensor`` is swapped for a
+      copy whose only change is ``[name, *aliases]``.  Idempotent (a patched method is left as
+      is) and a no-op once mergekit fixes the line.  ``tests/test_merging.py`` checks that the
+      bug is still there, so an upgrade that fixes it is noticed and this patch can go.
+
+    ``enabled=False`` runs mergekit unpatched (used by the test that reproduces the bug).
+    """
+    from mergekit.plan import MergePlanner
+
+    original = MergePlanner.__dict__["plan_tensor"]
+    fixed = _fixed_plan_tensor() if enabled else None
+    if fixed is not None:
+        MergePlanner.plan_tensor = fixed
+    try:
+        yield
+    finally:
+        MergePlanner.plan_tensor = original
+
+
+@contextlib.contextmanager
+def _quiet_and_seeded(seed: int) -> Iterator[io.StringIO]:
+    """Capture stdout/stderr and mergekit's logging; restore the caller's RNG states after.
+
+    ``MergeOptions(random_seed=...)`` calls ``transformers.set_seed``, which reseeds the global
+    ``random``/NumPy/torch generators of the whole process; the caller's states come back here.
+    """
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    mk_logger = logging.getLogger("mergekit")
+    old_level, old_propagate = mk_logger.level, mk_logger.propagate
+    mk_logger.addHandler(handler)
+    mk_logger.setLevel(logging.INFO)
+    mk_logger.propagate = False
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            contextlib.redirect_stdout(buffer),
+            contextlib.redirect_stderr(buffer),
+        ):
+            torch.manual_seed(seed)
+            yield buffer
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        mk_logger.removeHandler(handler)
+        mk_logger.setLevel(old_level)
+        mk_logger.propagate = old_propagate
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """True when mergekit can copy the tokenizer as plain files (its fast path)."""
+    return (folder / "tokenizer_config.json").is_file() and (
+        (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+    )
+
+
+def _fix_tied_head(out: Path, donor_names: set[str]) -> None:
+    """Pitfall: merged output has its own ``lm_head.weight`` but a config saying "tied".
+
+    mergekit copies ``config.json`` from the base (or first) model.  If that model ties its
+    output embedding while an input model does not, mergekit still writes the merged
+    ``lm_head.weight``, and ``from_pretrained`` would silently replace it by the input
+    embedding.  The merged head is what the merge computed, so the config is made untied.
+    """
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    tied_keys = [key for key in ("tie_word_embeddings",) if config.get(key, False)]
+    extra = sorted(set(tensor_names(out)) - donor_names)
+    if tied_keys and any(name.endswith("lm_head.weight") for name in extra):
+        LOG.warning("merged %s has its own lm_head.weight: setting tie_word_embeddings=false", out)
+        config["tie_word_embeddings"] = False
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def run_mergekit(config: dict[str, Any], out: Path, *, seed: int = 0) -> Path:
+    """Run mergekit on a config dict (mergekit YAML schema) into ``out``; return ``out``.
+
+    Options: CPU, ``random_seed=seed`` (DARE/DELLA are reproducible), no model card, the
+    tokenizer copied only when it is plain files, one output shard.  The output is checked to
+    hold every tensor of the donor model (the base, else the first model), where mergekit
+    writes tensors it knows from its architecture definitions only.
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    out = Path(out)
+    merge_config = MergeConfiguration.model_validate(config)
+    donor = Path(config.get("base_model") or config["models"][0]["model"])
+    options = MergeOptions(
+        device="cpu",
+        random_seed=seed,
+        copy_tokenizer=_has_tokenizer_files(donor),
+        write_model_card=False,
+        out_shard_size=1 << 62,
+        lazy_unpickle=True,
+        quiet=True,
+    )
+    with atomic_dir(out) as tmp:
+        with _quiet_and_seeded(seed) as log, mergekit_workarounds():
+            try:
+                run_merge(merge_config, str(tmp), options=options)
+            except Exception as err:
+                err.add_note("mergekit output (tail):\n" + log.getvalue()[-3000:])
+                raise
+        donor_names = set(tensor_names(donor))
+        missing = sorted(donor_names - set(tensor_names(tmp)))
+        if missing:
+            raise MergeShieldError(
+                f"mergekit dropped {len(missing)} tensors of {donor}: {missing[:5]}"
+            )
+        _fix_tied_head(tmp, donor_names)
+        if read_config(tmp).get("architectures") != read_config(donor).get("architectures"):
+            raise MergeShieldError(f"merged config of {out} has another architecture than {donor}")
+    return out

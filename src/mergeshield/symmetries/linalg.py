@@ -1,0 +1,77 @@
+"""Random matrices for the exact symmetries, all in float64.
+
+Conditioning and float error: a QK transform ``q <- A q, k <- A^-T k`` is exact in real
+arithmetic, but the stored weights are rounded after the transform, and the rounding error
+of ``A W`` reaches the attention logits multiplied by ``||A^-1||``: the relative error grows
+like ``cond(A) * eps(dtype)``.  With fp32 (eps 6e-8) a condition number of 1e3 costs about
+6e-5 relative error in the logits; in bf16 (eps 4e-3) anything but ``cond(A) ~ 1`` (orthogonal
+or diagonal maps) is visible.  :func:`bound_condition` clips singular values so that
+``cond(A) <= max_cond``; larger values move the weights further at the price of that error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_uniform(rng: np.random.Generator, low: float, high: float, size: int) -> np.ndarray:
+    """Samples ``exp(U(log low, log high))``."""
+    return np.exp(rng.uniform(np.log(low), np.log(high), size))
+
+
+def random_orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Haar-distributed orthogonal ``n x n`` matrix (QR of a Gaussian, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def random_permutation_matrix(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.eye(n)[rng.permutation(n)]
+
+
+def bound_condition(a: np.ndarray, max_cond: float | None) -> np.ndarray:
+    """``a`` with singular values clipped to ``[s_max / max_cond, s_max]``."""
+    if max_cond is None or not np.isfinite(max_cond):
+        return a
+    u, s, vt = np.linalg.svd(a)
+    s = np.maximum(s, s[0] / max_cond)
+    return (u * s) @ vt
+
+
+def random_invertible(
+    rng: np.random.Generator, n: int, scale: tuple[float, float], max_cond: float | None
+) -> np.ndarray:
+    """``U diag(s) V^T`` with Haar ``U, V`` and ``s`` log-uniform in ``scale``."""
+    s = log_uniform(rng, *scale, n)
+    a = (random_orthogonal(rng, n) * s) @ random_orthogonal(rng, n).T
+    return bound_condition(a, max_cond)
+
+
+def rope_pairs(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, i + head_dim/2)`` that Hugging Face's ``rotate_half`` rotates together."""
+    half = head_dim // 2
+    first = np.arange(half)
+    return first, first + half
+
+
+def rope_commuting(scale: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """The matrix acting on each rotary pair ``j`` as ``scale_j * R(angle_j)``.
+
+    These are exactly the real matrices that commute with every rotary position embedding
+    (per pair, a rotation by the position's angle), so ``q <- A q`` before RoPE equals
+    ``A`` applied after it, and ``A^-T = (1/scale_j) R(angle_j)`` on each pair.
+    """
+    half = scale.shape[0]
+    a = np.zeros((2 * half, 2 * half))
+    i, j = rope_pairs(2 * half)
+    c, s = scale * np.cos(angle), scale * np.sin(angle)
+    a[i, i], a[i, j], a[j, i], a[j, j] = c, -s, s, c
+    return a
+
+
+def commutes_with_rope(a: np.ndarray, atol: float = 1e-9) -> bool:
+    """Whether ``a`` commutes with a generic rotary rotation (distinct angle per pair)."""
+    half = a.shape[0] // 2
+    angles = np.linspace(0.3, 2.9, half)
+    r = rope_commuting(np.ones(half), angles)
+    return bool(np.allclose(a @ r, r @ a, atol=atol * max(1.0, np.abs(a).max())))

@@ -1,0 +1,156 @@
+"""The exact symmetries of one transformer block, written once against the spec.
+
+A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
+
+1. heads: key/value head ``g`` takes old head ``kv_perm[g]``; query head ``h`` takes old head
+   ``q_perm[h]`` (``q_perm`` keeps every query head inside the group of its key/value head);
+2. QK: for key/value head ``g`` and each query head ``h`` of its group,
+   ``W_Q^h <- A_g W_Q^h, b_Q^h <- A_g b_Q^h`` and ``W_K^g <- A_g^-T W_K^g, b_K^g <- A_g^-T b_K^g``,
+   so every score ``q^T k`` is unchanged;
+3. VO: ``W_V^g <- B_g W_V^g, b_V^g <- B_g b_V^g`` and ``W_O[:, h] <- W_O[:, h] B_g^-1``, so every
+   head output ``W_O[:, h] sum_t p_t v_t`` is unchanged (attention weights sum to one);
+4. MLP: unit ``i`` takes old unit ``unit_perm[i]`` (rows of up/gate, columns of down), then
+   ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
+   (exact only for gated MLPs, where ``up`` enters linearly).
+
+All maths runs in float64 on a working copy of the block's tensors; the caller casts back to
+the stored dtype once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from mergeshield.architectures.spec import BlockSpec, Slot
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class BlockTransform:
+    """Parameters of the symmetry applied to one block; ``None`` means identity."""
+
+    kv_perm: np.ndarray | None = None  # (n_kv,)
+    q_perm: np.ndarray | None = None  # (n_heads,)
+    qk: np.ndarray | None = None  # (n_kv, d, d): A_g
+    vo: np.ndarray | None = None  # (n_kv, d, d): B_g
+    unit_perm: np.ndarray | None = None  # (n_units,)
+    unit_scale: np.ndarray | None = None  # (n_units,)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def view(tensors: Tensors, slot: Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` of a slot as ``[out, in]`` / ``[out]`` views into ``tensors``."""
+    w = tensors[slot.weight]
+    if slot.transposed:
+        w = w.T
+    b = tensors[slot.bias] if slot.bias is not None else None
+    if slot.chunk is not None:
+        index, count = slot.chunk
+        size = w.shape[0] // count
+        w = w[index * size : (index + 1) * size]
+        b = b[index * size : (index + 1) * size] if b is not None else None
+    return w, b
+
+
+def _rows(tensors: Tensors, slot: Slot, fn) -> None:
+    """Replace ``W`` and ``b`` of a slot by ``fn(W)`` and ``fn(b[:, None])`` (row maps)."""
+    w, b = view(tensors, slot)
+    w.copy_(fn(w))
+    if b is not None:
+        b.copy_(fn(b[:, None])[:, 0])
+
+
+def _columns(tensors: Tensors, slot: Slot, fn) -> None:
+    """Replace ``W`` of a slot by ``fn(W^T)^T`` (a column map; the bias is untouched)."""
+    w, _ = view(tensors, slot)
+    w.copy_(fn(w.T).T)
+
+
+def _heads(n: int, d: int):
+    return lambda x: x.reshape(n, d, -1)
+
+
+def _permute_blocks(perm: np.ndarray, d: int):
+    """Row map taking row block ``perm[i]`` (of size ``d``) to position ``i``."""
+    index = torch.as_tensor(perm)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(perm), d, -1)[index].reshape(x.shape)
+
+    return fn
+
+
+def _per_head(mats: np.ndarray, d: int):
+    """Row map multiplying row block ``h`` (of size ``d``) by ``mats[h]``."""
+    m = torch.as_tensor(mats, dtype=torch.float64)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("hij,hjk->hik", m, x.reshape(len(mats), d, -1)).reshape(x.shape)
+
+    return fn
+
+
+def apply_transform(
+    tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
+) -> None:
+    """Apply ``t`` (or its inverse) in place to the float64 block ``tensors``."""
+    att, mlp = block.attention, block.mlp
+    d, r = att.head_dim, att.group_size
+    steps = [_head_step, _qk_step, _vo_step, _mlp_step]
+    for step in reversed(steps) if inverse else steps:
+        step(tensors, att, mlp, d, r, t, inverse)
+
+
+def _head_step(tensors, att, mlp, d, r, t, inverse) -> None:
+    if t.kv_perm is None and t.q_perm is None:
+        return
+    kv = t.kv_perm if t.kv_perm is not None else np.arange(att.n_kv_heads)
+    q = t.q_perm if t.q_perm is not None else np.arange(att.n_heads)
+    if inverse:
+        kv, q = np.argsort(kv), np.argsort(q)
+    _rows(tensors, att.q, _permute_blocks(q, d))
+    _rows(tensors, att.k, _permute_blocks(kv, d))
+    _rows(tensors, att.v, _permute_blocks(kv, d))
+    _columns(tensors, att.o, _permute_blocks(q, d))
+
+
+def _qk_step(tensors, att, mlp, d, r, t, inverse) -> None:
+    if t.qk is None:
+        return
+    a = np.linalg.inv(t.qk) if inverse else t.qk
+    a_inv_t = np.swapaxes(np.linalg.inv(a), 1, 2)
+    _rows(tensors, att.q, _per_head(np.repeat(a, r, axis=0), d))
+    _rows(tensors, att.k, _per_head(a_inv_t, d))
+
+
+def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
+    if t.vo is None:
+        return
+    b = np.linalg.inv(t.vo) if inverse else t.vo
+    b_inv_t = np.swapaxes(np.linalg.inv(b), 1, 2)  # columns of W_O: W_O B^-1 = (B^-T W_O^T)^T
+    _rows(tensors, att.v, _per_head(b, d))
+    _columns(tensors, att.o, _per_head(np.repeat(b_inv_t, r, axis=0), d))
+
+
+def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
+    ins = [mlp.up] + ([mlp.gate] if mlp.gate is not None else [])
+    perm, scale = t.unit_perm, t.unit_scale
+    if perm is not None and not inverse:
+        for slot in ins:
+            _rows(tensors, slot, _permute_blocks(perm, 1))
+        _columns(tensors, mlp.down, _permute_blocks(perm, 1))
+    if scale is not None:
+        s = torch.as_tensor(1.0 / scale if inverse else scale, dtype=torch.float64)
+        _rows(tensors, mlp.up, lambda x: x * s.reshape(-1, *([1] * (x.dim() - 1))))
+        _columns(tensors, mlp.down, lambda x: x / s.reshape(-1, *([1] * (x.dim() - 1))))
+    if perm is not None and inverse:
+        back = np.argsort(perm)
+        for slot in ins:
+            _rows(tensors, slot, _permute_blocks(back, 1))
+        _columns(tensors, mlp.down, _permute_blocks(back, 1))
