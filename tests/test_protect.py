@@ -1,0 +1,189 @@
+"""Exact invariance of every defense on tiny random models of every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from mergeshield.architectures import describe
+from mergeshield.checkpoint import open_checkpoint
+from mergeshield.defenses import DEFENSES, DefenseOptions
+from mergeshield.protect import load_key, protect, unprotect
+from mergeshield.symmetries.linalg import commutes_with_rope
+from tests.tiny_models import MODELS, build, outputs
+
+DEFENSE_NAMES = sorted(DEFENSES)
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
+def transformed_names(folder: Path, defense: str) -> set[str]:
+    """Tensors the defense is meant to move: attention always, MLP for permuting defenses."""
+    ckpt = open_checkpoint(folder)
+    names = set()
+    for block in ckpt.spec.blocks:
+        roles = ["q", "k"]
+        if defense != "mergebarrier":
+            roles += ["v", "o"]
+        if defense in ("params", "all"):
+            roles += ["up", "down"] + (["gate"] if block.mlp.gate else [])
+        for role in roles:
+            slot = block.slots()[role]
+            names.add(slot.weight)
+    return names
+
+
+def reload(folder: Path, like: torch.nn.Module) -> torch.nn.Module:
+    model = type(like).from_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One original and one base checkpoint per tiny family, built once."""
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+    for name in MODELS:
+        model, inputs = build(name, root / name)
+        _, _ = build(name, root / f"{name}-base", seed=1)
+        made[name] = (root / name, root / f"{name}-base", model, inputs)
+    return made
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("defense", DEFENSE_NAMES)
+def test_protected_model_computes_the_same_function(checkpoints, tmp_path, family, defense):
+    original, base, model, inputs = checkpoints[family]
+    out = tmp_path / "protected"
+    protect(original, out, defense, base=base, seed=7)
+    before = outputs(model, inputs)
+    after = outputs(reload(out, model), inputs)
+    rel = ((after - before).abs().max() / before.abs().max()).item()
+    assert rel <= 1e-4, f"{family}/{defense}: max relative output error {rel:.2e}"
+
+    orig_t, prot_t = load_tensors(original), load_tensors(out)
+    assert orig_t.keys() == prot_t.keys()
+    for name in orig_t:
+        assert prot_t[name].dtype == orig_t[name].dtype and prot_t[name].shape == orig_t[name].shape
+    for name in transformed_names(original, defense):
+        moved = ((prot_t[name].double() - orig_t[name].double()).norm() / orig_t[name].double().norm()).item()
+        assert moved >= 0.5, f"{family}/{defense}: {name} moved only {moved:.3f}"
+
+
+@pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "clip"])
+@pytest.mark.parametrize("defense", DEFENSE_NAMES)
+def test_naive_average_with_original_is_far_from_both(checkpoints, tmp_path, family, defense):
+    """A 50/50 weight average of original and protected model computes neither function."""
+    original, base, model, inputs = checkpoints[family]
+    out = tmp_path / "protected"
+    protect(original, out, defense, seed=3)
+    orig_t, prot_t = load_tensors(original), load_tensors(out)
+    avg = {k: (orig_t[k].double() + prot_t[k].double()).div(2).to(orig_t[k].dtype) for k in orig_t}
+    merged = type(model)(model.config).eval()
+    merged.load_state_dict(avg, strict=False)
+    before = outputs(model, inputs)
+    after = outputs(merged, inputs)
+    # The merge moves the outputs by more than a tenth of their own spread (the protected
+    # model computes the original function, so this is also the distance to it).
+    change = ((after - before).norm() / (before - before.mean()).norm()).item()
+    assert change > 0.1, f"{family}/{defense}: 50/50 average changed outputs by only {change:.3f}"
+
+
+@pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip", "vit"])
+@pytest.mark.parametrize("defense", DEFENSE_NAMES)
+def test_unprotect_restores_original(checkpoints, tmp_path, family, defense):
+    original, base, _, _ = checkpoints[family]
+    protect(original, tmp_path / "p", defense, base=base, key_out=tmp_path / "k.key")
+    unprotect(tmp_path / "p", tmp_path / "k.key", tmp_path / "r")
+    orig_t, rest_t = load_tensors(original), load_tensors(tmp_path / "r")
+    for name, t in orig_t.items():
+        err = ((rest_t[name].double() - t.double()).abs().max() / t.double().abs().max().clamp_min(1e-30)).item()
+        assert err <= 1e-5, f"{name}: restored with relative error {err:.2e}"
+
+
+def test_seed_reproduces_and_os_randomness_differs(checkpoints, tmp_path):
+    original = checkpoints["bert"][0]
+    for name, seed in [("a", 5), ("b", 5), ("c", None), ("d", None)]:
+        protect(original, tmp_path / name, "mergelock", seed=seed)
+    a, b, c, d = (load_tensors(tmp_path / n) for n in "abcd")
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(a[key], b[key])
+    assert not torch.equal(c[key], d[key])
+    assert not torch.equal(a[key], c[key])
+
+
+def test_metadata_records_protection_but_never_the_key(checkpoints, tmp_path):
+    original = checkpoints["bert"][0]
+    protect(original, tmp_path / "p", "all", seed=123456789, key_out=tmp_path / "secret.key")
+    with safe_open(str(tmp_path / "p" / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["mergeshield_defense"] == "all"
+    assert "mergeshield_version" in meta
+    published = b"".join(p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file())
+    assert b"123456789" not in published
+    assert not list((tmp_path / "p").rglob("*.key"))
+    meta, transforms = load_key(tmp_path / "secret.key")
+    assert meta["defense"] == "all" and len(transforms) == 2
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa2", "mistral-gqa4", "qwen2"])
+@pytest.mark.parametrize("defense", DEFENSE_NAMES)
+def test_rope_models_get_only_rope_commuting_qk_maps(checkpoints, tmp_path, family, defense):
+    original = checkpoints[family][0]
+    protect(original, tmp_path / "p", defense, seed=1, key_out=tmp_path / "k")
+    _, transforms = load_key(tmp_path / "k")
+    for t in transforms.values():
+        assert t.qk is not None
+        for a in t.qk:
+            assert commutes_with_rope(a)
+
+
+def test_gqa_head_permutation_stays_within_groups(checkpoints, tmp_path):
+    original = checkpoints["mistral-gqa4"][0]  # 4 query heads on 1 key/value head
+    protect(original, tmp_path / "p", "all", seed=2, key_out=tmp_path / "k")
+    _, transforms = load_key(tmp_path / "k")
+    spec = open_checkpoint(original).spec
+    r = spec.blocks[0].attention.group_size
+    for t in transforms.values():
+        assert sorted(t.q_perm // r) == sorted(np.repeat(np.arange(len(t.kv_perm)), r))
+        assert all(t.q_perm[h] // r == t.kv_perm[h // r] for h in range(len(t.q_perm)))
+
+
+def test_max_cond_bounds_every_matrix(checkpoints, tmp_path):
+    original = checkpoints["bert"][0]
+    options = DefenseOptions(max_cond=10.0)
+    protect(original, tmp_path / "p", "mergelock", seed=1, key_out=tmp_path / "k", options=options)
+    _, transforms = load_key(tmp_path / "k")
+    for t in transforms.values():
+        for a in list(t.qk) + list(t.vo):
+            assert np.linalg.cond(a) <= 10.0 * (1 + 1e-9)
+
+
+def test_describe_lists_heads_and_units_of_clip_towers():
+    cfg = AutoConfig.for_model(
+        "clip",
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40),
+        vision_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=56),
+    )
+    keys = [
+        f"{tower}_model.encoder.layers.{i}.{part}"
+        for tower, n in (("text", 2), ("vision", 3))
+        for i in range(n)
+        for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    ]
+    spec = describe(cfg, keys + ["logit_scale"])
+    assert [b.attention.n_heads for b in spec.blocks] == [4, 4, 6, 6, 6]
+    assert [b.mlp.n_units for b in spec.blocks] == [40, 40, 56, 56, 56]
+    assert spec.residual == ("logit_scale",)

@@ -1,0 +1,144 @@
+"""Tiny random models of every supported family, built in-process (no downloads).
+
+``build(name, folder)`` saves a checkpoint folder and returns ``(model, inputs)`` where
+``inputs`` are keyword arguments for the model's forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+# Weights of trained-model scale: at the usual init (0.02) attention is nearly uniform and the
+# blocks barely change the residual stream, which would hide broken merges.
+INIT = 0.2
+
+
+def _text_inputs(batch: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding in the second sequence
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pixels(size: int = 16, channels: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
+
+
+def _llama_like(config_cls, model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    def make() -> tuple[Any, dict]:
+        defaults = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            initializer_range=INIT,
+        )
+        cfg = config_cls(**(defaults | kw))
+        return model_cls(cfg), _text_inputs()
+
+    return make
+
+
+def _encoder(config_cls, model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    def make() -> tuple[Any, dict]:
+        defaults = dict(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=60,
+            max_position_embeddings=64,
+            initializer_range=INIT,
+        )
+        return model_cls(config_cls(**(defaults | kw))), _text_inputs()
+
+    return make
+
+
+def _vit() -> tuple[Any, dict]:
+    cfg = tf.ViTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=60,
+        image_size=16, patch_size=4, num_labels=5, initializer_range=INIT,
+    )
+    return tf.ViTForImageClassification(cfg), _pixels()
+
+
+def _clip() -> tuple[Any, dict]:
+    text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=40, max_position_embeddings=16, projection_dim=16)
+    vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=56,
+                  image_size=16, patch_size=4, projection_dim=16)
+    cfg = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    inputs = _text_inputs() | _pixels()
+    return tf.CLIPModel(cfg), inputs
+
+
+def _gpt2() -> tuple[Any, dict]:
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                         initializer_range=INIT)
+    return tf.GPT2LMHeadModel(cfg), _text_inputs()
+
+
+MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "bert": _encoder(tf.BertConfig, tf.BertModel),
+    "bert-seqcls": _encoder(tf.BertConfig, tf.BertForSequenceClassification, num_labels=3),
+    "roberta-seqcls": _encoder(
+        tf.RobertaConfig, tf.RobertaForSequenceClassification, num_labels=4, pad_token_id=1,
+        max_position_embeddings=70,
+    ),
+    "vit": _vit,
+    "clip": _clip,
+    "gpt2": _gpt2,
+    # GQA ratio 1 (MHA), untied embeddings, head_dim 8
+    "llama-mha": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM, num_key_value_heads=8,
+                             tie_word_embeddings=False),
+    # GQA ratio 2, tied embeddings, head_dim 16
+    "llama-gqa2": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM, hidden_size=64,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # GQA ratio 4, explicit head_dim 64 (larger than hidden / heads)
+    "mistral-gqa4": _llama_like(tf.MistralConfig, tf.MistralForCausalLM, num_attention_heads=4,
+                                num_key_value_heads=1, head_dim=64, sliding_window=None),
+    # q/k/v biases
+    "qwen2": _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def build(name: str, folder: Path, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Build tiny model ``name`` with random weights, save it to ``folder``, return it."""
+    torch.manual_seed(seed)
+    model, inputs = MODELS[name]()
+    _randomize_biases(model)
+    model.eval()
+    model.save_pretrained(folder)
+    return model, inputs
+
+
+def _randomize_biases(model: torch.nn.Module) -> None:
+    """Random init leaves biases at zero, which would hide bias-transform bugs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+
+
+def outputs(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor compared before and after protection: logits, embeddings or hidden states."""
+    with torch.no_grad():
+        out = model(**inputs)
+    for key in ("logits", "logits_per_image", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    raise AssertionError(f"no output to compare in {type(out)}")
