@@ -70,7 +70,9 @@ def test_unsupported_model_type_lists_supported(good, tmp_path, capsys):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "t5"
     (bad / "config.json").write_text(json.dumps(cfg))
-    err = run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 't5'", bad)
+    err = run_fails(
+        ["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 't5'", bad
+    )
     assert "bert" in err and "llama" in err and "gpt2" in err
     assert_nothing_written(tmp_path, tmp_path / "out")
 
@@ -93,7 +95,10 @@ def test_corrupt_header(good, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("where", ["bert.encoder.layer.1.intermediate.dense.weight", "bert.embeddings.word_embeddings.weight"])
+@pytest.mark.parametrize(
+    "where",
+    ["bert.encoder.layer.1.intermediate.dense.weight", "bert.embeddings.word_embeddings.weight"],
+)
 def test_nan_or_inf_weights(good, tmp_path, capsys, value, where):
     bad = broken_copy(good, tmp_path)
     tensors = load_file(bad / "model.safetensors")
@@ -155,7 +160,9 @@ def test_output_inside_input(good, tmp_path, capsys):
 
 def test_key_inside_output_is_refused(good, tmp_path, capsys):
     out = tmp_path / "out"
-    run_fails(["protect", str(good), str(out), "--key-out", str(out / "k.key")], capsys, "secret", good)
+    run_fails(
+        ["protect", str(good), str(out), "--key-out", str(out / "k.key")], capsys, "secret", good
+    )
     assert_nothing_written(tmp_path, out)
 
 
@@ -168,15 +175,25 @@ def test_bin_only_checkpoint(good, tmp_path, capsys):
 def test_wrong_key_for_model(good, tmp_path, capsys):
     other = tmp_path / "llama"
     build("llama-gqa2", other)
-    assert main(["protect", str(other), str(tmp_path / "p"), "--key-out", str(tmp_path / "k"), "-q"]) == 0
+    assert (
+        main(["protect", str(other), str(tmp_path / "p"), "--key-out", str(tmp_path / "k"), "-q"])
+        == 0
+    )
     assert main(["protect", str(good), str(tmp_path / "p2"), "-q"]) == 0
-    run_fails(["unprotect", str(tmp_path / "p2"), str(tmp_path / "k"), str(tmp_path / "r")], capsys, "key is for")
+    run_fails(
+        ["unprotect", str(tmp_path / "p2"), str(tmp_path / "k"), str(tmp_path / "r")],
+        capsys,
+        "key is for",
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_successful_protect_leaves_input_unchanged(good, tmp_path):
     before = hashes(good)
-    assert main(["protect", str(good), str(tmp_path / "out"), "-q", "--key-out", str(tmp_path / "k")]) == 0
+    assert (
+        main(["protect", str(good), str(tmp_path / "out"), "-q", "--key-out", str(tmp_path / "k")])
+        == 0
+    )
     assert hashes(good) == before
     assert main(["verify", str(good), str(tmp_path / "out")]) == 0
 

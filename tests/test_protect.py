@@ -77,7 +77,9 @@ def test_protected_model_computes_the_same_function(checkpoints, tmp_path, famil
     for name in orig_t:
         assert prot_t[name].dtype == orig_t[name].dtype and prot_t[name].shape == orig_t[name].shape
     for name in transformed_names(original, defense):
-        moved = ((prot_t[name].double() - orig_t[name].double()).norm() / orig_t[name].double().norm()).item()
+        moved = (
+            (prot_t[name].double() - orig_t[name].double()).norm() / orig_t[name].double().norm()
+        ).item()
         assert moved >= 0.5, f"{family}/{defense}: {name} moved only {moved:.3f}"
 
 
@@ -108,7 +110,10 @@ def test_unprotect_restores_original(checkpoints, tmp_path, family, defense):
     unprotect(tmp_path / "p", tmp_path / "k.key", tmp_path / "r")
     orig_t, rest_t = load_tensors(original), load_tensors(tmp_path / "r")
     for name, t in orig_t.items():
-        err = ((rest_t[name].double() - t.double()).abs().max() / t.double().abs().max().clamp_min(1e-30)).item()
+        err = (
+            (rest_t[name].double() - t.double()).abs().max()
+            / t.double().abs().max().clamp_min(1e-30)
+        ).item()
         assert err <= 1e-5, f"{name}: restored with relative error {err:.2e}"
 
 
@@ -173,15 +178,25 @@ def test_max_cond_bounds_every_matrix(checkpoints, tmp_path):
 def test_describe_lists_heads_and_units_of_clip_towers():
     cfg = AutoConfig.for_model(
         "clip",
-        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40),
-        vision_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=56),
+        text_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
+        ),
+        vision_config=dict(
+            hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=56
+        ),
     )
     keys = [
         f"{tower}_model.encoder.layers.{i}.{part}"
         for tower, n in (("text", 2), ("vision", 3))
         for i in range(n)
-        for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                     "self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+        for part in (
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.out_proj.weight",
+            "mlp.fc1.weight",
+            "mlp.fc2.weight",
+        )
     ]
     spec = describe(cfg, keys + ["logit_scale"])
     assert [b.attention.n_heads for b in spec.blocks] == [4, 4, 6, 6, 6]

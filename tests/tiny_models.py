@@ -69,25 +69,46 @@ def _encoder(config_cls, model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
 
 def _vit() -> tuple[Any, dict]:
     cfg = tf.ViTConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=60,
-        image_size=16, patch_size=4, num_labels=5, initializer_range=INIT,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=60,
+        image_size=16,
+        patch_size=4,
+        num_labels=5,
+        initializer_range=INIT,
     )
     return tf.ViTForImageClassification(cfg), _pixels()
 
 
 def _clip() -> tuple[Any, dict]:
-    text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=40, max_position_embeddings=16, projection_dim=16)
-    vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=56,
-                  image_size=16, patch_size=4, projection_dim=16)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=16,
+        projection_dim=16,
+    )
+    vision = dict(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=56,
+        image_size=16,
+        patch_size=4,
+        projection_dim=16,
+    )
     cfg = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     inputs = _text_inputs() | _pixels()
     return tf.CLIPModel(cfg), inputs
 
 
 def _gpt2() -> tuple[Any, dict]:
-    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
-                         initializer_range=INIT)
+    cfg = tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, initializer_range=INIT
+    )
     return tf.GPT2LMHeadModel(cfg), _text_inputs()
 
 
@@ -95,24 +116,45 @@ MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
     "bert": _encoder(tf.BertConfig, tf.BertModel),
     "bert-seqcls": _encoder(tf.BertConfig, tf.BertForSequenceClassification, num_labels=3),
     "roberta-seqcls": _encoder(
-        tf.RobertaConfig, tf.RobertaForSequenceClassification, num_labels=4, pad_token_id=1,
+        tf.RobertaConfig,
+        tf.RobertaForSequenceClassification,
+        num_labels=4,
+        pad_token_id=1,
         max_position_embeddings=70,
     ),
     "vit": _vit,
     "clip": _clip,
     "gpt2": _gpt2,
     # GQA ratio 1 (MHA), untied embeddings, head_dim 8
-    "llama-mha": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM, num_key_value_heads=8,
-                             tie_word_embeddings=False),
+    "llama-mha": _llama_like(
+        tf.LlamaConfig, tf.LlamaForCausalLM, num_key_value_heads=8, tie_word_embeddings=False
+    ),
     # GQA ratio 2, tied embeddings, head_dim 16
-    "llama-gqa2": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM, hidden_size=64,
-                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-gqa2": _llama_like(
+        tf.LlamaConfig,
+        tf.LlamaForCausalLM,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     # GQA ratio 4, explicit head_dim 64 (larger than hidden / heads)
-    "mistral-gqa4": _llama_like(tf.MistralConfig, tf.MistralForCausalLM, num_attention_heads=4,
-                                num_key_value_heads=1, head_dim=64, sliding_window=None),
+    "mistral-gqa4": _llama_like(
+        tf.MistralConfig,
+        tf.MistralForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        sliding_window=None,
+    ),
     # q/k/v biases
-    "qwen2": _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2": _llama_like(
+        tf.Qwen2Config,
+        tf.Qwen2ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 

@@ -128,7 +128,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         shards[shard] = names
     spec = describe(config, shapes.keys())
     _check_block_tensors(path, spec, dtypes, shapes)
-    return Checkpoint(path=path, config=config, shards=shards, spec=spec, dtypes=dtypes, shapes=shapes)
+    return Checkpoint(
+        path=path, config=config, shards=shards, spec=spec, dtypes=dtypes, shapes=shapes
+    )
 
 
 def _check_size(file: Path) -> None:
@@ -140,11 +142,16 @@ def _check_size(file: Path) -> None:
             if size < 8 or 8 + header_len > size:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise MergeShieldError(f"{file}: corrupt safetensors file ({err})") from None
     if 8 + header_len + end != size:
-        _fail(f"{file}: truncated or padded safetensors file ({size} bytes, header says {8 + header_len + end})")
+        _fail(
+            f"{file}: truncated or padded safetensors file "
+            f"({size} bytes, its header says {8 + header_len + end})"
+        )
 
 
 _DTYPES = {
@@ -183,10 +190,13 @@ def _check_block_tensors(
             b = torch.empty(shapes[slot.bias], device="meta") if slot.bias else None
             tensors = {slot.weight: w} | ({slot.bias: b} if b is not None else {})
             wv, bv = view(tensors, slot)
-            ok = tuple(wv.shape) == expected[role] and (bv is None or tuple(bv.shape) == expected[role][:1])
+            ok = tuple(wv.shape) == expected[role] and (
+                bv is None or tuple(bv.shape) == expected[role][:1]
+            )
             if not ok or (slot.chunk and w.shape[1 if slot.transposed else 0] % slot.chunk[1]):
                 _fail(
-                    f"{path}: {slot.weight} has shape {tuple(shapes[slot.weight])}, but config.json "
+                    f"{path}: {slot.weight} has shape {tuple(shapes[slot.weight])}, "
+                    "but config.json "
                     f"implies {role} of shape {expected[role]} ([out, in])"
                 )
 
@@ -294,7 +304,9 @@ def rewrite(
         for shard, names in checkpoint.shards.items():
             with safe_open(str(checkpoint.path / shard), framework="pt") as f:
                 shard_meta = {
-                    k: v for k, v in (f.metadata() or {}).items() if not k.startswith("mergeshield_")
+                    k: v
+                    for k, v in (f.metadata() or {}).items()
+                    if not k.startswith("mergeshield_")
                 }
             tensors: dict[str, torch.Tensor] = {}
             for name in names:

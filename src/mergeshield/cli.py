@@ -44,24 +44,58 @@ def _add_protect(sub) -> None:
         description="Write a protected copy of MODEL to OUT: the same function, weights far from "
         "the original, so merges with models of the same base collapse.",
     )
-    p.add_argument("model", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)")
+    p.add_argument(
+        "model", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)"
+    )
     p.add_argument("out", type=Path, help="output folder (written atomically)")
-    p.add_argument("--defense", "-d", default="all", choices=sorted(DEFENSES),
-                   help="defense to apply (default: all)")
-    p.add_argument("--base", type=Path, help="public base model; PaRaMS moves MLP units farthest from it")
-    p.add_argument("--seed", type=int, help="reproducible randomness. A SEED IS A KEY: whoever knows it "
-                   "can undo the protection; keep it secret. Default: fresh OS randomness")
-    p.add_argument("--key-out", type=Path, help="write the secret key (needed by `unprotect`) to this file")
-    p.add_argument("--scaling", default="nonsymmetric", choices=["diagonal", "symmetric", "nonsymmetric"],
-                   help="PaRaMS attention scaling variant (default: nonsymmetric)")
-    p.add_argument("--scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="range of the random scales (default: each paper's)")
-    p.add_argument("--max-cond", type=float, default=100.0,
-                   help="bound on the condition number of every QK/VO matrix; float error grows "
-                   "about as max_cond * eps(dtype) (default: 100; 'inf' for none)")
-    p.add_argument("--flip-fraction", type=float, default=0.5,
-                   help="MergeBarrier: share of each head's QK directions flipped (default: 0.5)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (and the key file) if present")
+    p.add_argument(
+        "--defense",
+        "-d",
+        default="all",
+        choices=sorted(DEFENSES),
+        help="defense to apply (default: all)",
+    )
+    p.add_argument(
+        "--base", type=Path, help="public base model; PaRaMS moves MLP units farthest from it"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="reproducible randomness. A SEED IS A KEY: whoever knows it "
+        "can undo the protection; keep it secret. Default: fresh OS randomness",
+    )
+    p.add_argument(
+        "--key-out", type=Path, help="write the secret key (needed by `unprotect`) to this file"
+    )
+    p.add_argument(
+        "--scaling",
+        default="nonsymmetric",
+        choices=["diagonal", "symmetric", "nonsymmetric"],
+        help="PaRaMS attention scaling variant (default: nonsymmetric)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="range of the random scales (default: each paper's)",
+    )
+    p.add_argument(
+        "--max-cond",
+        type=float,
+        default=100.0,
+        help="bound on the condition number of every QK/VO matrix; float error grows "
+        "about as max_cond * eps(dtype) (default: 100; 'inf' for none)",
+    )
+    p.add_argument(
+        "--flip-fraction",
+        type=float,
+        default=0.5,
+        help="MergeBarrier: share of each head's QK directions flipped (default: 0.5)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT (and the key file) if present"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_protect)
 
@@ -83,10 +117,20 @@ def _run_protect(args) -> int:
         flip_fraction=args.flip_fraction,
     )
     result = protect(
-        args.model, args.out, args.defense, base=args.base, seed=args.seed, key_out=args.key_out,
-        options=options, overwrite=args.overwrite, progress=not args.quiet,
+        args.model,
+        args.out,
+        args.defense,
+        base=args.base,
+        seed=args.seed,
+        key_out=args.key_out,
+        options=options,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
-    print(f"protected {args.model} with {result.defense} ({result.n_blocks} blocks) -> {result.output}")
+    print(
+        f"protected {args.model} with {result.defense} ({result.n_blocks} blocks) "
+        f"-> {result.output}"
+    )
     if result.key:
         print(f"key (secret, do not publish): {result.key}")
     return 0
@@ -96,15 +140,20 @@ def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
         help="check that PROTECTED computes the same function as ORIGINAL",
-        description="Run both models (stock transformers Auto classes) on the same inputs; print the "
+        description="Run both models (stock transformers Auto classes) on the same inputs; "
+        "print the "
         "max absolute and relative output error and how far each tensor group moved. Exits 1 "
         "when the relative error exceeds the tolerance.",
     )
     p.add_argument("original", type=Path)
     p.add_argument("protected", type=Path)
-    p.add_argument("--text", action="append", help="input text (repeatable); default: random token ids")
+    p.add_argument(
+        "--text", action="append", help="input text (repeatable); default: random token ids"
+    )
     p.add_argument("--texts-file", type=Path, help="file with one input text per line")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative output error (default 1e-4)")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="max relative output error (default 1e-4)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_run_verify)
 
@@ -140,8 +189,11 @@ def _run_verify(args) -> int:
 
 
 def _add_unprotect(sub) -> None:
-    p = sub.add_parser("unprotect", help="restore the original weights with the key file",
-                       description="Undo a protection with the key written by `protect --key-out`.")
+    p = sub.add_parser(
+        "unprotect",
+        help="restore the original weights with the key file",
+        description="Undo a protection with the key written by `protect --key-out`.",
+    )
     p.add_argument("protected", type=Path)
     p.add_argument("key", type=Path)
     p.add_argument("out", type=Path)
@@ -153,7 +205,9 @@ def _add_unprotect(sub) -> None:
 def _run_unprotect(args) -> int:
     from mergeshield.protect import unprotect
 
-    out = unprotect(args.protected, args.key, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    out = unprotect(
+        args.protected, args.key, args.out, overwrite=args.overwrite, progress=not args.quiet
+    )
     print(f"restored {args.protected} -> {out}")
     return 0
 
@@ -178,7 +232,9 @@ COMMANDS: list[Callable] = [_add_protect, _add_verify, _add_unprotect, _add_defe
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mergeshield", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mergeshield",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mergeshield {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -17,7 +17,12 @@ def progress_bar(label: str, total: int, show: bool = True) -> Iterator[Callable
     if not show:
         yield lambda: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)

@@ -98,7 +98,9 @@ def protect(
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(reader(base_ckpt)) if base_ckpt else None
-        bar = stack.enter_context(progress_bar(f"protect ({defense})", len(src.spec.blocks), progress))
+        bar = stack.enter_context(
+            progress_bar(f"protect ({defense})", len(src.spec.blocks), progress)
+        )
 
         def transform_block(index: int, block: BlockSpec, tensors: dict[str, torch.Tensor]):
             ctx = BlockContext(
@@ -121,7 +123,9 @@ def protect(
     return ProtectResult(output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out)
 
 
-def save_key(path: Path, transforms: dict[int, BlockTransform], defense: str, src: Checkpoint) -> None:
+def save_key(
+    path: Path, transforms: dict[int, BlockTransform], defense: str, src: Checkpoint
+) -> None:
     """Write the sampled transforms (a secret) to a safetensors file, atomically."""
     tensors = {
         f"block.{i}.{name}": torch.from_numpy(np.ascontiguousarray(array))
@@ -157,7 +161,9 @@ def load_key(path: str | os.PathLike) -> tuple[dict[str, str], dict[int, BlockTr
     except Exception as err:
         raise MergeShieldError(f"{path}: not a mergeshield key file ({err})") from None
     if meta.get("format") != KEY_FORMAT:
-        raise MergeShieldError(f"{path}: not a mergeshield key file (format {meta.get('format')!r})")
+        raise MergeShieldError(
+            f"{path}: not a mergeshield key file (format {meta.get('format')!r})"
+        )
     transforms: dict[int, BlockTransform] = {}
     for name, array in arrays.items():
         _, index, field = name.split(".", 2)
@@ -176,7 +182,9 @@ def unprotect(
     """Undo a protection with its key file: writes the original weights (to float precision)."""
     src, out = open_checkpoint(protected), Path(out)
     meta, transforms = load_key(key)
-    if meta.get("model_type") != src.spec.model_type or int(meta["n_blocks"]) != len(src.spec.blocks):
+    if meta.get("model_type") != src.spec.model_type or int(meta["n_blocks"]) != len(
+        src.spec.blocks
+    ):
         raise MergeShieldError(
             f"{key}: key is for a {meta.get('n_blocks')}-block {meta.get('model_type')} model, "
             f"not this {len(src.spec.blocks)}-block {src.spec.model_type} model"

@@ -49,7 +49,9 @@ def load_model(folder: Path, dtype: torch.dtype | None = None) -> Any:
     arch = (getattr(config, "architectures", None) or [""])[0]
     auto = next((cls for suffix, cls in AUTO_CLASSES.items() if arch.endswith(suffix)), "AutoModel")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = getattr(transformers, auto).from_pretrained(str(folder), local_files_only=True, **kwargs)
+    model = getattr(transformers, auto).from_pretrained(
+        str(folder), local_files_only=True, **kwargs
+    )
     return model.eval()
 
 

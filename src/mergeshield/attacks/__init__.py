@@ -1,0 +1,112 @@
+"""Attacks by an informed adversary who holds the public base model.
+
+``attack(protected, base, out, method)`` rewrites a protected checkpoint so that its weights
+line up with the base model again (same layout, loadable by stock transformers), working from
+the two sets of weights only, never from the key.  The maths of each method is in
+:mod:`mergeshield.attacks.align`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergeshield import __version__
+from mergeshield.architectures.spec import BlockSpec
+from mergeshield.attacks import align
+from mergeshield.checkpoint import Checkpoint, check_output_path, open_checkpoint, reader, rewrite
+from mergeshield.errors import MergeShieldError
+from mergeshield.progress import progress_bar
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """``align_block(block, protected float64 tensors, base float64 tensors) -> tensors``."""
+
+    name: str
+    summary: str
+    align_block: Callable[[BlockSpec, Tensors, Tensors], Tensors]
+
+
+ATTACKS: dict[str, Attack] = {
+    a.name: a
+    for a in (
+        Attack(
+            "aga",
+            "anchor alignment: per-head ridge least squares to the base, Hungarian on MLP units",
+            align.aga,
+        ),
+        Attack(
+            "rebasin",
+            "Git Re-Basin weight matching: head and MLP unit permutations only",
+            align.rebasin,
+        ),
+        Attack(
+            "procrustes",
+            "orthogonal Procrustes per head (jointly on QK and on VO, exact), Hungarian on MLP",
+            align.procrustes,
+        ),
+    )
+}
+
+
+def get_attack(name: str) -> Attack:
+    if name not in ATTACKS:
+        raise MergeShieldError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def _check_base(model: Checkpoint, base: Checkpoint) -> None:
+    """The base must have every block tensor of the model, with the same shape."""
+    if base.spec.model_type != model.spec.model_type:
+        raise MergeShieldError(
+            f"{base.path}: base model is {base.spec.model_type}, the model is {model.spec.model_type}"
+        )
+    for block in model.spec.blocks:
+        for name in block.tensor_names():
+            if base.shapes.get(name) != model.shapes[name]:
+                raise MergeShieldError(
+                    f"{base.path}: base model does not match the model ({name}: "
+                    f"{base.shapes.get(name)} vs {model.shapes[name]})"
+                )
+
+
+def attack(
+    protected: str | os.PathLike,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    method: str = "aga",
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write ``protected`` aligned to the public ``base`` with ``method`` to ``out``.
+
+    Blocks are processed one at a time (the base block is read alongside); tensors outside
+    the blocks are copied unchanged.  Returns ``out``.
+    """
+    spec = get_attack(method)
+    src, out = open_checkpoint(protected), Path(out)
+    check_output_path(src.path, out, overwrite)
+    base_ckpt = open_checkpoint(base)
+    _check_base(src, base_ckpt)
+
+    with reader(base_ckpt) as base_reader, progress_bar(
+        f"attack ({method})", len(src.spec.blocks), progress
+    ) as bar:
+
+        def transform_block(index: int, block: BlockSpec, tensors: Tensors) -> Tensors:
+            return spec.align_block(block, tensors, base_reader.block(block))
+
+        metadata = {"mergeshield_version": __version__, "mergeshield_attack": method}
+        rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar)
+    return out
+
+
+__all__ = ["ATTACKS", "Attack", "attack", "get_attack"]

@@ -76,7 +76,9 @@ def get_defense(name: str) -> Defense:
 # --- shared sampling pieces -------------------------------------------------------------
 
 
-def random_head_permutation(att: AttentionSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_head_permutation(
+    att: AttentionSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Key/value heads permuted, and query heads permuted within their (moved) group."""
     r = att.group_size
     kv = rng.permutation(att.n_kv_heads)

@@ -35,8 +35,8 @@ from mergeshield.defenses.base import (
     BlockContext,
     Defense,
     mismatch_permutation,
-    random_rope_matrix,
     random_head_permutation,
+    random_rope_matrix,
     register,
     rope_safe_qk,
 )
@@ -66,7 +66,9 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
     """PaRaMS attention matrices ``(A per kv head for QK, B per kv head for VO)``."""
     att, rng, opt = ctx.block.attention, ctx.rng, ctx.options
     if opt.scaling not in PAPER_SCALES:
-        raise MergeShieldError(f"unknown PaRaMS scaling {opt.scaling!r}; choose from {', '.join(PAPER_SCALES)}")
+        raise MergeShieldError(
+            f"unknown PaRaMS scaling {opt.scaling!r}; choose from {', '.join(PAPER_SCALES)}"
+        )
     lo, hi = opt.scale or PAPER_SCALES[opt.scaling]
     d, n, half = att.head_dim, att.n_kv_heads, att.head_dim // 2
     qk, vo = [], []
@@ -79,7 +81,11 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
             u = random_orthogonal(rng, d)
             b = bound_condition((u * log_uniform(rng, lo, hi, d)) @ u.T, opt.max_cond)
             sign = rng.choice([-1.0, 1.0], half)
-            a = rope_commuting(sign * log_uniform(rng, lo, hi, half), np.zeros(half)) if att.rope else b
+            a = (
+                rope_commuting(sign * log_uniform(rng, lo, hi, half), np.zeros(half))
+                if att.rope
+                else b
+            )
         else:
             g = rng.standard_normal((d, d)) + 1e-3 * np.eye(d)
             b = bound_condition(g * log_uniform(rng, lo, hi, d), opt.max_cond)
@@ -97,7 +103,11 @@ def params(ctx: BlockContext) -> BlockTransform:
 def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
     d, rng = ctx.block.attention.head_dim, ctx.rng
     g = rng.standard_normal((d, d))
-    a = g @ random_permutation_matrix(rng, d) * log_uniform(rng, *(ctx.options.scale or MERGELOCK_SCALE), d)
+    a = (
+        g
+        @ random_permutation_matrix(rng, d)
+        * log_uniform(rng, *(ctx.options.scale or MERGELOCK_SCALE), d)
+    )
     return bound_condition(a, ctx.options.max_cond)
 
 
@@ -173,7 +183,37 @@ def _permuted_heads(ctx: BlockContext, kv_perm: np.ndarray, q_perm: np.ndarray) 
     return BlockContext(ctx.block, weights, None, ctx.rng, ctx.options)
 
 
-register(Defense("params", "PaRaMS: MLP permutation far from the base + per-head attention scaling", params, uses_base=True, options=("scaling", "scale", "max_cond")))
-register(Defense("mergelock", "MergeLock: independent random invertible QK and VO matrices per head", mergelock, options=("scale", "max_cond")))
-register(Defense("mergebarrier", "MergeBarrier: orthogonal flip of each head's top QK eigen-directions", mergebarrier, options=("flip_fraction",)))
-register(Defense("all", "all exact transforms: heads, MLP units, QK, VO", all_transforms, uses_base=True, options=("scale", "max_cond", "flip_fraction")))
+register(
+    Defense(
+        "params",
+        "PaRaMS: MLP permutation far from the base + per-head attention scaling",
+        params,
+        uses_base=True,
+        options=("scaling", "scale", "max_cond"),
+    )
+)
+register(
+    Defense(
+        "mergelock",
+        "MergeLock: independent random invertible QK and VO matrices per head",
+        mergelock,
+        options=("scale", "max_cond"),
+    )
+)
+register(
+    Defense(
+        "mergebarrier",
+        "MergeBarrier: orthogonal flip of each head's top QK eigen-directions",
+        mergebarrier,
+        options=("flip_fraction",),
+    )
+)
+register(
+    Defense(
+        "all",
+        "all exact transforms: heads, MLP units, QK, VO",
+        all_transforms,
+        uses_base=True,
+        options=("scale", "max_cond", "flip_fraction"),
+    )
+)

@@ -65,8 +65,9 @@ def extract_backbone(task_model: Path, base: Path, out: Path) -> Path:
             f"base {base} (prefix {prefix!r}): is it a fine-tune of that base?"
         )
     if from_base:
-        LOG.info("backbone of %s: %d tensors taken from base: %s", task_model, len(from_base),
-                 from_base)
+        LOG.info(
+            "backbone of %s: %d tensors taken from base: %s", task_model, len(from_base), from_base
+        )
 
     task_tensors = load_tensors(task_model, [prefix + name for name in from_task])
     base_tensors = load_tensors(base, base_names)

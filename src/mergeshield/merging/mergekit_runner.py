@@ -92,6 +92,27 @@ def _on_disk_names(original: Callable[..., tuple]) -> Callable[..., tuple]:
     return get_transformers_info
 
 
+def _della_without_size1_dim(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap ``mergekit.sparsify.della_magprune`` (see :data:`WORKAROUNDS`).
+
+    DELLA ranks |δ| along dim 1.  Where dim 1 has size 1 (ViT's ``cls_token``, shape
+    ``[1, 1, d]``) every rank is both min and max, the normalised rank is 0/0 = NaN and
+    ``torch.bernoulli`` raises.  Only in that case the size-1 dims at position 1 are squeezed
+    out first (``[1, 1, d]`` is ranked like the vector ``[1, d]``), then the shape restored.
+    """
+    if getattr(original, _PATCHED_ATTR, False):
+        return original
+
+    def della_magprune(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        squeezed = tensor
+        while squeezed.dim() >= 2 and squeezed.shape[1] == 1:
+            squeezed = squeezed.squeeze(1)
+        return original(squeezed, *args, **kwargs).reshape(tensor.shape)
+
+    setattr(della_magprune, _PATCHED_ATTR, True)
+    return della_magprune
+
+
 def _clear_mergekit_caches() -> None:
     """Forget mergekit's process-wide caches of model files and inferred architectures."""
     from mergekit.architecture.auto import infer_architecture_info
@@ -103,14 +124,14 @@ def _clear_mergekit_caches() -> None:
     infer_architecture_info.cache_clear()
 
 
-WORKAROUNDS = ("bert_aliases", "auto_arch_names", "stale_caches")
+WORKAROUNDS = ("bert_aliases", "auto_arch_names", "della_size1_dim", "stale_caches")
 
 
 @contextlib.contextmanager
 def mergekit_workarounds(disable: Collection[str] = ()) -> Iterator[None]:
     """Work around the known mergekit 0.1.5 bugs for the duration of the block, then restore.
 
-    All three are fixed in memory only (site-packages is never edited), idempotently, and each
+    All four are fixed in memory only (site-packages is never edited), idempotently, and each
     can be turned off by name in ``disable`` (the tests do, to show that each is still needed):
 
     * ``bert_aliases``: ``MergePlanner.plan_tensor`` does list + tuple (:data:`ALIASES_BUG`),
@@ -124,12 +145,16 @@ def mergekit_workarounds(disable: Collection[str] = ()) -> Iterator[None]:
       conversion mapping by class name while mergekit looks it up by ``model_type``.  Every
       layer tensor is then "optional and missing" and silently left out of the output.
       ``get_transformers_info`` is wrapped to fall back to the on-disk names in that case.
+    * ``della_size1_dim``: DELLA's rank normalisation divides 0 by 0 on tensors whose dim 1
+      has size 1 (ViT's ``cls_token``) and the merge dies in ``torch.bernoulli``; such tensors
+      are ranked with that dim squeezed out (:func:`_della_without_size1_dim`).
     * ``stale_caches``: mergekit keeps a process-wide ``LoaderCache`` of open checkpoint files
       and an ``lru_cache`` of inferred architectures, keyed by path; a folder rewritten between
       two merges (a re-extracted backbone) is then read from the old, deleted file.  Both
       caches are cleared on entry and on exit.
     """
     import mergekit.architecture.auto as auto
+    import mergekit.sparsify as sparsify
     from mergekit.plan import MergePlanner
 
     unknown = set(disable) - set(WORKAROUNDS)
@@ -137,12 +162,15 @@ def mergekit_workarounds(disable: Collection[str] = ()) -> Iterator[None]:
         raise MergeShieldError(f"unknown workarounds {sorted(unknown)}; known: {WORKAROUNDS}")
     original_plan_tensor = MergePlanner.__dict__["plan_tensor"]
     original_info = auto.get_transformers_info
+    original_della = sparsify.della_magprune
     if "bert_aliases" not in disable:
         fixed = _fixed_plan_tensor()
         if fixed is not None:
             MergePlanner.plan_tensor = fixed
     if "auto_arch_names" not in disable:
         auto.get_transformers_info = _on_disk_names(original_info)
+    if "della_size1_dim" not in disable:
+        sparsify.della_magprune = _della_without_size1_dim(original_della)
     if "stale_caches" not in disable:
         _clear_mergekit_caches()
     try:
@@ -150,6 +178,7 @@ def mergekit_workarounds(disable: Collection[str] = ()) -> Iterator[None]:
     finally:
         MergePlanner.plan_tensor = original_plan_tensor
         auto.get_transformers_info = original_info
+        sparsify.della_magprune = original_della
         if "stale_caches" not in disable:
             _clear_mergekit_caches()
 

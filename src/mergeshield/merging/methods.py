@@ -263,8 +263,9 @@ def merge_config(
     if spec.max_models is not None and len(models) > spec.max_models:
         raise MergeShieldError(f"{method} takes at most {spec.max_models} models")
     if len({base, *models}) != 1 + len(models):
-        raise MergeShieldError("base and models must be distinct folders (mergekit rejects "
-                               "duplicate inputs)")
+        raise MergeShieldError(
+            "base and models must be distinct folders (mergekit rejects duplicate inputs)"
+        )
     for folder in (base, *models):
         if not (folder / "config.json").is_file():
             raise MergeShieldError(f"{folder} is not a checkpoint folder (no config.json)")

@@ -59,8 +59,9 @@ def sweep(
     try:
         for index, coefficient in enumerate(coefficients):
             candidate = workdir / f"{method}-{index:03d}"
-            merge(method, base, models, candidate, coefficient=coefficient, params=params,
-                  seed=seed)
+            merge(
+                method, base, models, candidate, coefficient=coefficient, params=params, seed=seed
+            )
             value = float(score(candidate))
             results.append((coefficient, value))
             if not math.isnan(value) and (best is None or value > best[1]):
@@ -93,4 +94,3 @@ def sweep(
         best_score=best[1],
         best_path=best_path,
     )
-

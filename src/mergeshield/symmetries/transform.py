@@ -41,7 +41,9 @@ class BlockTransform:
     unit_scale: np.ndarray | None = None  # (n_units,)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 def view(tensors: Tensors, slot: Slot) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,184 @@
+"""Weight-only attacks on a protected checkpoint, by an adversary who holds the public base.
+
+Setting.  The released model is ``P = T(F)`` with ``F = W0 + tau`` the fine-tune, ``W0`` the
+public base and ``T`` an exact symmetry (head permutation, per-head QK matrix ``A``, VO matrix
+``B``, MLP unit permutation and, for gated MLPs, unit scaling).  Fine-tuning moves weights
+little (``||tau|| << ||W0||``), so ``W0`` is an anchor that ``T`` can be estimated against.
+Each attack rewrites ``P`` block by block from ``P`` and ``W0`` only; it never sees the key.
+Notation: per head, ``X`` is the protected ``d x m`` piece in row form and ``Y`` the base one
+(see :mod:`mergeshield.attacks.matching`; Q/K/V rows with the bias as a last column, O as
+``W_O[:, h]^T``); every symmetry multiplies ``X`` from the left.
+
+``aga`` (anchor gradient-free alignment; Guo et al., ECCV 2026, ``utils_attack_B32.py``).
+
+1. Heads are matched (two-level linear assignment) on the least-squares residual
+   ``min_T ||T X_j - Y_i||^2 / ||Y_i||^2``, which no invertible per-head map can change.
+2. Per matched head, separately for Q (per query head), K and V (per key/value head) and O
+   (per query head's column block), the ridge fit
+   ``T = argmin ||T X - Y||^2 + 1e-8 ||T||^2 = Y X^T (X X^T + 1e-8 I)^-1`` (float64), and
+   the head is replaced by ``T X``.
+3. MLP units are matched by the Hungarian algorithm on cosine similarity (scale-invariant for
+   gated MLPs) and put back in base order; for gated MLPs each unit's scale is undone with
+   the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).
+
+Why it works whatever ``A`` is: with ``X = A X_F`` and ``X_F`` of full row rank, ``T X =
+Y Pi`` where ``Pi = X^T (X X^T)^-1 X`` is the projector onto the row space of ``X``, which is
+that of ``X_F``.  Since ``Y = X_F - tau`` and ``X_F Pi = X_F``: ``T X = X_F - tau Pi``.  The
+error ``tau Pi`` is the part of the fine-tuning update inside the head's own row space
+(about ``sqrt(d/m) ||tau||`` for a random update) and never exceeds ``||tau||``: the
+recovered attention is at least as close to ``F`` as the base itself, for any ``A``, however
+ill-conditioned.  The separate fits do not keep ``Q^T K`` or ``W_O V`` exactly, so the
+function is recovered only up to ``O(||tau||)``; the MLP step is an exact symmetry.
+
+``rebasin`` (Git Re-Basin weight matching; PaRaMS's own ``obj='matching'``).  Permutations
+only: heads by two-level linear assignment on ``-<Y_i, X_j>`` summed over Q, K, V and O; MLP
+units by the linear assignment maximizing ``sum_i <u_i^base, u_perm(i)^prot>``.  Each block
+has one head group and one unit group and the residual stream is never permuted, so the
+groups do not interact and one assignment each is the fixed point of Re-Basin's coordinate
+descent.  Exact (bit for bit) against pure permutations, blind to any continuous transform.
+
+``procrustes`` (orthogonal Procrustes / Kabsch; the restoration MergeLock reports).  Heads
+matched as in ``aga``; then per key/value head ``g``, one orthogonal ``R`` maximizing
+``<R, M>`` with ``M = sum_s Y_s X_s^T``, i.e. ``R = U V^T`` from ``M = U S V^T``:
+
+- QK: ``M`` summed over the group's query heads and its key head, ``R`` applied to all of
+  them.  For orthogonal ``R``, ``R^-T = R``, so ``(R q)^T (R k) = q^T k``: fitting one ``R``
+  jointly keeps the function exactly, where separate fits for Q and K would not.  Rotary
+  models: ``R`` must also commute with RoPE, so it is restricted to a rotation ``R(phi_j)``
+  per rotary pair, ``phi_j = atan2(M_ba - M_ab, M_aa + M_bb)`` (pair ``(a, b)``).
+- VO: ``M`` summed over ``V_g`` and the group's ``W_O[:, h]^T``; ``V <- R V``,
+  ``W_O[:, h] <- W_O[:, h] R^T``, exact for the same reason.
+- MLP: as in ``aga`` (exact).
+
+So the output computes the protected model's function exactly and undoes any orthogonal
+defense (MergeBarrier's flips: the optimal ``R`` is within ``2||tau||`` of the true inverse
+on the data, by the triangle inequality).  Against a non-orthogonal ``A`` it cannot help:
+``||(R A - I) X_F||_F >= sigma_min(X_F) (sum_i (sigma_i(A) - 1)^2)^(1/2)`` for every
+orthogonal ``R``, the distance of ``A`` to the orthogonal group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
+from mergeshield.attacks.matching import (
+    Heads,
+    inner_cost,
+    match_heads,
+    match_units_cosine,
+    match_units_inner,
+    read_heads,
+    subspace_cost,
+    unit_scales,
+    write_heads,
+)
+from mergeshield.symmetries.linalg import rope_commuting, rope_pairs
+from mergeshield.symmetries.transform import BlockTransform, apply_transform
+
+Tensors = dict[str, torch.Tensor]
+RIDGE = 1e-8  # the AGA code's ridge, absolute, in float64
+CostFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+
+
+# --- shared steps --------------------------------------------------------------------------
+
+
+def unpermute_heads(block: BlockSpec, prot: Tensors, base: Tensors, cost: CostFn) -> None:
+    """Match heads by ``cost`` and put the protected heads in base order (in place)."""
+    att = block.attention
+    kv_perm, q_perm = match_heads(att, read_heads(base, att), read_heads(prot, att), cost)
+    apply_transform(prot, block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
+
+
+def align_units(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
+    """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact."""
+    mlp: MLPSpec = block.mlp
+    perm = match_units_cosine(mlp, prot, base)
+    apply_transform(prot, block, BlockTransform(unit_perm=perm))
+    if mlp.gate is not None:
+        scale = unit_scales(mlp, prot, base, RIDGE)
+        apply_transform(prot, block, BlockTransform(unit_scale=scale))
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """Per head ``T X`` with ``T = argmin ||T X - Y||^2 + ridge ||T||^2``; ``x, y: (n, d, m)``.
+
+    ``T^T = (X X^T + ridge I)^-1 X Y^T`` (normal equations, solved in float64).
+    """
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    gram = x @ x.transpose(1, 2) + ridge * eye
+    t_transposed = torch.linalg.solve(gram, x @ y.transpose(1, 2))
+    return t_transposed.transpose(1, 2) @ x
+
+
+def orthogonal_fit(m: np.ndarray, rope: bool) -> np.ndarray:
+    """The orthogonal ``R`` maximizing ``<R, M>_F`` (= minimizing ``sum ||R X - Y||^2``).
+
+    ``rope``: only rotations per rotary pair (the orthogonal maps that commute with RoPE).
+    """
+    if not rope:
+        u, _, vt = np.linalg.svd(m)
+        return u @ vt
+    a, b = rope_pairs(m.shape[0])
+    angle = np.arctan2(m[b, a] - m[a, b], m[a, a] + m[b, b])
+    return rope_commuting(np.ones(len(a)), angle)
+
+
+# --- the three attacks ---------------------------------------------------------------------
+
+
+def aga(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
+    """Anchor gradient-free alignment of one block (see the module docstring)."""
+    att = block.attention
+    unpermute_heads(block, prot, base, subspace_cost)
+    p, b = read_heads(prot, att), read_heads(base, att)
+    aligned = Heads(
+        q=ridge_fit(p.q, b.q), k=ridge_fit(p.k, b.k), v=ridge_fit(p.v, b.v), o=ridge_fit(p.o, b.o)
+    )
+    write_heads(prot, att, aligned)
+    align_units(block, prot, base)
+    return prot
+
+
+def rebasin(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
+    """Git Re-Basin weight matching of one block: head and unit permutations only."""
+    unpermute_heads(block, prot, base, inner_cost)
+    perm = match_units_inner(block.mlp, prot, base)
+    apply_transform(prot, block, BlockTransform(unit_perm=perm))
+    return prot
+
+
+def _group_fit(
+    att: AttentionSpec, query: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
+    g: int, rope: bool,
+) -> torch.Tensor:
+    """``R`` for key/value head ``g``: ``M = sum Y X^T`` over the group's query-indexed heads
+    (``query = (prot, base)``, Q or O) and its key/value head (``kv = (prot, base)``, K or V).
+    """
+    r = att.group_size
+    (xq, yq), (xk, yk) = query, kv
+    m = torch.einsum("hdm,hem->de", yq[g * r : (g + 1) * r], xq[g * r : (g + 1) * r])
+    m = m + yk[g] @ xk[g].T
+    return torch.as_tensor(orthogonal_fit(m.numpy(), rope))
+
+
+def procrustes(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
+    """Orthogonal Procrustes of one block, fitted jointly so that it stays an exact symmetry."""
+    att = block.attention
+    unpermute_heads(block, prot, base, subspace_cost)
+    p, b = read_heads(prot, att), read_heads(base, att)
+    r = att.group_size
+    q, k, v, o = p.q.clone(), p.k.clone(), p.v.clone(), p.o.clone()
+    for g in range(att.n_kv_heads):
+        group = slice(g * r, (g + 1) * r)
+        r_qk = _group_fit(att, (p.q, b.q), (p.k, b.k), g, att.rope)
+        r_vo = _group_fit(att, (p.o, b.o), (p.v, b.v), g, False)
+        q[group], k[g] = r_qk @ p.q[group], r_qk @ p.k[g]
+        v[g], o[group] = r_vo @ p.v[g], r_vo @ p.o[group]
+    write_heads(prot, att, Heads(q=q, k=k, v=v, o=o))
+    align_units(block, prot, base)
+    return prot
