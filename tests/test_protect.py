@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 
 from mergeshield.architectures import describe
 from mergeshield.checkpoint import open_checkpoint
@@ -202,3 +202,24 @@ def test_describe_lists_heads_and_units_of_clip_towers():
     assert [b.attention.n_heads for b in spec.blocks] == [4, 4, 6, 6, 6]
     assert [b.mlp.n_units for b in spec.blocks] == [40, 40, 56, 56, 56]
     assert spec.residual == ("logit_scale",)
+
+
+def test_params_mismatch_moves_mlp_farther_from_a_prefixed_base(tmp_path):
+    """``--base`` may be a plain ``BertModel`` while the model is a ``...ForSequenceClassification``
+    (``bert.`` prefix); PaRaMS's Hungarian mismatching lands farther from it than a random
+    permutation does."""
+    base_model, _ = build("bert", tmp_path / "base")
+    torch.manual_seed(3)
+    task = BertForSequenceClassification(BertConfig(**base_model.config.to_dict(), num_labels=3))
+    task.bert.load_state_dict(base_model.state_dict())
+    with torch.no_grad():  # fine-tuning: a small move away from the base
+        for p in task.bert.encoder.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    task.save_pretrained(tmp_path / "task")
+    protect(tmp_path / "task", tmp_path / "far", "params", base=tmp_path / "base", seed=1)
+    protect(tmp_path / "task", tmp_path / "random", "params", seed=1)
+    base_t, far_t, rand_t = (load_tensors(tmp_path / n) for n in ("base", "far", "random"))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    dist_far = (far_t["bert." + name] - base_t[name]).norm()
+    dist_random = (rand_t["bert." + name] - base_t[name]).norm()
+    assert dist_far > dist_random

@@ -221,15 +221,38 @@ class TensorReader:
             _fail(f"{self.checkpoint.path}: {name} contains NaN or Inf values")
         return tensor
 
-    def block(self, block: BlockSpec) -> dict[str, torch.Tensor]:
-        """The block's tensors as float64 working copies."""
-        return {name: self.get(name).to(torch.float64) for name in block.tensor_names()}
+    def block(self, block: BlockSpec, like: BlockSpec | None = None) -> dict[str, torch.Tensor]:
+        """The block's tensors as float64 working copies.
+
+        With ``like`` (the same block of another checkpoint of the same architecture, e.g. a
+        ``BertForSequenceClassification`` whose names carry a ``bert.`` prefix), the tensors are
+        keyed by ``like``'s names, matched by role (q, k, v, o, up, down, gate).
+        """
+        names = block.tensor_names()
+        keys = like.tensor_names() if like is not None else names
+        return {
+            key: self.get(name).to(torch.float64) for key, name in zip(keys, names, strict=True)
+        }
 
 
 @contextmanager
 def reader(checkpoint: Checkpoint) -> Iterator[TensorReader]:
     with ExitStack() as stack:
         yield TensorReader(checkpoint, stack)
+
+
+def check_same_architecture(model: Checkpoint, other: Checkpoint) -> None:
+    """``other`` has the same blocks as ``model`` (tensor names may differ by a prefix)."""
+    a, b = model.spec.blocks, other.spec.blocks
+    if len(a) != len(b):
+        _fail(f"{other.path}: has {len(b)} blocks, {model.path} has {len(a)}")
+    for x, y in zip(a, b, strict=True):
+        for nx, ny in zip(x.tensor_names(), y.tensor_names(), strict=True):
+            if model.shapes[nx] != other.shapes[ny]:
+                _fail(
+                    f"{other.path}: {ny} has shape {other.shapes[ny]}, but {nx} of "
+                    f"{model.path} has {model.shapes[nx]}: not the same architecture"
+                )
 
 
 def check_output_path(src: Path, out: Path, overwrite: bool) -> None:

@@ -23,7 +23,14 @@ from safetensors.torch import save_file
 
 from mergeshield import __version__
 from mergeshield.architectures.spec import BlockSpec
-from mergeshield.checkpoint import Checkpoint, check_output_path, open_checkpoint, reader, rewrite
+from mergeshield.checkpoint import (
+    Checkpoint,
+    check_output_path,
+    check_same_architecture,
+    open_checkpoint,
+    reader,
+    rewrite,
+)
 from mergeshield.defenses import BlockContext, DefenseOptions, get_defense
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
@@ -53,16 +60,6 @@ def _check_key_path(key_out: Path, outputs: list[Path], overwrite: bool) -> None
         raise MergeShieldError(f"{key_out}: folder {key_out.parent} does not exist")
 
 
-def _check_same_architecture(model: Checkpoint, base: Checkpoint) -> None:
-    names = [n for b in model.spec.blocks for n in b.tensor_names()]
-    for name in names:
-        if base.shapes.get(name) != model.shapes[name]:
-            raise MergeShieldError(
-                f"{base.path}: base model does not match the model ({name}: "
-                f"{base.shapes.get(name)} vs {model.shapes[name]})"
-            )
-
-
 def protect(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -89,7 +86,7 @@ def protect(
     base_ckpt = None
     if base is not None and spec_defense.uses_base:
         base_ckpt = open_checkpoint(base)
-        _check_same_architecture(src, base_ckpt)
+        check_same_architecture(src, base_ckpt)
     if key_out is not None:
         key_out = Path(key_out)
         _check_key_path(key_out, [src.path, out], overwrite)
@@ -106,7 +103,9 @@ def protect(
             ctx = BlockContext(
                 block=block,
                 weights=tensors,
-                base=base_reader.block(block) if base_reader else None,
+                base=base_reader.block(base_ckpt.spec.blocks[index], like=block)
+                if base_reader
+                else None,
                 rng=np.random.default_rng([entropy, index]),
                 options=options,
             )
