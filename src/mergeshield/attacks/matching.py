@@ -105,7 +105,11 @@ def subspace_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
     through every per-head transform; it is informative only when ``d < m``.
     """
     u, _ = torch.linalg.qr(prot.transpose(1, 2))  # (n, m, d)
-    captured = torch.einsum("idm,jme->ijde", base, u).square().sum(dim=(2, 3))
+    n_b, d, m = base.shape
+    n_p, k = u.shape[0], u.shape[2]
+    # one matmul: (n_b d, m) @ (m, n_p k) holds every Y_i U_j
+    prod = base.reshape(n_b * d, m) @ u.transpose(0, 1).reshape(m, n_p * k)
+    captured = prod.reshape(n_b, d, n_p, k).square().sum(dim=(1, 3))
     total = base.square().sum(dim=(1, 2))[:, None]
     return (1.0 - captured / total.clamp_min(1e-300)).numpy()
 

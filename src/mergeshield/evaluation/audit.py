@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from mergeshield.evaluation.accuracy import evaluate
 from mergeshield.evaluation.zoo import Family, build_family
-from mergeshield.merging import extract_backbone, sweep
+from mergeshield.merging import extract_backbone, get_method, sweep
 from mergeshield.progress import console
 from mergeshield.protect import protect
 
@@ -202,12 +202,13 @@ def _merge_row(
         return evaluate(family.tasks[victim], victim, family=family, split="val", backbone=path)
 
     best = work / "best"
+    grid = plan.grid if get_method(method).knob is not None else None  # model_stock has no knob
     result = sweep(
         method,
         family.base,
         [backbone, *partner_backbones],
         score,
-        grid=plan.grid,
+        grid=grid,
         workdir=work / "sweep",
         keep_best=best,
         seed=plan.seed,

@@ -350,7 +350,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def _to_pixels(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 images ``[N, h, w]`` -> float ``[N, 1, size, size]`` in ``[-1, 1]`` (bilinear resize)."""
+    """uint8 images ``[N, h, w]`` -> float ``[N, 1, size, size]`` in ``[-1, 1]``, resized
+    bilinearly (antialiased) when ``size`` differs."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0).unsqueeze(1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)

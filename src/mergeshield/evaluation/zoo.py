@@ -175,7 +175,8 @@ class Family:
 
 
 def default_cache_dir() -> Path:
-    """``$MERGESHIELD_CACHE``, else ``$XDG_CACHE_HOME/mergeshield``, else ``~/.cache/mergeshield``."""
+    """The zoo's cache root: ``$MERGESHIELD_CACHE``, else ``$XDG_CACHE_HOME/mergeshield``,
+    else ``~/.cache/mergeshield``."""
     if os.environ.get("MERGESHIELD_CACHE"):
         return Path(os.environ["MERGESHIELD_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -203,13 +204,15 @@ def build_family(
 ) -> Family:
     """Build the family (or reuse the cached one with the same key) and return it.
 
+    ``kind``: "text" or "image" ("vision" is accepted as an alias of "image").
     ``setting``: "small" or "full", or a :class:`ZooSettings` (named "custom").  ``tasks``:
     default all of :data:`TEXT_TASKS` / :data:`IMAGE_TASKS`.  ``base``: for text a pretrained
     ``BertModel`` folder with tokenizer files (default: MiniLM-L6); for images a ``ViTModel``
     folder used instead of pretraining one.
     """
+    kind = "image" if kind == "vision" else kind
     if kind not in KINDS:
-        raise MergeShieldError(f"unknown family kind {kind!r}: use 'text' or 'image'")
+        raise MergeShieldError(f"unknown family kind {kind!r}: use 'text' or 'image' (or 'vision')")
     if isinstance(setting, ZooSettings):
         settings, setting_name = setting, "custom"
     elif (kind, setting) in SETTINGS:

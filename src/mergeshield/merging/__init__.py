@@ -1,4 +1,12 @@
-"""Merges exactly as free-riders run them, through mergekit 0.1.5 (see ``methods.py``)."""
+"""Merges exactly as free-riders run them: real mergekit 0.1.5 runs on local folders, offline.
+
+* :func:`extract_backbone` cuts a task model's backbone out, in the base model's layout.
+* :func:`merge` runs one method of :data:`METHODS` at one coefficient (formulas in
+  ``methods.py``); :func:`sweep` is the strong attacker that tries a whole grid of coefficients
+  and keeps the best-scoring merge.
+* ``mergekit_runner.py`` holds every contact with mergekit's internals, including the one
+  context manager that works around its known bugs (:func:`mergekit_workarounds`).
+"""
 
 from mergeshield.merging.backbone import backbone_prefix, extract_backbone
 from mergeshield.merging.mergekit_runner import (

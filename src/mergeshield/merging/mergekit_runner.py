@@ -36,7 +36,7 @@ LOG = logging.getLogger(__name__)
 # ``embeddings.position_ids``), i.e. every BERT/MiniLM merge fails before any tensor is read.
 ALIASES_BUG = "[w_in.name] + (w_in.aliases or [])"
 ALIASES_FIX = "[w_in.name, *(w_in.aliases or ())]"
-_PATCHED_ATTR = "__mergeshield_aliases_fix__"
+_PATCHED_ATTR = "__mergeshield_workaround__"
 
 
 def aliases_bug_present() -> bool:
@@ -227,19 +227,20 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 
 def _fix_tied_head(out: Path, donor_names: set[str]) -> None:
-    """Pitfall: merged output has its own ``lm_head.weight`` but a config saying "tied".
+    """Pitfall: the merge has its own ``lm_head.weight`` but a config that says "tied".
 
-    mergekit copies ``config.json`` from the base (or first) model.  If that model ties its
-    output embedding while an input model does not, mergekit still writes the merged
-    ``lm_head.weight``, and ``from_pretrained`` would silently replace it by the input
-    embedding.  The merged head is what the merge computed, so the config is made untied.
+    mergekit copies ``config.json`` from the base (or first) model.  When that model ties its
+    output embedding (no ``lm_head.weight`` stored) and an input model does not, mergekit
+    still writes the merged ``lm_head.weight`` (tied inputs contribute their embedding), so
+    the output says ``tie_word_embeddings: true`` next to a separate head.  transformers 5.23
+    keeps the head with a warning, other loaders (or a later ``tie_weights()``) replace it by
+    the embedding.  The head is what the merge computed, so the config is made untied.
     """
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
-    tied_keys = [key for key in ("tie_word_embeddings",) if config.get(key, False)]
-    extra = sorted(set(tensor_names(out)) - donor_names)
-    if tied_keys and any(name.endswith("lm_head.weight") for name in extra):
-        LOG.warning("merged %s has its own lm_head.weight: setting tie_word_embeddings=false", out)
+    new_names = set(tensor_names(out)) - donor_names
+    if config.get("tie_word_embeddings") and any(n.endswith("lm_head.weight") for n in new_names):
+        LOG.info("merged %s has its own lm_head.weight: setting tie_word_embeddings=false", out)
         config["tie_word_embeddings"] = False
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
