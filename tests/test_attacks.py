@@ -87,7 +87,9 @@ class Family:
     def protected(self, defense: str) -> Path:
         if defense not in self._protected:
             out = self.root / f"prot-{defense}"
-            protect(self.ft, out, defense, base=self.base, seed=0, key_out=self.root / f"{defense}.key")
+            protect(
+                self.ft, out, defense, base=self.base, seed=0, key_out=self.root / f"{defense}.key"
+            )
             self._protected[defense] = out
         return self._protected[defense]
 
@@ -207,9 +209,10 @@ def test_procrustes_cannot_undo_mergelock(families, tmp_path, family):
                 a, b = t.qk[g], t.vo[g]
                 group = slice(g * r, (g + 1) * r)
                 floor2 += (_sigma_min(heads.q[group]) ** 2).sum() * _dist_to_orthogonal(a) ** 2
-                floor2 += _sigma_min(heads.k[g : g + 1])[0] ** 2 * _dist_to_orthogonal(
-                    np.linalg.inv(a).T
-                ) ** 2
+                floor2 += (
+                    _sigma_min(heads.k[g : g + 1])[0] ** 2
+                    * _dist_to_orthogonal(np.linalg.inv(a).T) ** 2
+                )
                 floor2 += _sigma_min(heads.v[g : g + 1])[0] ** 2 * _dist_to_orthogonal(b) ** 2
                 floor2 += (_sigma_min(heads.o[group]) ** 2).sum() * _dist_to_orthogonal(
                     np.linalg.inv(b).T
@@ -253,11 +256,30 @@ def test_rebasin_undoes_params_mlp_permutation_but_not_the_scaling(families, tmp
     fam = families(family)
     out = attack(fam.protected("params"), fam.base, tmp_path / "rebasin", "rebasin")
     restored = load_tensors(out)
-    mlp_names = [n for b in open_checkpoint(out).spec.blocks for s in b.mlp.slots().values()
-                 for n in s.names()]
+    mlp_names = [
+        n
+        for b in open_checkpoint(out).spec.blocks
+        for s in b.mlp.slots().values()
+        for n in s.names()
+    ]
     for name in mlp_names:
         assert torch.equal(restored[name], fam.ft_t[name]), name
     assert distance(restored, fam.ft_t, fam.names) > 5 * fam.d_base
+
+
+def test_task_model_aligns_to_a_backbone_base(families, tmp_path):
+    """A ``BertForSequenceClassification`` (``bert.`` prefix) against a ``BertModel`` base:
+    the same result as against the base in the task layout."""
+    from transformers import BertModel
+
+    fam = families("bert-seqcls")
+    BertModel.from_pretrained(fam.base).save_pretrained(tmp_path / "backbone")
+    prot = fam.protected("all")
+    via_task = load_tensors(attack(prot, fam.base, tmp_path / "a", "aga"))
+    via_backbone = load_tensors(attack(prot, tmp_path / "backbone", tmp_path / "b", "aga"))
+    assert via_task.keys() == via_backbone.keys()
+    for name, value in via_task.items():
+        assert torch.equal(value, via_backbone[name]), name
 
 
 def test_output_metadata_names_the_attack(families, tmp_path):
@@ -274,7 +296,7 @@ def test_bad_requests_are_refused(families, tmp_path):
     with pytest.raises(MergeShieldError, match="unknown attack"):
         attack(prot, fam.base, tmp_path / "a", "nope")
     other = families("gpt2")
-    with pytest.raises(MergeShieldError, match="base model"):
+    with pytest.raises(MergeShieldError, match="not the same architecture"):
         attack(prot, other.base, tmp_path / "b", "aga")
     (tmp_path / "c").mkdir()
     with pytest.raises(MergeShieldError, match="already exists"):

@@ -18,7 +18,13 @@ import torch
 from mergeshield import __version__
 from mergeshield.architectures.spec import BlockSpec
 from mergeshield.attacks import align
-from mergeshield.checkpoint import Checkpoint, check_output_path, open_checkpoint, reader, rewrite
+from mergeshield.checkpoint import (
+    check_output_path,
+    check_same_architecture,
+    open_checkpoint,
+    reader,
+    rewrite,
+)
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
 
@@ -62,21 +68,6 @@ def get_attack(name: str) -> Attack:
     return ATTACKS[name]
 
 
-def _check_base(model: Checkpoint, base: Checkpoint) -> None:
-    """The base must have every block tensor of the model, with the same shape."""
-    if base.spec.model_type != model.spec.model_type:
-        raise MergeShieldError(
-            f"{base.path}: base model is {base.spec.model_type}, the model is {model.spec.model_type}"
-        )
-    for block in model.spec.blocks:
-        for name in block.tensor_names():
-            if base.shapes.get(name) != model.shapes[name]:
-                raise MergeShieldError(
-                    f"{base.path}: base model does not match the model ({name}: "
-                    f"{base.shapes.get(name)} vs {model.shapes[name]})"
-                )
-
-
 def attack(
     protected: str | os.PathLike,
     base: str | os.PathLike,
@@ -88,21 +79,24 @@ def attack(
 ) -> Path:
     """Write ``protected`` aligned to the public ``base`` with ``method`` to ``out``.
 
-    Blocks are processed one at a time (the base block is read alongside); tensors outside
-    the blocks are copied unchanged.  Returns ``out``.
+    Blocks are processed one at a time (the base block is read alongside, matched by block
+    index and role, so a task model ``bert.encoder...`` may be aligned to a base
+    ``encoder...``); tensors outside the blocks are copied unchanged.  Returns ``out``.
     """
     spec = get_attack(method)
     src, out = open_checkpoint(protected), Path(out)
     check_output_path(src.path, out, overwrite)
     base_ckpt = open_checkpoint(base)
-    _check_base(src, base_ckpt)
+    check_same_architecture(src, base_ckpt)
 
-    with reader(base_ckpt) as base_reader, progress_bar(
-        f"attack ({method})", len(src.spec.blocks), progress
-    ) as bar:
+    with (
+        reader(base_ckpt) as base_reader,
+        progress_bar(f"attack ({method})", len(src.spec.blocks), progress) as bar,
+    ):
 
         def transform_block(index: int, block: BlockSpec, tensors: Tensors) -> Tensors:
-            return spec.align_block(block, tensors, base_reader.block(block))
+            base_block = base_reader.block(base_ckpt.spec.blocks[index], like=block)
+            return spec.align_block(block, tensors, base_block)
 
         metadata = {"mergeshield_version": __version__, "mergeshield_attack": method}
         rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar)

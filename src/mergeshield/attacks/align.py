@@ -15,8 +15,9 @@ Notation: per head, ``X`` is the protected ``d x m`` piece in row form and ``Y``
    ``min_T ||T X_j - Y_i||^2 / ||Y_i||^2``, which no invertible per-head map can change.
 2. Per matched head, separately for Q (per query head), K and V (per key/value head) and O
    (per query head's column block), the ridge fit
-   ``T = argmin ||T X - Y||^2 + 1e-8 ||T||^2 = Y X^T (X X^T + 1e-8 I)^-1`` (float64), and
-   the head is replaced by ``T X``.
+   ``T = argmin ||T X - Y||^2 + lam ||T||^2 = Y X^T (X X^T + lam I)^-1`` (float64), and
+   the head is replaced by ``T X``.  ``lam = 1e-8 ||X||_F^2 / d`` (the AGA code's ``1e-8``,
+   made relative to the head's scale so that shrinking a head cannot hide behind the ridge).
 3. MLP units are matched by the Hungarian algorithm on cosine similarity (scale-invariant for
    gated MLPs) and put back in base order; for gated MLPs each unit's scale is undone with
    the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).
@@ -29,6 +30,9 @@ error ``tau Pi`` is the part of the fine-tuning update inside the head's own row
 recovered attention is at least as close to ``F`` as the base itself, for any ``A``, however
 ill-conditioned.  The separate fits do not keep ``Q^T K`` or ``W_O V`` exactly, so the
 function is recovered only up to ``O(||tau||)``; the MLP step is an exact symmetry.
+Limit: where ``d >= m`` (head_dim at least the slot's input width, e.g. a single-kv-head model
+with head_dim = hidden) the fit is square, ``T X = Y``: that slot comes back as the base
+(``tau`` lost) and heads cannot be told apart there, so they are left in place.
 
 ``rebasin`` (Git Re-Basin weight matching; PaRaMS's own ``obj='matching'``).  Permutations
 only: heads by two-level linear assignment on ``-<Y_i, X_j>`` summed over Q, K, V and O; MLP
@@ -80,7 +84,7 @@ from mergeshield.symmetries.linalg import rope_commuting, rope_pairs
 from mergeshield.symmetries.transform import BlockTransform, apply_transform
 
 Tensors = dict[str, torch.Tensor]
-RIDGE = 1e-8  # the AGA code's ridge, absolute, in float64
+RIDGE = 1e-8  # the AGA code's ridge, here relative to the mean eigenvalue of X X^T
 CostFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
 
@@ -105,12 +109,16 @@ def align_units(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
-    """Per head ``T X`` with ``T = argmin ||T X - Y||^2 + ridge ||T||^2``; ``x, y: (n, d, m)``.
+    """Per head ``T X`` with ``T = argmin ||T X - Y||^2 + lam ||T||^2``; ``x, y: (n, d, m)``.
 
-    ``T^T = (X X^T + ridge I)^-1 X Y^T`` (normal equations, solved in float64).
+    ``T^T = (X X^T + lam I)^-1 X Y^T`` (normal equations, solved in float64), with
+    ``lam = ridge * ||X||_F^2 / d`` (``ridge`` times the mean eigenvalue of ``X X^T``).  The
+    AGA code uses an absolute ``1e-8``; relative to ``X`` the fit does not depend on the
+    head's scale, which a defense could otherwise shrink below the ridge.
     """
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    gram = x @ x.transpose(1, 2) + ridge * eye
+    d = x.shape[1]
+    lam = ridge * x.square().sum(dim=(1, 2)) / d
+    gram = x @ x.transpose(1, 2) + lam[:, None, None] * torch.eye(d, dtype=x.dtype)
     t_transposed = torch.linalg.solve(gram, x @ y.transpose(1, 2))
     return t_transposed.transpose(1, 2) @ x
 
@@ -153,8 +161,11 @@ def rebasin(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
 
 
 def _group_fit(
-    att: AttentionSpec, query: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
-    g: int, rope: bool,
+    att: AttentionSpec,
+    query: tuple[torch.Tensor, torch.Tensor],
+    kv: tuple[torch.Tensor, torch.Tensor],
+    g: int,
+    rope: bool,
 ) -> torch.Tensor:
     """``R`` for key/value head ``g``: ``M = sum Y X^T`` over the group's query-indexed heads
     (``query = (prot, base)``, Q or O) and its key/value head (``kv = (prot, base)``, K or V).

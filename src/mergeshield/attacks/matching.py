@@ -32,6 +32,8 @@ from mergeshield.defenses.base import unit_vectors
 from mergeshield.symmetries.transform import view
 
 Tensors = dict[str, torch.Tensor]
+FLUSH = 1e-10  # relative residuals below this are float64 rounding of a zero residual
+PREFER_IDENTITY = 1e-12  # added to off-diagonal costs: exact ties keep heads in place
 
 
 # --- per-head views ------------------------------------------------------------------------
@@ -102,7 +104,9 @@ def subspace_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
 
     ``Y = base`` and ``X = prot`` are ``(n, d, m)``; ``U_j`` is an orthonormal basis (``m x d``)
     of the row space of ``X_j``.  The cost is invariant to any invertible ``T``, so it sees
-    through every per-head transform; it is informative only when ``d < m``.
+    through every per-head transform; it is informative only when ``d < m`` (for ``d >= m``
+    every head spans the whole space and the cost is zero up to rounding, which is flushed to
+    exactly zero so that :func:`match_heads` keeps the heads where they are).
     """
     u, _ = torch.linalg.qr(prot.transpose(1, 2))  # (n, m, d)
     n_b, d, m = base.shape
@@ -111,7 +115,8 @@ def subspace_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
     prod = base.reshape(n_b * d, m) @ u.transpose(0, 1).reshape(m, n_p * k)
     captured = prod.reshape(n_b, d, n_p, k).square().sum(dim=(1, 3))
     total = base.square().sum(dim=(1, 2))[:, None]
-    return (1.0 - captured / total.clamp_min(1e-300)).numpy()
+    cost = (1.0 - captured / total.clamp_min(1e-300)).numpy()
+    return np.where(np.abs(cost) < FLUSH, 0.0, cost)
 
 
 def inner_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
@@ -122,10 +127,16 @@ def inner_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
 def match_heads(
     att: AttentionSpec, base: Heads, prot: Heads, cost
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(kv_perm, q_perm)``: base head ``i`` is protected head ``perm[i]`` (two-level LAP)."""
+    """``(kv_perm, q_perm)``: base head ``i`` is protected head ``perm[i]`` (two-level LAP).
+
+    ``cost(base, prot) -> (n_base, n_prot)`` is evaluated per slot and summed (Q with O, K
+    with V); a ``1e-12`` off-diagonal penalty breaks exact ties in favour of no permutation.
+    """
     r, n_kv = att.group_size, att.n_kv_heads
     c_q = cost(base.q, prot.q) + cost(base.o, prot.o)  # (n_heads, n_heads)
     c_kv = cost(base.k, prot.k) + cost(base.v, prot.v)  # (n_kv, n_kv)
+    c_q = c_q + PREFER_IDENTITY * (1 - np.eye(len(c_q)))
+    c_kv = c_kv + PREFER_IDENTITY * (1 - np.eye(len(c_kv)))
     total = np.empty((n_kv, n_kv))
     inner: dict[tuple[int, int], np.ndarray] = {}
     for gb in range(n_kv):
@@ -185,12 +196,13 @@ def match_units_inner(mlp: MLPSpec, prot: Tensors, base: Tensors) -> np.ndarray:
 
 
 def unit_scales(mlp: MLPSpec, prot: Tensors, base: Tensors, ridge: float) -> np.ndarray:
-    """Per unit ``t_i = argmin_t ||t u_i^prot - u_i^base||^2 + ridge t^2`` on the up rows.
+    """Per unit ``t_i = argmin_t ||t u_i^prot - u_i^base||^2 + lam_i t^2`` on the up rows.
 
-    ``u = [up row | up bias]``; units must already be matched.  Multiplying up row ``i`` by
-    ``t_i`` and dividing down column ``i`` by it is exact for a gated MLP.
+    ``u = [up row | up bias]``, ``lam_i = ridge ||u_i^prot||^2``; units must already be
+    matched.  Multiplying up row ``i`` by ``t_i`` and dividing down column ``i`` by it is
+    exact for a gated MLP.
     """
     up_p, up_b = _unit_parts(mlp, prot)["up"], _unit_parts(mlp, base)["up"]
-    t = (up_p * up_b).sum(dim=1) / (up_p.square().sum(dim=1) + ridge)
+    t = (up_p * up_b).sum(dim=1) / (up_p.square().sum(dim=1) * (1 + ridge))
     t = torch.where(t == 0, torch.ones_like(t), t)
     return t.numpy()
