@@ -50,10 +50,10 @@ def test_balanced_split_is_disjoint_balanced_and_test_is_stable() -> None:
     y = np.repeat(np.arange(3), [50, 40, 10])
     tr, va, te = tasks_mod._balanced_split(y, n_train=30, n_val=9, n_test=15, seed=1)
     assert len(set(tr) | set(va) | set(te)) == len(tr) + len(va) + len(te)
-    assert np.bincount(y[te], minlength=3).tolist() == [5, 5, 5]
-    assert np.bincount(y[va], minlength=3).tolist() == [3, 3, 3]
-    # class 2 has only 10 examples: 5 test + 3 val leave 2 for train
-    assert np.bincount(y[tr], minlength=3).tolist() == [10, 10, 2]
+    # class 2 has only 10 examples: test and val take at most 30% and 10% of it, train the rest
+    assert np.bincount(y[te], minlength=3).tolist() == [5, 5, 3]
+    assert np.bincount(y[va], minlength=3).tolist() == [3, 3, 1]
+    assert np.bincount(y[tr], minlength=3).tolist() == [10, 10, 6]
     _, _, te2 = tasks_mod._balanced_split(y, n_train=5, n_val=0, n_test=15, seed=1)
     assert sorted(te2) == sorted(te)
     _, _, te3 = tasks_mod._balanced_split(y, n_train=30, n_val=9, n_test=15, seed=2)

@@ -20,7 +20,8 @@ The vision base is pretrained on Fashion-MNIST training images ``0..29999``
 
 Splits are deterministic given ``seed`` and balanced per class where the data allow: each class
 gets ``n // n_classes`` examples of each split (test first, then val, then train), and a class
-that runs out simply contributes fewer.  Because the test split is drawn first from a seeded
+that runs out simply contributes fewer; from a shared pool, test takes at most 30% and val at
+most 10% of each class.  Because the test split is drawn first from a seeded
 per-class shuffle, the test set of a task does not depend on ``n_train``/``n_val``.
 """
 
@@ -166,7 +167,7 @@ def load_task(
         test_images, test_y, labels = _fashion_task(name, test_images, test_y)
         train_images, train_y, _ = _fashion_task(name, train_images, train_y)
         tr, va, _ = _balanced_split(train_y, n_train, n_val, 0, seed)
-        _, _, te = _balanced_split(test_y, 0, 0, n_test, seed)
+        _, _, te = _balanced_split(test_y, 0, 0, n_test, seed, max_test_frac=1.0)
         pools = (train_images, train_y, tr), (train_images, train_y, va), (test_images, test_y, te)
     splits = [
         Split(_to_pixels(img[idx], image_size), torch.as_tensor(lab[idx]))
@@ -188,12 +189,20 @@ def load_fashion_pretraining(n: int, seed: int = 0, image_size: int = 28) -> Spl
 
 
 def _balanced_split(
-    y: np.ndarray, n_train: int, n_val: int, n_test: int, seed: int
+    y: np.ndarray,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+    max_test_frac: float = 0.3,
+    max_val_frac: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of disjoint train/val/test splits with about ``n // n_classes`` per class each.
 
-    Each class's indices are shuffled with ``seed``; test takes the first ones, then val, then
-    train.  Each split is then shuffled so the classes are interleaved.
+    Each class's indices are shuffled with ``seed``; test takes the first ones (at most
+    ``max_test_frac`` of the class), then val (at most ``max_val_frac``), then train (the rest,
+    up to its quota), so a small data set still keeps most of its examples for training.  Each
+    split is then shuffled so the classes are interleaved.
     """
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
@@ -201,10 +210,11 @@ def _balanced_split(
     for rank, c in enumerate(classes):
         pool = rng.permutation(np.flatnonzero(y == c))
         start = 0
-        for s, n in ((2, n_test), (1, n_val), (0, n_train)):
+        for s, n, frac in ((2, n_test, max_test_frac), (1, n_val, max_val_frac), (0, n_train, 1)):
             quota = n // len(classes) + (1 if rank < n % len(classes) else 0)
+            quota = min(quota, int(frac * len(pool)), len(pool) - start)
             out[s].append(pool[start : start + quota])
-            start += min(quota, len(pool) - start)
+            start += quota
     splits = tuple(rng.permutation(np.concatenate(parts)).astype(np.int64) for parts in out)
     return splits[0], splits[1], splits[2]
 

@@ -1,0 +1,198 @@
+"""Attacks by a free-rider who knows which defense was used.
+
+* **Coefficient-1 insertion** (against scale-sensitive releases such as TRAP2): the protected
+  task vector enters at weight 1 and only the others are scaled,
+  ``theta = theta_0 + tau_victim + lam * sum_j tau_j``.  With mergekit's ``task_arithmetic``
+  this is per-model ``weight`` 1 for the victim and ``lam`` for the others, global
+  ``lambda = 1`` (:func:`insertion_config`); with ``ties`` the same weights (TIES then divides
+  each entry by the summed weights of the models that agree in sign).
+* **Short fine-tune** of a merged backbone (plus the released head) on a few labelled examples
+  of the victim task (:func:`finetune_recovery`): how many examples and steps give the gain
+  back, compared with the same fine-tune started from a merge that never saw the victim.
+* **Alignment after pruning or noise** (:func:`perturb_then_align`): against a release that
+  was pruned or noised before its symmetry was applied (PaRaMS' dropout hardening), the
+  attacker first zeroes the smallest entries of the *released* update or adds noise, then runs
+  an alignment attack of :mod:`mergeshield.attacks`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.merging.mergekit_runner import run_mergekit
+from mergeshield.merging.methods import get_method
+
+Tensors = dict[str, torch.Tensor]
+INSERTION_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della")
+
+
+def insertion_config(
+    base: Path,
+    victim: Path,
+    others: list[Path],
+    coefficient: float,
+    method: str = "task_arithmetic",
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """mergekit config of ``theta_0 + 1 * tau_victim + coefficient * sum_j tau_j``.
+
+    ``victim`` and ``others`` are backbones in ``base``'s layout.  Per-model ``weight``: 1 for
+    the victim, ``coefficient`` for each other model; ``lambda = 1``.  ``method`` is a
+    task-vector method of :data:`INSERTION_METHODS`; its default parameters (TIES ``density``
+    ...) apply, ``params`` overrides them.
+    """
+    if method not in INSERTION_METHODS:
+        raise MergeShieldError(f"insertion needs a task-vector method {INSERTION_METHODS}")
+    if not others:
+        raise MergeShieldError("insertion needs at least one other model")
+    spec = get_method(method)
+    models = [{"model": str(Path(victim).resolve()), "parameters": {"weight": 1.0}}]
+    models += [
+        {"model": str(Path(m).resolve()), "parameters": {"weight": float(coefficient)}}
+        for m in others
+    ]
+    return {
+        "merge_method": spec.mergekit_name,
+        "base_model": str(Path(base).resolve()),
+        "models": models,
+        "parameters": {**spec.params, **(params or {}), "lambda": 1.0},
+        "dtype": "float32",
+    }
+
+
+def insert(
+    base: Path,
+    victim: Path,
+    others: list[Path],
+    out: Path,
+    *,
+    coefficient: float,
+    method: str = "task_arithmetic",
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Run the coefficient-1 insertion merge (:func:`insertion_config`) with mergekit."""
+    config = insertion_config(base, victim, others, coefficient, method, params)
+    return run_mergekit(config, Path(out), seed=seed)
+
+
+def finetune_recovery(
+    model: torch.nn.Module,
+    backbone: Tensors,
+    train: dict[str, torch.Tensor],
+    *,
+    n_examples: int,
+    steps: int,
+    evaluate: Callable[[torch.nn.Module], float],
+    lr: float = 5e-5,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[tuple[int, float]]:
+    """Fine-tune ``model`` (a classifier whose ``base_model`` gets ``backbone``) on the first
+    ``n_examples`` rows of ``train`` (``input_ids``, ``attention_mask``, ``labels``) for
+    ``steps`` AdamW steps; return ``[(step, evaluate(model))]`` at 0, steps/2 and steps.
+
+    The whole model trains (backbone and head): the strongest cheap recovery.  ``model`` is
+    modified in place.
+    """
+    missing = model.base_model.load_state_dict(backbone, strict=False).missing_keys
+    if [k for k in missing if not k.startswith("pooler.")]:
+        raise MergeShieldError(f"backbone lacks {missing[:3]}")
+    n = min(n_examples, len(train["labels"]))
+    data = {k: v[:n] for k, v in train.items()}
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    curve = [(0, evaluate(model))]
+    checkpoints = {max(1, steps // 2), steps}
+    for step in range(1, steps + 1):
+        model.train()
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        batch = {k: v[idx] for k, v in data.items()}
+        length = max(int(batch["attention_mask"].sum(1).max()), 1)
+        batch["input_ids"] = batch["input_ids"][:, :length]
+        batch["attention_mask"] = batch["attention_mask"][:, :length]
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step in checkpoints:
+            model.eval()
+            curve.append((step, evaluate(model)))
+    model.eval()
+    return curve
+
+
+def perturb_update(
+    released: Tensors, base: Tensors, *, prune: float = 0.0, noise: float = 0.0, seed: int = 0
+) -> Tensors:
+    """``theta_0 + P(theta - theta_0)``: the ``prune`` fraction of smallest ``|theta - theta_0|``
+    entries of each matching float tensor set to 0, then Gaussian noise of relative size
+    ``noise`` (``noise * ||delta|| / sqrt(numel)`` per entry) added.  Only tensors whose name
+    and shape are in ``base`` change (a symmetry-protected release has its own layout, so this
+    is mostly useful on the *aligned* model)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(released)
+    for name, t in released.items():
+        b = base.get(name)
+        if b is None or b.shape != t.shape or not t.is_floating_point():
+            continue
+        delta = t.float() - b.float()
+        if prune > 0 and delta.numel() > 1:
+            k = max(1, int(prune * delta.numel()))
+            threshold = delta.abs().flatten().kthvalue(k).values
+            delta = delta * (delta.abs() > threshold)
+        if noise > 0:
+            scale = noise * float(delta.norm()) / math.sqrt(delta.numel())
+            delta = delta + scale * torch.randn(delta.shape, generator=gen)
+        out[name] = (b.float() + delta).to(t.dtype)
+    return out
+
+
+def perturb_then_align(
+    protected: Path,
+    base: Path,
+    out: Path,
+    *,
+    attack: str = "aga",
+    prune: float = 0.0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Path:
+    """Align ``protected`` to ``base`` with ``attack``, then prune/noise the aligned update
+    (:func:`perturb_update`) in place in ``out``: a denoising step after alignment, which
+    removes what alignment left over of a pruned/noised symmetry.  Returns ``out``."""
+    from safetensors.torch import save_file
+
+    from mergeshield.attacks import attack as run_attack
+    from mergeshield.defenses.harden import load_folder_tensors
+
+    run_attack(protected, base, out, attack)
+    tensors = load_folder_tensors(Path(out))
+    base_t = load_folder_tensors(Path(base))
+    prefix = _prefix(tensors, base_t)
+    shifted = {prefix + k: v for k, v in base_t.items()}
+    new = perturb_update(tensors, shifted, prune=prune, noise=noise, seed=seed)
+    files = sorted(Path(out).glob("*.safetensors"))
+    for f in files:
+        f.unlink()
+    save_file(
+        {k: v.contiguous() for k, v in new.items()},
+        str(Path(out) / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return Path(out)
+
+
+def _prefix(tensors: Tensors, base: Tensors) -> str:
+    """The prefix (``"bert."`` or ``""``) that maps base tensor names into ``tensors``."""
+    for prefix in ("", "bert.", "vit.", "model."):
+        if sum((prefix + k) in tensors for k in base) > len(base) // 2:
+            return prefix
+    raise MergeShieldError("cannot match the base tensors to the model's")

@@ -1,0 +1,535 @@
+"""Training-time hardening: a short fine-tune from the released model that makes it unmergeable.
+
+The exact symmetry defenses (:mod:`mergeshield.defenses.published`) keep the fine-tuned weights
+``theta_1 = theta_0 + tau`` inside the symmetry orbit, and the anchor attack (AGA) maps them back
+next to ``theta_1`` because ``||tau|| << ||theta_0||``.  Whatever resists must change the
+*function* of the model away from the merged points, not only its coordinates.  :func:`harden`
+continues training the released classifier (backbone only, the head is frozen by default) on the
+owner's task data with
+
+``J(tau) = L_keep(theta_0 + tau) + lam * sum_k w_k * D(theta_0 + Delta_k(tau))``
+
+where ``L_keep = (CE(y, p) + KL(p_orig || p)) / 2`` keeps the standalone function (``p_orig``:
+the released model's own predictions on the training data), and every term ``D`` pushes the
+predictions of a *simulated merge* ``theta_0 + Delta_k(tau)`` to the uniform distribution:
+
+``D(theta) = KL(U || p_theta) = -log C - (1/C) sum_c log p_theta(c)`` >= 0.
+
+``D`` is bounded below (0 at uniform predictions), so unlike TRAP2's ``-lam L(theta_0 + s tau)``
+(an unbounded *maximised* loss that diverges) minimising ``J`` stays finite; the merged model is
+pushed to "no information" rather than to confidently wrong answers.
+
+Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per step):
+
+* ``trap2`` (TRAP2, Jang et al. ICML 2026): ``Delta = s tau`` with ``s ~ U(s_min, 1 - delta) U
+  U(1 + delta, s_max)`` (default ``U(0.05, 2)`` minus ``(0.95, 1.05)``), weight ``w(s) = 1/s``
+  (compensates the ``s``-times smaller gradient for small ``s``).  Every merge operator rescales
+  the task vector (task arithmetic: lambda; averaging: 1/n), so the release works only at s = 1.
+* ``merge`` (merge-aware; ours): ``Delta = s tau + c tau_p`` with ``tau_p`` the task vector of a
+  *proxy* fine-tune of the same base (the owner's own other fine-tunes, or public ones; in the
+  study never the evaluated free-riders), ``s = 1`` with probability 1/2 (the coefficient-1
+  insertion attack ``theta_0 + tau + c tau_p``) else ``s ~ U(0.3, 1.5)``, ``c ~ U(c_min, c_max)``;
+  with probability 1/2 both task vectors are first cut to their top ``ties_density`` magnitudes
+  per tensor (what TIES keeps).  Without proxies, ``tau_p`` is a random Gaussian direction with
+  the per-tensor norm of ``tau``.
+* ``arf`` (anchor-repulsive; AGA paper's proposed fix, our differentiable version):
+  ``Delta = s (rec(theta_1) - theta_0)``, ``s`` from {1} U the TRAP2 set, where ``rec`` is the AGA
+  recovery simulated in closed form.  For one head, with ``X = [W_h | b_h]`` the ``d_h x (d+1)``
+  rows of Q, K or V (for O: ``W_O[:, h]^T``), AGA's ridge fit onto the base returns
+  ``X_0 Pi`` with ``Pi = X^T (X X^T)^-1 X``, i.e. ``X - tau_h Pi`` (papers.md 4.2): the part of
+  ``tau_h`` inside the head's row space is discarded, the rest (and the MLP, which Hungarian
+  matching restores exactly) survives.  Pushing ``rec`` to uniform moves the useful part of
+  ``tau`` into ``Pi`` (and out of the MLP).  Useful only together with a symmetry defense
+  (otherwise nobody needs to align).
+* ``mergeguard`` (MergeGuard, Chen et al. CVPR 2026): a per-layer L2 penalty
+  ``alpha sum_l ||tau_l||^2 / ||theta_0,l||^2`` during the fine-tune (spreads the task over
+  layers), then ``theta <- theta - beta M . tau`` on a mask ``M`` that excludes the
+  ``guard_keep_layers`` most-changed layers and the least-important entries (partial negation).
+
+The result is saved with stock ``save_pretrained`` (loads with ``AutoModelFor...``) plus a
+``mergeshield_harden.json`` record (configuration and loss history).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.func import functional_call
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.tasks import TaskData
+
+Tensors = dict[str, torch.Tensor]
+COMPONENTS = ("trap2", "merge", "arf", "mergeguard")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class HardenConfig:
+    """Hyper-parameters of :func:`harden` (all recorded in ``mergeshield_harden.json``)."""
+
+    steps: int = 120
+    batch_size: int = 16
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    lam: float = 1.0  # weight of every simulated-merge term D
+    s_min: float = 0.05
+    s_max: float = 2.0
+    delta: float = 0.05
+    weighting: str = "inv"  # w(s): "inv" (1/s), "inv_sqrt", "none"
+    proxies: tuple[str, ...] = ()  # folders of proxy fine-tunes of the same base
+    c_min: float = 0.25
+    c_max: float = 1.0
+    ties_density: float = 0.2
+    arf_heads: bool = True
+    guard_alpha: float = 0.01
+    guard_beta: float = 1.0
+    guard_fraction: float = 0.1  # share of least-important entries negated
+    guard_keep_layers: float = 0.1  # share of most-changed layers never negated
+    train_head: bool = False
+    train_embeddings: bool = False  # the embeddings are half of MiniLM; frozen by default
+    max_len: int = 32
+    seed: int = 0
+
+
+@dataclass
+class TrainingSet:
+    """Tokenized training examples: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    tensors: Tensors = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tensors["labels"])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_examples(data: TaskData | str | Path | Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``(text, label)`` pairs from a :class:`TaskData` (its train split), a JSONL file (one
+    object per line with ``text`` and ``label``), a CSV file with a header holding ``text``
+    and ``label`` columns, or a sequence of pairs.  Labels are ints or label names."""
+    if isinstance(data, TaskData):
+        return [(str(x), int(y)) for x, y in zip(data.train.x, data.train.y, strict=True)]
+    if isinstance(data, str | Path):
+        path = Path(data)
+        if not path.is_file():
+            raise MergeShieldError(f"training data {path} not found")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            raise MergeShieldError(f"{path}: training data must be .jsonl or .csv")
+        try:
+            return [(str(r["text"]), r["label"]) for r in rows]
+        except KeyError as err:
+            raise MergeShieldError(f"{path}: every row needs 'text' and 'label' ({err})") from err
+    return [(str(t), y) for t, y in data]
+
+
+def encode_examples(
+    examples: list[tuple[str, Any]], tokenizer: Any, label2id: dict[str, int], max_len: int
+) -> TrainingSet:
+    """Tokenize ``examples`` (padding to the longest) and map label names to ids."""
+    if not examples:
+        raise MergeShieldError("no training examples")
+    labels = []
+    for _, y in examples:
+        if isinstance(y, str) and not y.lstrip("-").isdigit():
+            if y not in label2id:
+                raise MergeShieldError(f"unknown label {y!r}; the model has {sorted(label2id)}")
+            labels.append(label2id[y])
+        else:
+            labels.append(int(y))
+    enc = tokenizer(
+        [t for t, _ in examples],
+        truncation=True,
+        max_length=max_len,
+        padding="longest",
+        return_tensors="pt",
+    )
+    return TrainingSet(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.as_tensor(labels, dtype=torch.long),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def load_folder_tensors(folder: Path) -> Tensors:
+    """Every tensor of the ``*.safetensors`` files of a checkpoint folder."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise MergeShieldError(f"{folder}: no .safetensors weights")
+    out: Tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            out |= {k: f.get_tensor(k) for k in f.keys()}
+    return out
+
+
+def backbone_map(model: torch.nn.Module, base: Tensors) -> dict[str, str]:
+    """``model parameter name -> base tensor name`` for every backbone parameter of ``model``
+    (``bert.encoder...`` -> ``encoder...``) whose shape matches the base tensor."""
+    prefix = getattr(model, "base_model_prefix", "")
+    mapping = {}
+    for name, p in model.named_parameters():
+        short = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+        if short in base and base[short].shape == p.shape:
+            mapping[name] = short
+    if not mapping:
+        raise MergeShieldError("no parameter of the task model matches a base tensor")
+    return mapping
+
+
+def proxy_vectors(
+    folders: Sequence[str | Path], names: dict[str, str], base: Tensors
+) -> list[Tensors]:
+    """Task vectors ``theta_p - theta_0`` of proxy fine-tunes, keyed by model parameter name."""
+    vectors = []
+    for folder in folders:
+        tensors = load_folder_tensors(Path(folder))
+        vec = {}
+        for name, short in names.items():
+            src = tensors.get(name, tensors.get(short))
+            if src is None:
+                raise MergeShieldError(f"proxy {folder} lacks {name}")
+            vec[name] = src.float() - base[short].float()
+        vectors.append(vec)
+    return vectors
+
+
+def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of largest-magnitude entries of ``t`` (TIES' trim), zero the
+    rest; the mask itself is not differentiated."""
+    if density >= 1.0:
+        return t
+    k = max(1, int(density * t.numel()))
+    threshold = t.detach().abs().flatten().kthvalue(t.numel() - k + 1).values
+    return t * (t.detach().abs() >= threshold)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def uniform_divergence(logits: torch.Tensor) -> torch.Tensor:
+    """``KL(U || softmax(logits))`` averaged over the batch: ``-log C - mean_c log p_c`` >= 0."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return (-math.log(logits.shape[-1]) - log_p.mean(-1)).mean()
+
+
+def scale_weight(s: float, weighting: str) -> float:
+    """TRAP2's ``w(s)``: ``1/s`` ("inv"), ``1/sqrt(s)`` ("inv_sqrt") or 1 ("none")."""
+    if weighting == "inv":
+        return 1.0 / s
+    if weighting == "inv_sqrt":
+        return 1.0 / math.sqrt(s)
+    if weighting == "none":
+        return 1.0
+    raise MergeShieldError(f"unknown weighting {weighting!r}: inv, inv_sqrt or none")
+
+
+def sample_scale(gen: torch.Generator, cfg: HardenConfig) -> float:
+    """``s ~ U(s_min, 1 - delta) U U(1 + delta, s_max)`` (uniform over the union)."""
+    low = (1.0 - cfg.delta) - cfg.s_min
+    high = cfg.s_max - (1.0 + cfg.delta)
+    u = float(torch.rand((), generator=gen)) * (low + high)
+    return cfg.s_min + u if u < low else 1.0 + cfg.delta + (u - low)
+
+
+def head_rows(name: str, weight: torch.Tensor, n_heads: int) -> tuple[str, torch.Tensor] | None:
+    """For a BERT attention weight, its per-head row blocks ``(n_heads, d_h, d_in)``: Q/K/V
+    rows, or ``W_O[:, h]^T`` for the output projection; None for other tensors."""
+    if name.endswith(
+        ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
+    ):
+        return "qkv", weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1])
+    if name.endswith("attention.output.dense.weight"):
+        d = weight.shape[1] // n_heads
+        return "o", weight.T.reshape(n_heads, d, weight.shape[0])
+    return None
+
+
+def aga_recovery(
+    params: Tensors, base: Tensors, names: dict[str, str], n_heads: int, ridge: float = 1e-6
+) -> Tensors:
+    """Differentiable simulation of AGA's recovery of ``params`` (no symmetry applied):
+    per head ``X - tau_h Pi`` with ``Pi = X^T (X X^T + ridge I)^-1 X`` (Q/K/V with their bias
+    as a last column, O as ``W_O[:, h]^T``); every other tensor unchanged (AGA restores the
+    MLP permutation exactly)."""
+    out = dict(params)
+    for name, w in params.items():
+        shaped = head_rows(name, w, n_heads)
+        if shaped is None:
+            continue
+        kind, x = shaped
+        x0 = head_rows(name, base[names[name]].to(w.dtype), n_heads)[1]
+        bias_name = name[: -len("weight")] + "bias"
+        if kind == "qkv" and bias_name in params:
+            b = params[bias_name].reshape(n_heads, -1, 1)
+            b0 = base[names[bias_name]].to(w.dtype).reshape(n_heads, -1, 1)
+            x, x0 = torch.cat([x, b], -1), torch.cat([x0, b0], -1)
+        gram = x @ x.transpose(1, 2) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        coef = torch.linalg.solve(gram, x @ x0.transpose(1, 2)).transpose(1, 2)  # T
+        rec = coef @ x  # = X0 Pi
+        if kind == "qkv":
+            if bias_name in params:
+                out[bias_name] = rec[..., -1].reshape(-1)
+                rec = rec[..., :-1]
+            out[name] = rec.reshape(w.shape)
+        else:
+            out[name] = rec.reshape(-1, w.shape[0]).T.reshape(w.shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_method(method: str) -> list[str]:
+    """``"trap2+merge"`` -> ``["trap2", "merge"]``, validated against :data:`COMPONENTS`."""
+    parts = [p.strip() for p in method.split("+") if p.strip()]
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if not parts or unknown:
+        raise MergeShieldError(f"unknown harden method {method!r}; combine {COMPONENTS} with '+'")
+    return parts
+
+
+def harden(
+    task_model: Path,
+    base: Path,
+    data: TaskData | str | Path | Sequence[tuple[str, Any]],
+    out: Path,
+    *,
+    method: str,
+    config: HardenConfig | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Fine-tune the released classifier ``task_model`` with the components of ``method`` (see
+    the module docstring) on ``data`` for ``config.steps`` steps; save it to ``out``; return it.
+
+    ``base``: the public base model folder (``theta_0``).  ``overrides`` replace fields of
+    ``config``.  Text classification checkpoints (``AutoModelForSequenceClassification``).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = replace(config or HardenConfig(), **overrides)
+    parts = parse_method(method)
+    task_model, base, out = Path(task_model), Path(base), Path(out)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        task_model, local_files_only=True, dtype=torch.float32
+    ).eval()
+    tok_dir = task_model if (task_model / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    train = encode_examples(
+        read_examples(data), tokenizer, dict(model.config.label2id or {}), cfg.max_len
+    )
+    n_labels = int(model.config.num_labels)
+    if int(train.tensors["labels"].max()) >= n_labels or int(train.tensors["labels"].min()) < 0:
+        raise MergeShieldError(f"labels must lie in [0, {n_labels}) for {task_model}")
+
+    base_t = {k: v.float() for k, v in load_folder_tensors(base).items()}
+    names = backbone_map(model, base_t)
+    theta0 = {n: base_t[s] for n, s in names.items()}
+    n_heads = int(model.config.num_attention_heads)
+    proxies = proxy_vectors(cfg.proxies, names, base_t) if "merge" in parts else []
+
+    for name, p in model.named_parameters():
+        backbone = name in names and (cfg.train_embeddings or ".embeddings." not in f".{name}")
+        p.requires_grad_(backbone or (cfg.train_head and name not in names))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    with torch.no_grad():
+        orig_logits = torch.cat(
+            [
+                model(**_batch(train.tensors, torch.arange(i, min(i + 64, len(train))))).logits
+                for i in range(0, len(train), 64)
+            ]
+        )
+    layer_norm0 = _layer_norms(theta0)
+    fixed_tau = {
+        n: (p.detach() - theta0[n])
+        for n, p in model.named_parameters()
+        if n in names
+        if not p.requires_grad
+    }
+    fixed_trim = {n: topk_mask(t, cfg.ties_density) for n, t in fixed_tau.items()}
+    proxies_trim = [{n: topk_mask(t, cfg.ties_density) for n, t in v.items()} for v in proxies]
+    history: list[dict[str, float]] = []
+
+    def forward(params: Tensors, batch: Tensors) -> torch.Tensor:
+        return functional_call(model, params, args=(), kwargs=batch).logits
+
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+        batch = _batch(train.tensors, idx)
+        labels = batch.pop("labels")
+        params = {n: p for n, p in model.named_parameters()}
+        tau = {n: fixed_tau[n] if n in fixed_tau else params[n] - theta0[n] for n in names}
+        logits = forward(params, batch)
+        log_p = torch.log_softmax(logits, -1)
+        p_orig = torch.softmax(orig_logits[idx], -1)
+        keep = (
+            0.5 * torch.nn.functional.nll_loss(log_p, labels)
+            + 0.5 * (p_orig * (torch.log(p_orig + 1e-12) - log_p)).sum(-1).mean()
+        )
+        loss = keep
+        record = {"step": float(step), "keep": float(keep.detach())}
+
+        if "trap2" in parts:
+            s = sample_scale(gen, cfg)
+            moved = params | {n: theta0[n] + s * tau[n] for n in names}
+            d = uniform_divergence(forward(moved, batch))
+            loss = loss + cfg.lam * scale_weight(s, cfg.weighting) * d
+            record["trap2"] = float(d.detach())
+
+        if "merge" in parts:
+            if float(torch.rand((), generator=gen)) < 0.5:
+                s = 1.0
+            else:
+                s = 0.3 + 1.2 * float(torch.rand((), generator=gen))
+            c = cfg.c_min + (cfg.c_max - cfg.c_min) * float(torch.rand((), generator=gen))
+            trim = float(torch.rand((), generator=gen)) < 0.5
+            if proxies:
+                j = int(torch.randint(0, len(proxies), (), generator=gen))
+                other = proxies_trim[j] if trim else proxies[j]
+            else:
+                other = {
+                    n: torch.randn(t.shape, generator=gen) * (t.detach().norm() / t.numel() ** 0.5)
+                    for n, t in tau.items()
+                }
+                other = (
+                    {n: topk_mask(t, cfg.ties_density) for n, t in other.items()} if trim else other
+                )
+            mine = {
+                n: (fixed_trim[n] if n in fixed_trim else topk_mask(tau[n], cfg.ties_density))
+                if trim
+                else tau[n]
+                for n in names
+            }
+            moved = params | {n: theta0[n] + s * mine[n] + c * other[n] for n in names}
+            d = uniform_divergence(forward(moved, batch))
+            loss = loss + cfg.lam * d
+            record["merge"] = float(d.detach())
+
+        if "arf" in parts:
+            rec = aga_recovery({n: params[n] for n in names}, base_t, names, n_heads)
+            s = 1.0 if float(torch.rand((), generator=gen)) < 0.5 else sample_scale(gen, cfg)
+            moved = params | {n: theta0[n] + s * (rec[n] - theta0[n]) for n in names}
+            d = uniform_divergence(forward(moved, batch))
+            loss = loss + cfg.lam * scale_weight(s, cfg.weighting) * d
+            record["arf"] = float(d.detach())
+
+        if "mergeguard" in parts:
+            penalty = sum(tau[n].square().sum() / layer_norm0[_layer_of(n)] for n in names)
+            loss = loss + cfg.guard_alpha * penalty
+            record["l2"] = float(penalty.detach())
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+        opt.step()
+        record["loss"] = float(loss)
+        history.append(record)
+        if progress and (step % 10 == 0 or step == cfg.steps - 1):
+            print(json.dumps({k: round(v, 4) for k, v in record.items()}), flush=True)
+
+    if "mergeguard" in parts:
+        with torch.no_grad():
+            _partial_negation(model, theta0, names, cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.save_pretrained(out)
+    for fname in TOKENIZER_FILES:
+        if (tok_dir / fname).is_file():
+            shutil.copy2(tok_dir / fname, out / fname)
+    record_out = {
+        "method": method,
+        "config": asdict(cfg),
+        "task_model": str(task_model),
+        "base": str(base),
+        "n_examples": len(train),
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": history,
+    }
+    (out / "mergeshield_harden.json").write_text(json.dumps(record_out, indent=1) + "\n")
+    return out
+
+
+def _batch(tensors: Tensors, idx: torch.Tensor) -> Tensors:
+    """Rows ``idx`` of each tensor, token tensors cut to the longest row."""
+    batch = {k: v[idx] for k, v in tensors.items()}
+    length = max(int(batch["attention_mask"].sum(1).max()), 1)
+    batch["input_ids"] = batch["input_ids"][:, :length]
+    batch["attention_mask"] = batch["attention_mask"][:, :length]
+    return batch
+
+
+def _layer_of(name: str) -> str:
+    """The layer a parameter belongs to: ``...layer.<i>`` for encoder blocks, else its module."""
+    parts = name.split(".")
+    if "layer" in parts:
+        i = parts.index("layer")
+        return ".".join(parts[: i + 2])
+    return ".".join(parts[:-1])
+
+
+def _layer_norms(theta0: Tensors) -> dict[str, torch.Tensor]:
+    """``||theta_0,l||^2`` per layer (the MergeGuard penalty is relative to it)."""
+    norms: dict[str, torch.Tensor] = {}
+    for n, t in theta0.items():
+        norms[_layer_of(n)] = norms.get(_layer_of(n), torch.zeros(())) + t.square().sum()
+    return {k: v.clamp_min(1e-12) for k, v in norms.items()}
+
+
+def _partial_negation(
+    model: torch.nn.Module, theta0: Tensors, names: dict[str, str], cfg: HardenConfig
+) -> None:
+    """MergeGuard stage 2: ``theta <- theta - beta M . tau``; ``M`` covers every entry outside
+    the ``guard_keep_layers`` most-changed layers (relative ``||tau_l|| / ||theta_0,l||``)
+    except the ``guard_fraction`` least important ones (smallest ``|tau|``)."""
+    params = dict(model.named_parameters())
+    rel: dict[str, float] = {}
+    for n in names:
+        layer = _layer_of(n)
+        rel[layer] = rel.get(layer, 0.0) + float((params[n] - theta0[n]).square().sum())
+    norms = _layer_norms(theta0)
+    order = sorted(rel, key=lambda k: rel[k] / float(norms[k]), reverse=True)
+    protected_layers = set(order[: max(1, round(cfg.guard_keep_layers * len(order)))])
+    candidates = [n for n in names if _layer_of(n) not in protected_layers]
+    flat = torch.cat([(params[n] - theta0[n]).abs().flatten() for n in candidates])
+    k = max(1, int(cfg.guard_fraction * flat.numel()))
+    threshold = flat.kthvalue(k).values
+    for n in candidates:
+        tau = params[n] - theta0[n]
+        mask = tau.abs() > threshold
+        params[n].sub_(cfg.guard_beta * mask * tau)

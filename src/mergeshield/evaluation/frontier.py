@@ -1,0 +1,563 @@
+"""The frontier study: standalone cost of a protection vs what the best attack still merges.
+
+For each candidate release of the victim task (unprotected, a symmetry defense, a hardened
+model from :mod:`mergeshield.defenses.harden`, or hardened then symmetry-protected):
+
+1. **standalone**: test accuracy of the release with its own head;
+2. **attacked variants**: the release as is, and aligned to the public base by each attack of
+   :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``);
+3. for every variant, merge method and free-rider, the attacker's **coefficient search**:
+   ``merge(theta_0; variant, free-rider; c)`` over the method's grid, plus the
+   **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider`` over
+   ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
+4. the attacker's choice on the *validation* split: for the ordinary sweep the coefficient
+   with the best victim accuracy (the audit's rule); for insertion the best victim accuracy
+   among the ``lam`` whose merge keeps at least ``partner_floor`` of the free-rider's gain
+   (otherwise ``lam -> 0`` returns the victim alone, which is no merge); if no ``lam``
+   qualifies, the one keeping most of the free-rider's gain;
+5. **best attack** per method = the variant/search with the highest validation victim
+   accuracy; its *test* accuracy is reported, re-merged by real mergekit when
+   ``verify_mergekit`` (the sweeps themselves run the same formulas in memory, see
+   :func:`merge_in_memory`, because mergekit takes 8 to 26 s per MiniLM merge on 2 cores);
+6. optionally the **short fine-tune** attack from the best task-arithmetic merge
+   (:func:`mergeshield.attacks.adaptive.finetune_recovery`), next to the same fine-tune from
+   ``theta_0 + lam tau_free-rider`` (a merge without the victim).
+
+The victim is scored with the *release's* head (what a free-rider has), free-riders with their
+own heads; ``kept = (acc - acc_base) / (acc_ft - acc_base)`` as in the audit.  Target of
+issue 4: standalone within 0.5 points of the fine-tune and ``kept <= 0.10`` after the best attack
+for every method.
+
+Entry points: :func:`evaluate_release` (one release; what the audit can call) and
+:func:`run_frontier` (all candidates, JSON + PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeshield.attacks.adaptive import finetune_recovery, insert
+from mergeshield.defenses.harden import load_folder_tensors
+from mergeshield.evaluation.accuracy import accuracy, load_classifier
+from mergeshield.evaluation.zoo import Family
+from mergeshield.merging import extract_backbone, merge
+
+Tensors = dict[str, torch.Tensor]
+TARGET_KEPT = 0.10
+TARGET_COST = 0.005
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A release: ``harden`` method (or None) with ``harden_kwargs``, then ``defense`` (a
+    :func:`mergeshield.protect.protect` defense, or None)."""
+
+    name: str
+    harden: str | None = None
+    harden_kwargs: dict[str, Any] = field(default_factory=dict)
+    defense: str | None = None
+
+
+@dataclass(frozen=True)
+class FrontierPlan:
+    victim: str = "wordnet_noun"
+    free_riders: tuple[str, ...] = ("bbc_news",)
+    proxies: tuple[str, ...] = ("wordnet_verb",)  # proxy fine-tunes for harden "merge"
+    methods: tuple[str, ...] = ("task_arithmetic", "ties")
+    grids: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "task_arithmetic": (0.5, 0.7, 1.0),
+            "ties": (1.0, 1.5, 2.0),
+        }
+    )
+    insertion_grid: tuple[float, ...] = (0.3, 0.5, 1.0)
+    attacks: tuple[str, ...] = ("none", "aga", "rebasin", "procrustes")
+    partner_floor: float = 0.5
+    verify_mergekit: bool = True
+    finetune: tuple[int, int] | None = (64, 24)  # (examples, steps) or None
+    seed: int = 0
+
+
+@dataclass
+class MergeResult:
+    method: str
+    partner: str
+    variant: str  # attack name
+    search: str  # "sweep" or "insertion"
+    coefficient: float
+    val_victim: float
+    val_partner: float
+    test_victim: float = float("nan")
+    test_partner: float = float("nan")
+    test_victim_mergekit: float = float("nan")
+    curve: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseResult:
+    name: str
+    standalone: float
+    base: float
+    finetuned: float
+    rows: list[MergeResult] = field(default_factory=list)
+    best: dict[str, MergeResult] = field(default_factory=dict)  # method -> best attack
+    finetune: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def kept(self, acc: float) -> float:
+        gap = self.finetuned - self.base
+        return (acc - self.base) / gap if gap > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "standalone": self.standalone,
+            "cost": self.finetuned - self.standalone,
+        }
+        for m, r in self.best.items():
+            acc = (
+                r.test_victim_mergekit if not math.isnan(r.test_victim_mergekit) else r.test_victim
+            )
+            out[m] = {
+                "victim": acc,
+                "kept": self.kept(acc),
+                "partner": r.test_partner,
+                "attack": f"{r.variant}/{r.search}@{r.coefficient:g}",
+            }
+        out["meets_target"] = (self.finetuned - self.standalone) <= TARGET_COST and all(
+            out[m]["kept"] <= TARGET_KEPT for m in self.best
+        )
+        return out
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's ``magnitude`` sparsification: keep the ``density`` fraction of largest
+    ``|delta|`` (at least one entry), zero the rest."""
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+    return delta * (delta.abs() >= threshold)
+
+
+def merge_in_memory(
+    method: str,
+    base: Tensors,
+    deltas: Sequence[Tensors],
+    weights: Sequence[float],
+    coefficient: float,
+    density: float = 0.2,
+) -> Tensors:
+    """mergekit 0.1.5's formulas, per float tensor (others copied from ``base``):
+
+    * ``task_arithmetic``: ``theta_0 + lambda sum_i w_i delta_i``;
+    * ``ties``: ``d_i = w_i trim(delta_i, density)``, ``s = sign(sum_i d_i)`` (0 counts as +),
+      ``m_i = [sign(d_i) = s]``, ``theta_0 + lambda sum_i m_i d_i / max(sum_i w_i m_i, 1 if 0)``.
+
+    ``deltas`` for ``ties`` must already be trimmed (:func:`trim`) so that sweeps reuse them.
+    """
+    out: Tensors = {}
+    for name, b in base.items():
+        if not b.is_floating_point() or name not in deltas[0]:
+            out[name] = b
+            continue
+        if method == "task_arithmetic":
+            mixed = sum(w * d[name] for w, d in zip(weights, deltas, strict=True))
+        elif method == "ties":
+            stack = torch.stack([w * d[name] for w, d in zip(weights, deltas, strict=True)])
+            wts = torch.tensor(list(weights), dtype=stack.dtype).reshape(-1, *[1] * b.dim())
+            majority = (stack.sum(0) >= 0).to(stack.dtype) * 2 - 1
+            mask = (stack.sign() == majority).to(stack.dtype)
+            divisor = (wts * mask).sum(0)
+            divisor[divisor == 0] = 1
+            mixed = (stack * mask).sum(0) / divisor
+        else:
+            raise ValueError(f"in-memory merge supports task_arithmetic and ties, not {method}")
+        out[name] = b + coefficient * mixed
+    return out
+
+
+class Scorer:
+    """Accuracy of a backbone (tensors in the base layout) with a fixed classifier head."""
+
+    def __init__(self, family: Family, task: str, head_model: Path) -> None:
+        self.model = load_classifier(head_model, family.kind)
+        stored = torch.load(family.root / "data" / f"{task}.pt", weights_only=True)
+        self.data = {"val": stored["val"], "test": stored["test"]}
+
+    def __call__(self, backbone: Tensors, split: str) -> float:
+        result = self.model.base_model.load_state_dict(backbone, strict=False)
+        if [k for k in result.missing_keys if not k.startswith("pooler.")]:
+            raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
+        return accuracy(self.model, self.data[split])
+
+
+def backbone_tensors(folder: Path) -> Tensors:
+    return {
+        k: v.float() if v.is_floating_point() else v for k, v in load_folder_tensors(folder).items()
+    }
+
+
+# ----------------------------------------------------------------------------- one release
+
+
+def evaluate_release(
+    family: Family,
+    victim: str,
+    released: Path,
+    *,
+    name: str = "release",
+    plan: FrontierPlan | None = None,
+    work: Path | None = None,
+    progress: bool = True,
+) -> ReleaseResult:
+    """Standalone accuracy and the best attack per merge method for one release of ``victim``
+    (a classification checkpoint folder); see the module docstring for the protocol."""
+    from mergeshield.attacks import attack as run_attack
+
+    plan = plan or FrontierPlan(victim=victim)
+    start = time.perf_counter()
+    own_work = work is None
+    work = Path(work or tempfile.mkdtemp(prefix="mergeshield-frontier-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base = backbone_tensors(family.base)
+        victim_scorer = Scorer(family, victim, released)
+        result = ReleaseResult(
+            name=name,
+            standalone=accuracy(victim_scorer.model, victim_scorer.data["test"]),
+            base=family.base_accuracy[victim],
+            finetuned=family.finetuned_accuracy[victim],
+        )
+        partner_scorers = {p: Scorer(family, p, family.tasks[p]) for p in plan.free_riders}
+        partner_folders = {
+            p: extract_backbone(family.tasks[p], family.base, work / "partners" / p)
+            for p in plan.free_riders
+        }
+        partner_deltas = {p: _delta(backbone_tensors(f), base) for p, f in partner_folders.items()}
+        variant_folders: dict[str, Path] = {}
+        for attack_name in plan.attacks:
+            source = released
+            if attack_name != "none":
+                source = run_attack(
+                    released, family.base, work / "attacked" / attack_name, attack_name
+                )
+            variant_folders[attack_name] = extract_backbone(
+                source, family.base, work / "variants" / attack_name
+            )
+        for variant, folder in variant_folders.items():
+            delta = _delta(backbone_tensors(folder), base)
+            trimmed = {k: trim(v, 0.2) for k, v in delta.items()}
+            for partner in plan.free_riders:
+                pd = partner_deltas[partner]
+                pd_trim = {k: trim(v, 0.2) for k, v in pd.items()}
+                for method in plan.methods:
+                    deltas = [trimmed, pd_trim] if method == "ties" else [delta, pd]
+                    for search in ("sweep", "insertion"):
+                        row = _search(
+                            plan,
+                            family,
+                            method,
+                            search,
+                            partner,
+                            variant,
+                            base,
+                            deltas,
+                            victim_scorer,
+                            partner_scorers[partner],
+                        )
+                        result.rows.append(row)
+                        if progress:
+                            print(
+                                f"  {name} {variant:10s} {method:15s} {search:9s} "
+                                f"c={row.coefficient:<5g} val victim {row.val_victim:.3f} "
+                                f"partner {row.val_partner:.3f}",
+                                flush=True,
+                            )
+        for method in plan.methods:
+            rows = [r for r in result.rows if r.method == method]
+            best = max(rows, key=lambda r: r.val_victim)
+            deltas_best = _delta(backbone_tensors(variant_folders[best.variant]), base)
+            pd = partner_deltas[best.partner]
+            if method == "ties":
+                deltas_best = {k: trim(v, 0.2) for k, v in deltas_best.items()}
+                pd = {k: trim(v, 0.2) for k, v in pd.items()}
+            merged = _merged(method, best.search, base, [deltas_best, pd], best.coefficient)
+            best.test_victim = victim_scorer(merged, "test")
+            best.test_partner = partner_scorers[best.partner](merged, "test")
+            if plan.verify_mergekit:
+                folder = work / "mergekit" / method
+                if best.search == "insertion":
+                    insert(
+                        family.base,
+                        variant_folders[best.variant],
+                        [partner_folders[best.partner]],
+                        folder,
+                        coefficient=best.coefficient,
+                        method=method,
+                        seed=plan.seed,
+                    )
+                else:
+                    merge(
+                        method,
+                        family.base,
+                        [variant_folders[best.variant], partner_folders[best.partner]],
+                        folder,
+                        coefficient=best.coefficient,
+                        seed=plan.seed,
+                    )
+                best.test_victim_mergekit = victim_scorer(backbone_tensors(folder), "test")
+                shutil.rmtree(folder, ignore_errors=True)
+            result.best[method] = best
+            if progress:
+                print(
+                    f"  {name} best {method}: {best.variant}/{best.search}@{best.coefficient:g}"
+                    f" test victim {best.test_victim:.3f} (mergekit "
+                    f"{best.test_victim_mergekit:.3f}) partner {best.test_partner:.3f}",
+                    flush=True,
+                )
+        if plan.finetune is not None and "task_arithmetic" in result.best:
+            result.finetune = _finetune_attack(
+                plan,
+                family,
+                victim,
+                released,
+                base,
+                variant_folders,
+                partner_deltas,
+                result.best["task_arithmetic"],
+            )
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _delta(tensors: Tensors, base: Tensors) -> Tensors:
+    return {k: tensors[k] - b for k, b in base.items() if b.is_floating_point() and k in tensors}
+
+
+def _merged(method: str, search: str, base: Tensors, deltas: list[Tensors], c: float) -> Tensors:
+    """Sweep: both task vectors scaled by ``c``; insertion: weights ``(1, c)``, ``lambda = 1``."""
+    if search == "insertion":
+        return merge_in_memory(method, base, deltas, [1.0, c], 1.0)
+    return merge_in_memory(method, base, deltas, [1.0, 1.0], c)
+
+
+def _search(
+    plan: FrontierPlan,
+    family: Family,
+    method: str,
+    search: str,
+    partner: str,
+    variant: str,
+    base: Tensors,
+    deltas: list[Tensors],
+    victim_scorer: Scorer,
+    partner_scorer: Scorer,
+) -> MergeResult:
+    grid = plan.grids[method] if search == "sweep" else plan.insertion_grid
+    curve = []
+    for c in grid:
+        merged = _merged(method, search, base, deltas, c)
+        curve.append((c, victim_scorer(merged, "val"), partner_scorer(merged, "val")))
+    if search == "sweep":
+        c, v, p = max(curve, key=lambda t: t[1])
+    else:
+        pb, pf = (
+            family.manifest["tasks"][partner]["base_val_accuracy"],
+            family.manifest["tasks"][partner]["finetuned_val_accuracy"],
+        )
+        ok = [t for t in curve if (t[2] - pb) >= plan.partner_floor * (pf - pb)]
+        c, v, p = max(ok, key=lambda t: t[1]) if ok else max(curve, key=lambda t: t[2])
+    return MergeResult(method, partner, variant, search, c, v, p, curve=curve)
+
+
+def _finetune_attack(
+    plan: FrontierPlan,
+    family: Family,
+    victim: str,
+    released: Path,
+    base: Tensors,
+    variant_folders: dict[str, Path],
+    partner_deltas: dict[str, Tensors],
+    best: MergeResult,
+) -> dict[str, Any]:
+    """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
+    tau_partner``, on ``n`` victim training examples; test accuracy along the way."""
+    from mergeshield.evaluation.tasks import load_task
+    from mergeshield.evaluation.zoo import _encode  # the zoo's own tokenization
+
+    n, steps = plan.finetune
+    s = family.manifest["settings"]
+    data = load_task(victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
+    from mergeshield.evaluation.zoo import ZooSettings
+
+    train = _encode(family, data, "train", ZooSettings(**s))
+    perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
+    train = {k: v[perm] for k, v in train.items()}
+    test = Scorer(family, victim, released).data["test"]
+    delta = _delta(backbone_tensors(variant_folders[best.variant]), base)
+    pd = partner_deltas[best.partner]
+    starts = {
+        "best_merge": _merged("task_arithmetic", best.search, base, [delta, pd], best.coefficient),
+        "merge_without_victim": merge_in_memory(
+            "task_arithmetic",
+            base,
+            [pd],
+            [1.0],
+            best.coefficient if best.search == "sweep" else 1.0,
+        ),
+    }
+    out: dict[str, Any] = {"examples": n, "steps": steps}
+    for label, backbone in starts.items():
+        model = load_classifier(released, family.kind)
+        out[label] = finetune_recovery(
+            model,
+            backbone,
+            train,
+            n_examples=n,
+            steps=steps,
+            evaluate=lambda m: accuracy(m, test),
+            seed=plan.seed,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- study
+
+
+def build_candidate(
+    candidate: Candidate, family: Family, plan: FrontierPlan, folder: Path, *, progress: bool
+) -> Path:
+    """The release folder of ``candidate`` (hardened and/or protected), built under ``folder``
+    unless already there."""
+    from mergeshield.defenses.harden import harden
+    from mergeshield.evaluation.tasks import load_task
+    from mergeshield.protect import protect
+
+    model = family.tasks[plan.victim]
+    if candidate.harden is not None:
+        hardened = folder / "hardened"
+        if not (hardened / "config.json").is_file():
+            s = family.manifest["settings"]
+            data = load_task(plan.victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
+            kwargs = {"proxies": tuple(str(family.tasks[p]) for p in plan.proxies)}
+            harden(
+                model,
+                family.base,
+                data,
+                hardened,
+                method=candidate.harden,
+                progress=progress,
+                **(kwargs | candidate.harden_kwargs),
+            )
+        model = hardened
+    if candidate.defense is not None:
+        protected = folder / f"protected-{candidate.defense}"
+        if not (protected / "config.json").is_file():
+            protect(model, protected, candidate.defense, base=family.base, seed=plan.seed)
+        model = protected
+    return model
+
+
+def run_frontier(
+    plan: FrontierPlan,
+    candidates: Sequence[Candidate],
+    out: Path,
+    *,
+    family: Family | None = None,
+    builds: Path | None = None,
+    progress: bool = True,
+) -> list[ReleaseResult]:
+    """Build and evaluate every candidate; write ``frontier.json`` and ``frontier.png`` to
+    ``out``.  ``builds`` keeps the candidate releases between runs (default ``out/builds``)."""
+    from mergeshield.evaluation.zoo import build_family
+
+    family = family or build_family("text", "small", progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    builds = Path(builds or out / "builds")
+    results = []
+    for cand in candidates:
+        released = build_candidate(cand, family, plan, builds / cand.name, progress=progress)
+        res = evaluate_release(
+            family, plan.victim, released, name=cand.name, plan=plan, progress=progress
+        )
+        results.append(res)
+        write_frontier(results, plan, family, out)
+    return results
+
+
+def write_frontier(
+    results: Sequence[ReleaseResult], plan: FrontierPlan, family: Family, out: Path
+) -> None:
+    data = {
+        "plan": asdict(plan),
+        "victim": plan.victim,
+        "base_accuracy": family.base_accuracy[plan.victim],
+        "finetuned_accuracy": family.finetuned_accuracy[plan.victim],
+        "target": {"max_cost": TARGET_COST, "max_kept": TARGET_KEPT},
+        "summary": [r.summary() for r in results],
+        "details": [
+            {
+                "name": r.name,
+                "standalone": r.standalone,
+                "rows": [asdict(x) for x in r.rows],
+                "best": {m: asdict(x) for m, x in r.best.items()},
+                "finetune": r.finetune,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ],
+    }
+    (out / "frontier.json").write_text(json.dumps(data, indent=1))
+    plot_frontier(results, plan, family, out / "frontier.png")
+
+
+def plot_frontier(
+    results: Sequence[ReleaseResult], plan: FrontierPlan, family: Family, path: Path
+) -> None:
+    """x: standalone accuracy cost (points); y: share of the gain kept after the best attack;
+    one marker per candidate and method, the target box shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"task_arithmetic": "o", "ties": "s"}
+    for r in results:
+        cost = 100 * (r.finetuned - r.standalone)
+        for m, best in r.best.items():
+            acc = (
+                best.test_victim_mergekit
+                if not math.isnan(best.test_victim_mergekit)
+                else best.test_victim
+            )
+            ax.scatter(cost, r.kept(acc), marker=markers.get(m, "^"))
+            ax.annotate(f"{r.name} ({m[:4]})", (cost, r.kept(acc)), fontsize=7)
+    ax.axvspan(-100, 100 * TARGET_COST, ymax=1, alpha=0.05, color="g")
+    ax.axhline(TARGET_KEPT, color="g", ls="--", lw=1, label=f"target kept <= {TARGET_KEPT:.0%}")
+    ax.axvline(100 * TARGET_COST, color="g", ls=":", lw=1, label="target cost <= 0.5 pt")
+    ax.set_xlabel("standalone accuracy cost (points below the fine-tune)")
+    ax.set_ylabel(f"gain kept by the best attack ({plan.victim})")
+    ax.set_title("protection frontier (lower left is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

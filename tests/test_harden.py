@@ -1,0 +1,310 @@
+"""Training-time hardening, adaptive attacks and the frontier's in-memory merges, on tiny BERTs.
+
+Toy task: sentences of 6 words from a 12-word vocabulary; label 1 when ``good`` occurs more
+often than ``bad``.  A tiny random ``BertModel`` is the "base"; the "release" is that base
+fine-tuned on the toy task (all in-process, a few seconds on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from mergeshield.attacks.adaptive import insert, insertion_config, perturb_update
+from mergeshield.defenses.harden import (
+    HardenConfig,
+    aga_recovery,
+    backbone_map,
+    harden,
+    load_folder_tensors,
+    parse_method,
+    read_examples,
+    sample_scale,
+    uniform_divergence,
+)
+from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.frontier import merge_in_memory, trim
+from mergeshield.merging import extract_backbone, merge
+
+WORDS = ["good", "bad", "cat", "dog", "sun", "rain", "tree", "car", "blue", "red", "one", "two"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def toy_examples(n: int, seed: int) -> list[tuple[str, int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (6,), generator=gen)]
+        label = int(words.count("good") > words.count("bad"))
+        out.append((" ".join(words), label))
+    return out
+
+
+def save_tokenizer(folder: Path) -> None:
+    (folder / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    )
+
+
+def tiny_config(num_labels: int = 2) -> BertConfig:
+    return BertConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        initializer_range=0.2,
+    )
+
+
+def encode(folder: Path, examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok([t for t, _ in examples], padding="longest", return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([y for _, y in examples]),
+    }
+
+
+def acc_at_scale(model_dir: Path, base_dir: Path, data: dict, s: float) -> float:
+    """Accuracy of ``theta_0 + s (theta - theta_0)`` (backbone only, the head kept)."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    base = load_folder_tensors(base_dir)
+    names = backbone_map(model, base)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                b = base[names[n]]
+                p.copy_(b + s * (p - b))
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    return float((logits.argmax(-1) == data["labels"]).float().mean())
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny base (BertModel folder) and its fine-tune on the toy task."""
+    root = tmp_path_factory.mktemp("toy")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config())
+    base_dir, ft_dir = root / "base", root / "ft"
+    model.bert.save_pretrained(base_dir)
+    save_tokenizer(base_dir)
+    ft_dir.mkdir()
+    save_tokenizer(ft_dir)
+    data = encode(ft_dir, toy_examples(512, seed=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        idx = torch.randint(0, 512, (64,), generator=gen)
+        loss = model(**{k: v[idx] for k, v in data.items()}).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(ft_dir)
+    train_file = root / "train.jsonl"
+    train_file.write_text(
+        "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in toy_examples(512, 2))
+    )
+    return {"root": root, "base": base_dir, "ft": ft_dir, "train": train_file}
+
+
+# ----------------------------------------------------------------------------- unit pieces
+
+
+def test_uniform_divergence_is_zero_at_uniform_and_positive_elsewhere() -> None:
+    assert float(uniform_divergence(torch.zeros(3, 5))) == pytest.approx(0.0, abs=1e-6)
+    assert float(uniform_divergence(torch.tensor([[4.0, 0.0, -1.0]]))) > 0.1
+
+
+def test_sample_scale_avoids_the_band_around_one() -> None:
+    cfg = HardenConfig()
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_scale(gen, cfg) for _ in range(2000)]
+    assert min(draws) >= cfg.s_min and max(draws) <= cfg.s_max
+    assert not any(1 - cfg.delta < s < 1 + cfg.delta for s in draws)
+    assert any(s < 0.5 for s in draws) and any(s > 1.5 for s in draws)
+
+
+def test_parse_method_and_data_formats(tmp_path: Path) -> None:
+    assert parse_method("trap2+merge") == ["trap2", "merge"]
+    with pytest.raises(MergeShieldError):
+        parse_method("trap3")
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("text,label\nhello world,good\nbye,1\n")
+    assert read_examples(csv_file) == [("hello world", "good"), ("bye", "1")]
+    with pytest.raises(MergeShieldError):
+        read_examples(tmp_path / "d.txt")
+
+
+def test_aga_recovery_removes_exactly_the_row_space_part_of_tau() -> None:
+    """``rec = X - tau Pi``: the head's row-space component of the update is gone."""
+    torch.manual_seed(0)
+    n_heads, d = 2, 8
+    w0 = torch.randn(d, d, dtype=torch.float64)
+    tau = 0.05 * torch.randn(d, d, dtype=torch.float64)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    params = {name: w0 + tau}
+    rec = aga_recovery(params, {"q": w0}, {name: "q"}, n_heads, ridge=0.0)[name]
+    for h in range(n_heads):
+        x = (w0 + tau)[h * 4 : (h + 1) * 4]
+        pi = x.T @ torch.linalg.solve(x @ x.T, x)
+        expect = x - tau[h * 4 : (h + 1) * 4] @ pi
+        torch.testing.assert_close(rec[h * 4 : (h + 1) * 4], expect)
+
+
+def test_in_memory_task_arithmetic_insertion_formula() -> None:
+    base = {"w": torch.zeros(4), "i": torch.arange(3)}
+    tv, to = {"w": torch.ones(4)}, {"w": torch.full((4,), 2.0)}
+    merged = merge_in_memory("task_arithmetic", base, [tv, to], [1.0, 0.5], 1.0)
+    torch.testing.assert_close(merged["w"], torch.full((4,), 2.0))
+    assert merged["i"] is base["i"]
+
+
+def test_insertion_config_weights() -> None:
+    cfg = insertion_config(Path("/b"), Path("/v"), [Path("/o1"), Path("/o2")], 0.4, "ties")
+    assert cfg["merge_method"] == "ties"
+    assert [m["parameters"]["weight"] for m in cfg["models"]] == [1.0, 0.4, 0.4]
+    assert cfg["parameters"]["lambda"] == 1.0 and cfg["parameters"]["density"] == 0.2
+    with pytest.raises(MergeShieldError):
+        insertion_config(Path("/b"), Path("/v"), [], 0.4)
+
+
+def test_perturb_update_prunes_smallest_entries() -> None:
+    base = {"w": torch.zeros(10)}
+    released = {"w": torch.arange(10, dtype=torch.float32)}
+    out = perturb_update(released, base, prune=0.5)
+    assert int((out["w"] != 0).sum()) == 5 and float(out["w"][-1]) == 9.0
+
+
+# ----------------------------------------------------------------------------- with mergekit
+
+
+def _backbones(toy: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The toy fine-tune's backbone and a second "free-rider" backbone (base + noise)."""
+    victim = extract_backbone(toy["ft"], toy["base"], tmp_path / "v")
+    other = tmp_path / "o"
+    model = AutoModelForSequenceClassification.from_pretrained(toy["ft"])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.bert.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "o_full")
+    extract_backbone(tmp_path / "o_full", toy["base"], other)
+    return victim, other
+
+
+def test_coefficient_one_insertion_by_mergekit_matches_the_formula(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    victim, other = _backbones(toy, tmp_path)
+    out = insert(toy["base"], victim, [other], tmp_path / "m", coefficient=0.3)
+    b, v, o, m = (load_folder_tensors(p) for p in (toy["base"], victim, other, out))
+    for name in b:
+        if b[name].is_floating_point():
+            expect = b[name] + (v[name] - b[name]) + 0.3 * (o[name] - b[name])
+            torch.testing.assert_close(m[name], expect, atol=1e-5, rtol=1e-5)
+
+
+def test_in_memory_ties_matches_mergekit(toy: dict[str, Path], tmp_path: Path) -> None:
+    victim, other = _backbones(toy, tmp_path)
+    out = merge("ties", toy["base"], [victim, other], tmp_path / "t", coefficient=1.5)
+    b, v, o, m = (load_folder_tensors(p) for p in (toy["base"], victim, other, out))
+    deltas = [{k: trim(t[k] - b[k], 0.2) for k in b if b[k].is_floating_point()} for t in (v, o)]
+    mine = merge_in_memory("ties", b, deltas, [1.0, 1.0], 1.5)
+    for name in b:
+        if b[name].is_floating_point():
+            torch.testing.assert_close(mine[name], m[name], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- harden
+
+
+def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: Path) -> None:
+    out = harden(
+        toy["ft"],
+        toy["base"],
+        toy["train"],
+        tmp_path / "h",
+        method="trap2+merge+arf",
+        steps=30,
+        lr=1e-3,
+        batch_size=32,
+        train_embeddings=True,
+    )
+    record = json.loads((out / "mergeshield_harden.json").read_text())
+    losses = [h["loss"] for h in record["history"]]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 2
+    ft = AutoModelForSequenceClassification.from_pretrained(toy["ft"])
+    torch.testing.assert_close(model.classifier.weight, ft.classifier.weight)  # head frozen
+
+
+def test_trap2_makes_the_toy_model_scale_sensitive(toy: dict[str, Path], tmp_path: Path) -> None:
+    """After TRAP2 hardening the release keeps its accuracy at s = 1 and loses it at
+    s = 0.5 and s = 2, where the plain fine-tune still works."""
+    data = encode(toy["ft"], toy_examples(400, seed=9))
+    before = {s: acc_at_scale(toy["ft"], toy["base"], data, s) for s in (0.5, 1.0, 2.0)}
+    out = harden(
+        toy["ft"],
+        toy["base"],
+        toy["train"],
+        tmp_path / "h",
+        method="trap2",
+        steps=300,
+        lr=2e-3,
+        batch_size=64,
+        train_embeddings=True,
+    )
+    after = {s: acc_at_scale(out, toy["base"], data, s) for s in (0.5, 1.0, 2.0)}
+    assert before[1.0] >= 0.85
+    assert after[1.0] >= before[1.0] - 0.05
+    assert after[0.5] < before[0.5] - 0.15 or after[0.5] < 0.65
+    assert after[2.0] < before[2.0] - 0.15 or after[2.0] < 0.65
+
+
+# ----------------------------------------------------------------------------- real (slow)
+
+
+@pytest.mark.slow
+def test_real_small_family_trap2_keeps_standalone(tmp_path: Path) -> None:
+    """A short TRAP2+merge hardening of the MiniLM ``wordnet_noun`` model keeps its
+    standalone accuracy within 2 points and drops the plain lambda = 0.5 merge."""
+    from mergeshield.evaluation.accuracy import evaluate
+    from mergeshield.evaluation.tasks import load_task
+    from mergeshield.evaluation.zoo import build_family
+
+    fam = build_family("text", "small", progress=False)
+    s = fam.manifest["settings"]
+    data = load_task("wordnet_noun", s["n_train"], s["n_val"], s["n_test"], s["seed"])
+    out = harden(
+        fam.tasks["wordnet_noun"],
+        fam.base,
+        data,
+        tmp_path / "h",
+        method="trap2+merge",
+        steps=40,
+        lr=5e-5,
+        proxies=(str(fam.tasks["wordnet_verb"]),),
+    )
+    acc = evaluate(out, "wordnet_noun", family=fam)
+    assert acc >= fam.finetuned_accuracy["wordnet_noun"] - 0.02
