@@ -50,6 +50,7 @@ class AuditPlan:
 
     kind: str = "text"
     setting: str = "small"
+    tasks: tuple[str, ...] | None = None  # the family's tasks (None: all of the kind)
     victim: str | None = None
     free_riders: tuple[str, ...] | None = None
     defenses: tuple[str, ...] = ("params", "mergelock", "mergebarrier")
@@ -107,7 +108,9 @@ def run_audit(
 ) -> AuditResult:
     """Run ``plan`` and write the report (``report.md``, ``report.json``, PNG plots) to ``out``."""
     start = time.perf_counter()
-    family = family or build_family(plan.kind, plan.setting, progress=progress)
+    if family is None:
+        tasks = list(plan.tasks) if plan.tasks else None
+        family = build_family(plan.kind, plan.setting, tasks=tasks, progress=progress)
     victim = plan.victim or next(iter(family.tasks))
     riders = list(plan.free_riders or [t for t in family.tasks if t != victim])
     result = AuditResult(plan, _family_summary(family), victim, riders)
@@ -123,7 +126,10 @@ def run_audit(
         total = len(variants) * len(plan.methods) * len(groups)
         done = 0
         for name, (model, defense, attack) in variants.items():
-            backbone = extract_backbone(model, family.base, work / "vb" / name)
+            # mergekit reads "a+b" in a path as model a with LoRA b: no "+" in folder names
+            backbone = extract_backbone(
+                model, family.base, work / "vb" / name.replace("+", "-then-")
+            )
             for method in plan.methods:
                 for partners in groups:
                     done += 1
@@ -147,7 +153,9 @@ def run_audit(
                         )
                     )
             if attack == "":
-                result.interpolation[name] = _interpolate(plan, family, victim, backbone, work)
+                result.interpolation[name] = _interpolate(
+                    plan, family, victim, backbone, result.standalone[name], work
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
@@ -179,7 +187,7 @@ def _variants(
         for attack_name in plan.attacks:
             from mergeshield.attacks import attack
 
-            attacked = work / "attacked" / f"{defense}+{attack_name}"
+            attacked = work / "attacked" / f"{defense}-then-{attack_name}"
             attack(protected, family.base, attacked, attack_name)
             variants[f"{defense}+{attack_name}"] = (attacked, defense, attack_name)
     return variants
@@ -243,12 +251,22 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _interpolate(
-    plan: AuditPlan, family: Family, victim: str, backbone: Path, work: Path
+    plan: AuditPlan, family: Family, victim: str, backbone: Path, standalone: float, work: Path
 ) -> list[tuple[float, float]]:
-    """Victim accuracy of ``theta_base + alpha (theta - theta_base)`` for each alpha."""
+    """Victim accuracy of ``theta_base + alpha (theta - theta_base)`` for each alpha.
+
+    The end points are known without a forward pass: alpha 0 is the base backbone (the
+    family's base accuracy) and alpha 1 the model itself (its standalone accuracy).
+    """
     base, theta = _load(family.base), _load(backbone)
     points = []
     for alpha in plan.interpolation:
+        if alpha == 0.0:
+            points.append((alpha, family.base_accuracy[victim]))
+            continue
+        if alpha == 1.0:
+            points.append((alpha, standalone))
+            continue
         folder = work / "interpolated"
         folder.mkdir(parents=True, exist_ok=True)
         mixed = {
