@@ -405,7 +405,7 @@ def _run_audit(args) -> int:
         seed=args.seed,
     )
     result = run_audit(plan, args.out)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 180)
     table = Table(
         title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the merge"
     )

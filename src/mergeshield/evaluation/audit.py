@@ -41,6 +41,8 @@ from mergeshield.protect import protect
 
 HOLDS = 0.05  # a protection holds when at most this share of the gain survives the merge
 UNPROTECTED_MIN = 0.60  # an unprotected merge must keep at least this share (sanity check)
+# methods whose coefficient-1 merge adds every task vector unscaled to the base
+INSERTING_METHODS = ("task_arithmetic", "dare_linear", "breadcrumbs")
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,7 @@ def summary_table(result: AuditResult) -> list[list[str]]:
                 r.method,
                 "+".join(r.partners),
                 f"{r.coefficient:g}",
+                " ".join(f"{c:g}:{v:.2f}" for c, v in r.sweep),
                 f"{r.victim_accuracy:.3f} ({r.victim_kept:.0%})",
                 partner,
                 _verdict(r),
@@ -318,6 +321,7 @@ HEADER = [
     "merge",
     "with",
     "best coef",
+    "sweep (coef: victim val acc)",
     "victim acc (gain kept)",
     "free-rider acc (gain kept)",
     "verdict",
@@ -376,6 +380,17 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         "",
     ]
     failures = [r for r in result.merges if r.defense != "none" and not r.attack and not r.holds]
+    inserted = [r for r in failures if r.coefficient == 1.0 and r.method in INSERTING_METHODS]
+    if inserted:
+        lines.append(
+            "- Why: at coefficient 1, "
+            + "/".join(sorted({r.method for r in inserted}))
+            + " computes theta_protected + (free-rider task vector): the protected model is "
+            "inserted whole, so a function-preserving defense cannot stop its task from "
+            "surviving; only the free-rider's own task degrades. Coefficients below 1 "
+            "interpolate toward the base and collapse (see the sweep column and the "
+            "interpolation plot)."
+        )
     attacked = [r for r in result.merges if r.attack]
     lines += ["## Findings", ""]
     if failures:
