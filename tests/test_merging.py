@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.folders import load_tensors, save_tensors, tensor_names
 from mergeshield.merging import (
     METHODS,
     aliases_bug_present,
@@ -42,7 +43,6 @@ from mergeshield.merging import (
     run_mergekit,
     sweep,
 )
-from mergeshield.merging._io import load_tensors, save_tensors, tensor_names
 
 TASK_VECTOR_METHODS = [
     "task_arithmetic",

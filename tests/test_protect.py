@@ -13,19 +13,12 @@ from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 from mergeshield.architectures import describe
 from mergeshield.checkpoint import open_checkpoint
 from mergeshield.defenses import DEFENSES, DefenseOptions
+from mergeshield.folders import load_tensors
 from mergeshield.protect import load_key, protect, unprotect
 from mergeshield.symmetries.linalg import commutes_with_rope
 from tests.tiny_models import MODELS, build, outputs
 
 DEFENSE_NAMES = sorted(DEFENSES)
-
-
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
 
 
 def transformed_names(folder: Path, defense: str) -> set[str]:

@@ -68,16 +68,10 @@ from torch.func import functional_call
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.tasks import TaskData
+from mergeshield.evaluation.zoo import TOKENIZER_FILES
 
 Tensors = dict[str, torch.Tensor]
 COMPONENTS = ("trap2", "merge", "arf", "mergeguard")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
 
 
 @dataclass(frozen=True)

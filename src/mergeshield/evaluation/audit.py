@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergeshield.evaluation.accuracy import evaluate
 from mergeshield.evaluation.zoo import Family, build_family
+from mergeshield.folders import load_tensors
 from mergeshield.merging import extract_backbone, get_method, sweep
 from mergeshield.progress import console
 from mergeshield.protect import protect
@@ -244,14 +243,6 @@ def _merge_row(
     )
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
-
-
 def _interpolate(
     plan: AuditPlan, family: Family, victim: str, backbone: Path, standalone: float, work: Path
 ) -> list[tuple[float, float]]:
@@ -260,7 +251,7 @@ def _interpolate(
     The end points are known without a forward pass: alpha 0 is the base backbone (the
     family's base accuracy) and alpha 1 the model itself (its standalone accuracy).
     """
-    base, theta = _load(family.base), _load(backbone)
+    base, theta = load_tensors(family.base), load_tensors(backbone)
     points = []
     for alpha in plan.interpolation:
         if alpha == 0.0:

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.merging._io import atomic_dir, load_tensors, save_tensors, tensor_names
+from mergeshield.folders import atomic_dir, load_tensors, save_tensors, tensor_names
 
 LOG = logging.getLogger(__name__)
 

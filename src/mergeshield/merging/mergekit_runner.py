@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.merging._io import atomic_dir, read_config, tensor_names
+from mergeshield.folders import atomic_dir, read_config, tensor_names
 
 LOG = logging.getLogger(__name__)
 

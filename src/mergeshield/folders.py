@@ -1,4 +1,4 @@
-"""Checkpoint-folder helpers shared by the merging modules: safetensors I/O and atomic writes."""
+"""Checkpoint-folder helpers: read and write safetensors tensors, atomic folder writes."""
 
 from __future__ import annotations
 
