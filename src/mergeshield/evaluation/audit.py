@@ -278,8 +278,8 @@ def _interpolate(
 
 def _verdict(row: MergeRow) -> str:
     if row.defense == "none":
-        ok = row.victim_kept >= UNPROTECTED_MIN
-        return "merge works" if ok else f"merge itself weak (<{UNPROTECTED_MIN:.0%} kept)"
+        ok = min(row.victim_kept, *row.partner_kept.values()) >= UNPROTECTED_MIN
+        return "merge works" if ok else f"merge itself weak (a task keeps <{UNPROTECTED_MIN:.0%})"
     if row.attack:
         return f"attack recovers {row.victim_kept:.0%} of the victim's gain"
     return "protection holds" if row.holds else "PROTECTION FAILS"
@@ -371,17 +371,6 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         "",
     ]
     failures = [r for r in result.merges if r.defense != "none" and not r.attack and not r.holds]
-    inserted = [r for r in failures if r.coefficient == 1.0 and r.method in INSERTING_METHODS]
-    if inserted:
-        lines.append(
-            "- Why: at coefficient 1, "
-            + "/".join(sorted({r.method for r in inserted}))
-            + " computes theta_protected + (free-rider task vector): the protected model is "
-            "inserted whole, so a function-preserving defense cannot stop its task from "
-            "surviving; only the free-rider's own task degrades. Coefficients below 1 "
-            "interpolate toward the base and collapse (see the sweep column and the "
-            "interpolation plot)."
-        )
     attacked = [r for r in result.merges if r.attack]
     lines += ["## Findings", ""]
     if failures:
@@ -394,6 +383,17 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         lines.append(
             "- Without an adaptive attack every defense held for every merge method "
             f"({HOLDS:.0%} bound)."
+        )
+    inserted = [r for r in failures if r.coefficient == 1.0 and r.method in INSERTING_METHODS]
+    if inserted:
+        lines.append(
+            "- Why: at coefficient 1, "
+            + "/".join(sorted({r.method for r in inserted}))
+            + " computes theta_protected + (free-rider task vector): the protected model is "
+            "inserted whole, so a function-preserving defense cannot stop its task from "
+            "surviving; only the free-rider's own task degrades. Coefficients below 1 "
+            "interpolate toward the base and collapse (see the sweep column and the "
+            "interpolation plot)."
         )
     if attacked:
         best = max(attacked, key=lambda r: r.victim_kept)
