@@ -376,7 +376,10 @@ def check_same_architecture(model: Checkpoint, other: Checkpoint) -> None:
         _fail(f"{other.path}: has {len(b)} blocks, {model.path} has {len(a)}")
     for x, y in zip(a, b, strict=True):
         if len(x.tensor_names()) != len(y.tensor_names()):
-            _fail(f"{other.path}: block {y.name} has other tensors than {model.path} (biases?)")
+            _fail(
+                f"{other.path}: block {y.name} has other tensors than {model.path} "
+                "(biases?): not the same architecture"
+            )
         for nx, ny in zip(x.tensor_names(), y.tensor_names(), strict=True):
             if model.shapes[nx] != other.shapes[ny]:
                 _fail(

@@ -72,7 +72,9 @@ def smollm2_checkpoint(out: Path | None = None, dtype: torch.dtype = torch.float
     """
     if dtype not in DTYPE_NAMES:
         raise MergeShieldError(f"unsupported dtype {dtype}; choose from float32, bfloat16, float16")
-    out = Path(out) if out is not None else cache_dir() / f"smollm2-135m-instruct-{DTYPE_NAMES[dtype]}"
+    if out is None:
+        out = cache_dir() / f"smollm2-135m-instruct-{DTYPE_NAMES[dtype]}"
+    out = Path(out)
     if _is_complete(out):
         return out
     gguf_file = smollm2_gguf()

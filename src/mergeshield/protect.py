@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-from contextlib import ExitStack
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,27 @@ def _check_key_path(key_out: Path, outputs: list[Path], overwrite: bool) -> None
         raise MergeShieldError(f"{key_out}: folder {key_out.parent} does not exist")
 
 
+def is_low_precision(checkpoint: Checkpoint) -> bool:
+    """Whether any transformed tensor is stored in bf16 or fp16 (eps 4e-3 / 5e-4)."""
+    names = (n for b in checkpoint.spec.blocks for n in b.tensor_names())
+    return any(checkpoint.dtypes[n] in (torch.bfloat16, torch.float16) for n in names)
+
+
+def single_threaded_numpy_blas() -> AbstractContextManager:
+    """numpy/scipy's OpenBLAS on one thread (torch's own threads are untouched).
+
+    The defenses factor many small ``head_dim x head_dim`` matrices (SVDs of 64 x 64 to
+    128 x 128); on 2 cores a threaded OpenBLAS SVD of that size takes 3-50 ms against 0.45 ms
+    single-threaded (thread start-up and spin-waiting, far worse when the cores are busy).
+    A no-op without ``threadpoolctl``.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def protect(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -83,6 +104,8 @@ def protect(
     options = options or DefenseOptions()
     src, out = open_checkpoint(model), Path(out)
     check_output_path(src.path, out, overwrite)
+    if options.low_precision is None:
+        options = replace(options, low_precision=is_low_precision(src))
     base_ckpt = None
     if base is not None and spec_defense.uses_base:
         base_ckpt = open_checkpoint(base)
@@ -109,7 +132,8 @@ def protect(
                 rng=np.random.default_rng([entropy, index]),
                 options=options,
             )
-            t = spec_defense.sample(ctx)
+            with single_threaded_numpy_blas():
+                t = spec_defense.sample(ctx)
             apply_transform(tensors, block, t)
             if key_out is not None:
                 transforms[index] = t

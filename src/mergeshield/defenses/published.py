@@ -43,6 +43,7 @@ from mergeshield.defenses.base import (
 from mergeshield.errors import MergeShieldError
 from mergeshield.symmetries.linalg import (
     bound_condition,
+    diagonal_orthogonal,
     log_uniform,
     random_orthogonal,
     random_permutation_matrix,
@@ -58,7 +59,9 @@ GATED_UNIT_SCALE = (0.1, 10.0)
 
 def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
     if ctx.base is not None:
-        return mismatch_permutation(ctx.block.mlp, ctx.weights, ctx.base)
+        return mismatch_permutation(
+            ctx.block.mlp, ctx.weights, ctx.base, ctx.options.exact_assignment_max
+        )
     return ctx.rng.permutation(ctx.block.mlp.n_units)
 
 
@@ -73,7 +76,14 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
     d, n, half = att.head_dim, att.n_kv_heads, att.head_dim // 2
     qk, vo = [], []
     for _ in range(n):
-        if opt.scaling == "diagonal":
+        if opt.low_precision and opt.scaling != "diagonal":
+            b = diagonal_orthogonal(rng, d, (lo, hi))
+            a = (
+                random_rope_matrix(rng, d, (lo, hi))
+                if att.rope
+                else diagonal_orthogonal(rng, d, (lo, hi))
+            )
+        elif opt.scaling == "diagonal":
             alpha = rng.uniform(lo, hi, half if att.rope else d)
             a = np.diag(np.tile(alpha, 2) if att.rope else alpha)
             b = np.diag(rng.uniform(lo, hi, d))
@@ -102,6 +112,8 @@ def params(ctx: BlockContext) -> BlockTransform:
 
 def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
     d, rng = ctx.block.attention.head_dim, ctx.rng
+    if ctx.options.low_precision:
+        return diagonal_orthogonal(rng, d, ctx.options.scale or MERGELOCK_SCALE)
     g = rng.standard_normal((d, d))
     a = (
         g
@@ -178,7 +190,10 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
 def _permuted_heads(ctx: BlockContext, kv_perm: np.ndarray, q_perm: np.ndarray) -> BlockContext:
     from mergeshield.symmetries.transform import apply_transform
 
-    weights = {k: v.clone() for k, v in ctx.weights.items()}
+    # Only the attention tensors: the head permutation touches nothing else, and at 8B width
+    # the MLP is ~80% of a block (a clone of it would cost 1.4 GB of float64).
+    names = {n for slot in ctx.block.attention.slots().values() for n in slot.names()}
+    weights = {k: v.clone() for k, v in ctx.weights.items() if k in names}
     apply_transform(weights, ctx.block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
     return BlockContext(ctx.block, weights, None, ctx.rng, ctx.options)
 

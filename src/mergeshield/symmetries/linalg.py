@@ -7,6 +7,8 @@ like ``cond(A) * eps(dtype)``.  With fp32 (eps 6e-8) a condition number of 1e3 c
 6e-5 relative error in the logits; in bf16 (eps 4e-3) anything but ``cond(A) ~ 1`` (orthogonal
 or diagonal maps) is visible.  :func:`bound_condition` clips singular values so that
 ``cond(A) <= max_cond``; larger values move the weights further at the price of that error.
+:func:`diagonal_orthogonal` gives maps ``D Q`` whose error stays that of one rounding for any
+``D`` (the defenses' ``low_precision`` mode, the default for bf16/fp16 checkpoints).
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ def random_invertible(
     s = log_uniform(rng, *scale, n)
     a = (random_orthogonal(rng, n) * s) @ random_orthogonal(rng, n).T
     return bound_condition(a, max_cond)
+
+
+def diagonal_orthogonal(rng: np.random.Generator, n: int, scale: tuple[float, float]) -> np.ndarray:
+    """``D Q``: ``D = diag(s)``, ``s`` log-uniform in ``scale``; ``Q`` Haar orthogonal.
+
+    Why this is safe in bf16 although ``cond(D Q) = max s / min s`` can be large: with
+    ``W_V <- D Q W_V`` and ``W_O <- W_O Q^T D^-1``, row ``i`` of the stored ``W_V`` is
+    ``s_i (Q W_V)_i`` rounded, i.e. ``s_i ((Q W_V)_i + e_i)`` with ``|e_i| <= eps |(Q W_V)_i|``,
+    and column ``i`` of the stored ``W_O`` is ``((W_O Q^T)_i + f_i) / s_i``: the scales cancel
+    term by term in ``W_O W_V = sum_i (W_O Q^T)_i (Q W_V)_i`` and every term keeps the relative
+    error of one rounding, as the untransformed weights do.  The same holds for
+    ``W_Q <- D Q W_Q, W_K <- D^-1 Q W_K`` (``(D Q)^-T = D^-1 Q``).  A dense ``A`` that is not of
+    this form mixes rounded rows of different scales and amplifies the error up to
+    ``cond(A)``.
+    """
+    return log_uniform(rng, *scale, n)[:, None] * random_orthogonal(rng, n)
 
 
 def rope_pairs(head_dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -78,14 +78,30 @@ def _heads(n: int, d: int):
     return lambda x: x.reshape(n, d, -1)
 
 
-def _permute_blocks(perm: np.ndarray, d: int):
-    """Row map taking row block ``perm[i]`` (of size ``d``) to position ``i``."""
-    index = torch.as_tensor(perm)
+def _block_index(perm: np.ndarray, d: int) -> torch.Tensor:
+    """Row index taking row block ``perm[i]`` (of size ``d``) to position ``i``:
+    ``index[i * d + j] = perm[i] * d + j``."""
+    perm_t = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+    return (perm_t[:, None] * d + torch.arange(d)).reshape(-1)
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(len(perm), d, -1)[index].reshape(x.shape)
 
-    return fn
+def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
+    """Row blocks of a slot's ``W`` and ``b`` permuted (row block ``perm[i]`` to ``i``).
+
+    ``index_select`` on the ``[out, in]`` view: one gather and one copy back, whatever the
+    storage layout (a pure data movement, so bit-identical to any other way of permuting).
+    """
+    w, b = view(tensors, slot)
+    index = _block_index(perm, d)
+    w.copy_(w.index_select(0, index))
+    if b is not None:
+        b.copy_(b.index_select(0, index))
+
+
+def _permute_columns(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
+    """Column blocks of a slot's ``W`` permuted (column block ``perm[i]`` to ``i``)."""
+    w, _ = view(tensors, slot)
+    w.copy_(w.index_select(1, _block_index(perm, d)))
 
 
 def _per_head(mats: np.ndarray, d: int):
@@ -116,10 +132,10 @@ def _head_step(tensors, att, mlp, d, r, t, inverse) -> None:
     q = t.q_perm if t.q_perm is not None else np.arange(att.n_heads)
     if inverse:
         kv, q = np.argsort(kv), np.argsort(q)
-    _rows(tensors, att.q, _permute_blocks(q, d))
-    _rows(tensors, att.k, _permute_blocks(kv, d))
-    _rows(tensors, att.v, _permute_blocks(kv, d))
-    _columns(tensors, att.o, _permute_blocks(q, d))
+    _permute_rows(tensors, att.q, q, d)
+    _permute_rows(tensors, att.k, kv, d)
+    _permute_rows(tensors, att.v, kv, d)
+    _permute_columns(tensors, att.o, q, d)
 
 
 def _qk_step(tensors, att, mlp, d, r, t, inverse) -> None:
@@ -145,14 +161,19 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
     perm, scale = t.unit_perm, t.unit_scale
     if perm is not None and not inverse:
         for slot in ins:
-            _rows(tensors, slot, _permute_blocks(perm, 1))
-        _columns(tensors, mlp.down, _permute_blocks(perm, 1))
+            _permute_rows(tensors, slot, perm, 1)
+        _permute_columns(tensors, mlp.down, perm, 1)
     if scale is not None:
+        # In place on the [out, in] views: up row i times s_i (and its bias), down column i
+        # divided by s_i; the same elementwise products and quotients as out of place.
         s = torch.as_tensor(1.0 / scale if inverse else scale, dtype=torch.float64)
-        _rows(tensors, mlp.up, lambda x: x * s.reshape(-1, *([1] * (x.dim() - 1))))
-        _columns(tensors, mlp.down, lambda x: x / s.reshape(-1, *([1] * (x.dim() - 1))))
+        w, b = view(tensors, mlp.up)
+        w.mul_(s[:, None])
+        if b is not None:
+            b.mul_(s)
+        view(tensors, mlp.down)[0].div_(s[None, :])
     if perm is not None and inverse:
         back = np.argsort(perm)
         for slot in ins:
-            _rows(tensors, slot, _permute_blocks(back, 1))
-        _columns(tensors, mlp.down, _permute_blocks(back, 1))
+            _permute_rows(tensors, slot, back, 1)
+        _permute_columns(tensors, mlp.down, back, 1)
