@@ -367,33 +367,19 @@ def test_random_drop_keeps_a_rescaled_subset_and_is_seeded(bert, tmp_path, metho
     base, model = _float64(bert["base"]), _float64(bert["backbones"][0])
     lam, density = 0.5, 0.4
     params = {"density": density}
-    first = merge(
-        method,
-        bert["base"],
-        bert["backbones"][:1],
-        tmp_path / "a",
-        coefficient=lam,
-        params=params,
-        seed=1,
-    )
-    again = merge(
-        method,
-        bert["base"],
-        bert["backbones"][:1],
-        tmp_path / "b",
-        coefficient=lam,
-        params=params,
-        seed=1,
-    )
-    other = merge(
-        method,
-        bert["base"],
-        bert["backbones"][:1],
-        tmp_path / "c",
-        coefficient=lam,
-        params=params,
-        seed=2,
-    )
+
+    def run(name: str, seed: int) -> Path:
+        return merge(
+            method,
+            bert["base"],
+            bert["backbones"][:1],
+            tmp_path / name,
+            coefficient=lam,
+            params=params,
+            seed=seed,
+        )
+
+    first, again, other = run("a", 1), run("b", 1), run("c", 2)
     merged, same, different = _float64(first), _float64(again), _float64(other)
     big = "encoder.layer.0.intermediate.dense.weight"
     kept_share = []
