@@ -22,16 +22,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 DESCRIPTION = """\
 Protect a fine-tuned transformer checkpoint against unauthorized model merging, and measure
-how well the protection holds.
+how well the protection holds (`mergeshield audit`; the honest answer is in its report).
 
-  protect    rewrite a checkpoint so it computes the same function but breaks merging
-  verify     check that a protected model computes the same function as the original
-  unprotect  undo a protection with its key file (for the owner)
-  defenses   list the defenses and supported model types
-  merge      merge checkpoints with mergekit, the way free-riders do
-  attack     align a protected checkpoint back to its public base model (adaptive attacks)
-  audit      measure a protection against merges and attacks: tables, JSON and plots
-  demo       the whole story on a real model (MiniLM-L6), in one command
+example:
+  mergeshield protect my-model/ my-model-protected/ --base base-model/ --key-out my.key
+  mergeshield verify my-model/ my-model-protected/
 """
 
 
@@ -42,7 +37,9 @@ def _add_protect(sub) -> None:
         "protect",
         help="write a protected copy of a checkpoint folder",
         description="Write a protected copy of MODEL to OUT: the same function, weights far from "
-        "the original, so merges with models of the same base collapse.",
+        "the original, so naive merges with models of the same base collapse. Informed attackers "
+        "(coefficient-1 merges, alignment to the base) can undo this; `mergeshield audit` "
+        "measures how much.",
     )
     p.add_argument(
         "model", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)"
