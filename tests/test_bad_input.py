@@ -50,7 +50,7 @@ def broken_copy(good: Path, tmp_path: Path) -> Path:
 
 def assert_nothing_written(tmp_path: Path, out: Path) -> None:
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 def test_missing_folder(tmp_path, capsys):

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from safetensors import safe_open
 
 from mergeshield.architectures import SUPPORTED_MODEL_TYPES, BlockSpec, ModelSpec, describe
 from mergeshield.errors import MergeShieldError
+from mergeshield.folders import atomic_dir
 from mergeshield.symmetries.transform import view
 
 INDEX = "model.safetensors.index.json"
@@ -403,23 +403,12 @@ def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside ``out``, renamed to ``out`` only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """:func:`mergeshield.folders.atomic_dir`, refusing to replace an existing ``out`` (one
+    that appeared while writing) unless ``overwrite``."""
+    with atomic_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            if not overwrite:
-                _fail(f"{out}: already exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists() and not overwrite:
+            _fail(f"{out}: already exists; pass --overwrite to replace it")
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
