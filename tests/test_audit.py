@@ -70,3 +70,37 @@ def test_interpolation_path_is_measured(audit):
         assert points[-1][1] == result.standalone[variant]
     mid = dict(result.interpolation["unprotected"])[0.5]
     assert mid > family.base_accuracy["wordnet_noun"]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_grid_stride_thins_each_method_grid_keeping_the_largest(stride):
+    from mergeshield.evaluation.audit import coefficient_grid
+    from mergeshield.merging import get_method
+
+    plan = AuditPlan(grid_stride=stride)
+    for method in ("task_arithmetic", "ties", "linear", "slerp"):
+        full = get_method(method).grid
+        grid = coefficient_grid(plan, method)
+        assert grid[-1] == full[-1]
+        assert list(grid) == sorted(grid) and set(grid) <= set(full)
+        assert len(grid) == -(-len(full) // stride)  # ceil(len / stride)
+    assert coefficient_grid(plan, "model_stock") == (1.0,)  # no knob to sweep
+    assert coefficient_grid(AuditPlan(grid=(0.3,), grid_stride=stride), "ties") == (0.3,)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pairs": ("fortunes",)}, "not free-riders"),
+        ({"pairs": ()}, "nothing to merge"),
+        ({"grid_stride": 0}, "grid_stride"),
+    ],
+)
+def test_bad_audit_plans_fail_before_any_work(changes, message, tmp_path):
+    from mergeshield.errors import MergeShieldError
+
+    family = build_family("text", "small", progress=False)
+    plan = AuditPlan(victim="wordnet_noun", free_riders=("wordnet_verb",), **changes)
+    with pytest.raises(MergeShieldError, match=message):
+        run_audit(plan, tmp_path / "report", family=family, progress=False)
+    assert not (tmp_path / "report").exists()

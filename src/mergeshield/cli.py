@@ -314,7 +314,12 @@ def _audit_arguments(p, defaults) -> None:
     )
     p.add_argument("--victim", help="victim task (default: the family's first task)")
     p.add_argument("--free-riders", nargs="+", help="free-rider tasks (default: all others)")
-    p.add_argument("--defenses", nargs="+", default=defaults["defenses"])
+    p.add_argument(
+        "--defenses",
+        nargs="*",
+        default=defaults["defenses"],
+        help="defenses to audit (none: only the unprotected merges)",
+    )
     p.add_argument("--methods", nargs="+", default=defaults["methods"])
     p.add_argument("--attacks", nargs="*", default=defaults["attacks"])
     p.add_argument(
@@ -323,6 +328,18 @@ def _audit_arguments(p, defaults) -> None:
         nargs="+",
         default=defaults["grid"],
         help="coefficients the attacker tries (default: each method's grid)",
+    )
+    p.add_argument(
+        "--grid-stride",
+        type=int,
+        default=1,
+        metavar="K",
+        help="try every K-th coefficient of each method's grid, the largest always included",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="*",
+        help="free-riders merged pairwise with the victim (default: all; none: only --merge-all)",
     )
     p.add_argument(
         "--merge-all",
@@ -398,6 +415,8 @@ def _run_audit(args) -> int:
         methods=tuple(args.methods),
         attacks=tuple(args.attacks),
         grid=tuple(args.grid) if args.grid else None,
+        grid_stride=args.grid_stride,
+        pairs=tuple(args.pairs) if args.pairs is not None else None,
         merge_all=args.merge_all,
         seed=args.seed,
     )

@@ -31,9 +31,10 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import evaluate
 from mergeshield.evaluation.zoo import Family, build_family
-from mergeshield.folders import load_tensors
+from mergeshield.folders import atomic_dir, load_tensors
 from mergeshield.merging import extract_backbone, get_method, sweep
 from mergeshield.progress import console
 from mergeshield.protect import protect
@@ -47,7 +48,10 @@ INSERTING_METHODS = ("task_arithmetic", "dare_linear", "breadcrumbs")
 @dataclass(frozen=True)
 class AuditPlan:
     """What to measure.  ``None`` for ``victim``/``free_riders`` means the family's first task /
-    all other tasks; ``grid`` ``None`` means each method's own coefficient grid."""
+    all other tasks; ``grid`` ``None`` means each method's own coefficient grid, thinned to
+    every ``grid_stride``-th value counted from the largest (which is always tried).  The victim
+    is merged with each free-rider in ``pairs`` (``None``: all of them) and, with
+    ``merge_all``, with all free-riders at once."""
 
     kind: str = "text"
     setting: str = "small"
@@ -58,6 +62,8 @@ class AuditPlan:
     methods: tuple[str, ...] = ("task_arithmetic", "ties")
     attacks: tuple[str, ...] = ()
     grid: tuple[float, ...] | None = None
+    grid_stride: int = 1  # with grid None: every k-th coefficient of each method's grid
+    pairs: tuple[str, ...] | None = None  # free-riders merged pairwise (None: all of them)
     merge_all: bool = False
     interpolation: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
@@ -115,6 +121,19 @@ def run_audit(
     victim = plan.victim or next(iter(family.tasks))
     riders = list(plan.free_riders or [t for t in family.tasks if t != victim])
     result = AuditResult(plan, _family_summary(family), victim, riders)
+    pairs = riders if plan.pairs is None else list(plan.pairs)
+    unknown = sorted(set(pairs) - set(riders))
+    if unknown:
+        raise MergeShieldError(f"pairs {unknown} are not free-riders of this audit ({riders})")
+    groups = [[r] for r in pairs] + ([riders] if plan.merge_all and len(riders) > 1 else [])
+    if not groups:
+        raise MergeShieldError("nothing to merge: give pairs or merge_all")
+    if plan.grid_stride < 1:
+        raise MergeShieldError(f"grid_stride must be at least 1, got {plan.grid_stride}")
+    out = Path(out)
+    partial = out.parent / f"{out.name}.partial.jsonl"  # one line per finished merge row
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mergeshield-audit-"))
     try:
         variants = _variants(plan, family, victim, work, progress)
@@ -123,7 +142,6 @@ def run_audit(
         }
         for name, (model, _, _) in variants.items():
             result.standalone[name] = evaluate(model, victim, family=family)
-        groups = [[r] for r in riders] + ([riders] if plan.merge_all and len(riders) > 1 else [])
         total = len(variants) * len(plan.methods) * len(groups)
         done = 0
         for name, (model, defense, attack) in variants.items():
@@ -138,21 +156,22 @@ def run_audit(
                         console.print(
                             f"[{done}/{total}] merge {name} + {'+'.join(partners)} with {method}"
                         )
-                    result.merges.append(
-                        _merge_row(
-                            plan,
-                            family,
-                            victim,
-                            name,
-                            defense,
-                            attack,
-                            method,
-                            partners,
-                            backbone,
-                            [backbones[p] for p in partners],
-                            work,
-                        )
+                    row = _merge_row(
+                        plan,
+                        family,
+                        victim,
+                        name,
+                        defense,
+                        attack,
+                        method,
+                        partners,
+                        backbone,
+                        [backbones[p] for p in partners],
+                        work,
                     )
+                    result.merges.append(row)
+                    with partial.open("a") as log:  # progress survives a crash of a long run
+                        log.write(json.dumps(asdict(row)) + "\n")
             if attack == "":
                 result.interpolation[name] = _interpolate(
                     plan, family, victim, backbone, result.standalone[name], work
@@ -160,7 +179,8 @@ def run_audit(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
-    write_report(result, Path(out))
+    write_report(result, out)
+    partial.unlink(missing_ok=True)
     return result
 
 
@@ -211,7 +231,7 @@ def _merge_row(
         return evaluate(family.tasks[victim], victim, family=family, split="val", backbone=path)
 
     best = work / "best"
-    grid = plan.grid if get_method(method).knob is not None else None  # model_stock has no knob
+    grid = coefficient_grid(plan, method)
     result = sweep(
         method,
         family.base,
@@ -241,6 +261,16 @@ def _merge_row(
             for p, a in partner_acc.items()
         },
     )
+
+
+def coefficient_grid(plan: AuditPlan, method: str) -> tuple[float, ...]:
+    """The coefficients the attacker tries for ``method`` under ``plan``."""
+    spec = get_method(method)
+    if spec.knob is None:  # model_stock computes its own ratio
+        return spec.grid
+    if plan.grid is not None:
+        return plan.grid
+    return tuple(reversed(tuple(reversed(spec.grid))[:: plan.grid_stride]))
 
 
 def _interpolate(
@@ -320,7 +350,12 @@ HEADER = [
 
 
 def write_report(result: AuditResult, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write report.json, report.md and the plots to a temporary folder, then rename to ``out``."""
+    with atomic_dir(out) as tmp:
+        _write_report(result, tmp)
+
+
+def _write_report(result: AuditResult, out: Path) -> None:
     data = {
         "plan": asdict(result.plan),
         "family": result.family,
@@ -343,6 +378,10 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         "",
         f"Family: {f['kind']} ({f['setting']}), tasks {', '.join(f['tasks'])}. "
         f"Run time {result.seconds:.0f} s.",
+        "",
+        f"Merge methods: {', '.join(result.plan.methods)}; coefficient grids: "
+        + "; ".join(f"{m} {list(coefficient_grid(result.plan, m))}" for m in result.plan.methods)
+        + ".",
         "",
         "Gain kept = (merged accuracy - base accuracy) / (fine-tuned accuracy - base accuracy); "
         f"a protection holds when at most {HOLDS:.0%} of the gain survives, for the victim and "
