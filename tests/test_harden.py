@@ -19,6 +19,7 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from mergeshield.architectures import AttentionSpec, Slot
 from mergeshield.attacks.adaptive import insert, insertion_config, perturb_update
 from mergeshield.defenses.harden import (
     HardenConfig,
@@ -27,10 +28,10 @@ from mergeshield.defenses.harden import (
     harden,
     load_folder_tensors,
     parse_method,
-    read_examples,
     sample_scale,
     uniform_divergence,
 )
+from mergeshield.defenses.training_data import read_examples
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.frontier import merge_in_memory, trim
 from mergeshield.merging import extract_backbone, merge
@@ -149,25 +150,46 @@ def test_parse_method_and_data_formats(tmp_path: Path) -> None:
         parse_method("trap3")
     csv_file = tmp_path / "d.csv"
     csv_file.write_text("text,label\nhello world,good\nbye,1\n")
-    assert read_examples(csv_file) == [("hello world", "good"), ("bye", "1")]
+    examples = read_examples(csv_file)
+    assert (examples.kind, examples.inputs, examples.labels) == (
+        "text",
+        ["hello world", "bye"],
+        ["good", "1"],
+    )
     with pytest.raises(MergeShieldError):
         read_examples(tmp_path / "d.txt")
 
 
 def test_aga_recovery_removes_exactly_the_row_space_part_of_tau() -> None:
-    """``rec = X - tau Pi``: the head's row-space component of the update is gone."""
+    """``rec = X - tau Pi`` per head, for Q (with its bias as a last column) and for O
+    (``W_O[:, h]^T``): the head's row-space component of the update is gone."""
     torch.manual_seed(0)
     n_heads, d = 2, 8
-    w0 = torch.randn(d, d, dtype=torch.float64)
-    tau = 0.05 * torch.randn(d, d, dtype=torch.float64)
-    name = "bert.encoder.layer.0.attention.self.query.weight"
-    params = {name: w0 + tau}
-    rec = aga_recovery(params, {"q": w0}, {name: "q"}, n_heads, ridge=0.0)[name]
-    for h in range(n_heads):
-        x = (w0 + tau)[h * 4 : (h + 1) * 4]
-        pi = x.T @ torch.linalg.solve(x @ x.T, x)
-        expect = x - tau[h * 4 : (h + 1) * 4] @ pi
-        torch.testing.assert_close(rec[h * 4 : (h + 1) * 4], expect)
+    att = AttentionSpec(
+        q=Slot("q.weight", "q.bias"),
+        k=Slot("k.weight"),
+        v=Slot("v.weight"),
+        o=Slot("o.weight"),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=d // n_heads,
+    )
+    base = {k: torch.randn(d, d, dtype=torch.float64) for k in ("q", "k", "v", "o")}
+    base = {f"{k}.weight": v for k, v in base.items()} | {"q.bias": torch.randn(d).double()}
+    tau = {k: 0.05 * torch.randn_like(v) for k, v in base.items()}
+    params = {f"bert.{k}": base[k] + tau[k] for k in base}
+    names = {f"bert.{k}": k for k in base}
+    rec = aga_recovery(params, base, names, [att], ridge=0.0)
+    q = torch.cat([params["bert.q.weight"], params["bert.q.bias"][:, None]], 1)
+    tau_q = torch.cat([tau["q.weight"], tau["q.bias"][:, None]], 1)
+    rec_q = torch.cat([rec["bert.q.weight"], rec["bert.q.bias"][:, None]], 1)
+    o, tau_o, rec_o = params["bert.o.weight"].T, tau["o.weight"].T, rec["bert.o.weight"].T
+    for x_all, t_all, r_all in ((q, tau_q, rec_q), (o, tau_o, rec_o)):
+        for h in range(n_heads):
+            rows = slice(h * 4, (h + 1) * 4)
+            x = x_all[rows]
+            pi = x.T @ torch.linalg.solve(x @ x.T, x)
+            torch.testing.assert_close(r_all[rows], x - t_all[rows] @ pi)
 
 
 def test_in_memory_task_arithmetic_insertion_formula() -> None:
@@ -308,3 +330,127 @@ def test_real_small_family_trap2_keeps_standalone(tmp_path: Path) -> None:
     )
     acc = evaluate(out, "wordnet_noun", family=fam)
     assert acc >= fam.finetuned_accuracy["wordnet_noun"] - 0.02
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _tree_hashes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cli_harden_then_protect_round_trips_with_the_key(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    """``harden --then-protect`` = ``harden`` followed by the symmetry defense: unprotecting
+    with the key gives the plain hardened model (same seed); the input is untouched and the
+    published record holds neither the seed nor local paths."""
+    from mergeshield.cli import main
+    from mergeshield.protect import unprotect
+
+    before = _tree_hashes(toy["ft"])
+    common = [str(toy["ft"]), "--base", str(toy["base"]), "--data", str(toy["train"])]
+    common += ["--steps", "5", "--lr", "1e-3", "--seed", "7", "-q"]
+    plain, protected, key = tmp_path / "plain", tmp_path / "protected", tmp_path / "k.key"
+    assert main(["harden", *common[:1], str(plain), *common[1:]]) == 0
+    argv = ["harden", common[0], str(protected), *common[1:], "--then-protect", "mergelock"]
+    assert main([*argv, "--key-out", str(key)]) == 0
+    assert _tree_hashes(toy["ft"]) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key", "plain", "protected"]
+    record = (plain / "mergeshield_harden.json").read_text()
+    assert json.loads(record)["config"]["seed"] is None and str(tmp_path) not in record
+    restored = tmp_path / "restored"
+    unprotect(protected, key, restored)
+    a = load_folder_tensors(plain)
+    b = load_folder_tensors(restored)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+    moved = load_folder_tensors(protected)
+    assert any((moved[n] - a[n]).norm() > 0.1 * a[n].norm() for n in a if a[n].ndim == 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        ({"--data": "missing.jsonl"}, "not found"),
+        ({"--method": "trap3"}, "unknown harden method"),
+        ({"--key-out": "k.key"}, "needs --then-protect"),
+        ({"--steps": "0"}, "--steps must be at least 1"),
+        ({"out": "exists"}, "already exists"),
+        ({"--data": "images"}, "holds image"),
+    ],
+)
+def test_cli_harden_bad_input_exits_2_and_writes_nothing(
+    toy: dict[str, Path], tmp_path: Path, capsys, change: dict[str, str], expect: str
+) -> None:
+    from PIL import Image
+
+    from mergeshield.cli import main
+
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "images" / "good").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "images" / "good" / "a.png")
+    args = {"--base": str(toy["base"]), "--data": str(toy["train"]), "--steps": "2"}
+    out = tmp_path / change.pop("out", "out")
+    args |= {k: str(tmp_path / v) if k in ("--data", "--key-out") else v for k, v in change.items()}
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["harden", str(toy["ft"]), str(out), "-q"]
+    assert main(argv + [x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mergeshield: error:") and expect in err and "\n" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_harden_image_classifier_from_an_image_folder(tmp_path: Path) -> None:
+    """ViT classifier + ``root/<label>/*.png``: the spec-driven ARF term and the image
+    preprocessing work, and the result loads with AutoModelForImageClassification."""
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        id2label={0: "dark", 1: "light"},
+        label2id={"dark": 0, "light": 1},
+    )
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    model.vit.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "ft")
+    gen = torch.Generator().manual_seed(0)
+    for label, level in (("dark", 40), ("light", 200)):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            noise = torch.randint(0, 30, (10, 10), generator=gen, dtype=torch.uint8)
+            Image.fromarray((noise + level).numpy()).save(tmp_path / "data" / label / f"{i}.png")
+    out = harden(
+        tmp_path / "ft",
+        tmp_path / "base",
+        tmp_path / "data",
+        tmp_path / "h",
+        method="trap2+arf",
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+    )
+    hardened = AutoModelForImageClassification.from_pretrained(out)
+    assert hardened.config.num_labels == 2
+    record = json.loads((out / "mergeshield_harden.json").read_text())
+    assert record["n_examples"] == 12 and all(math.isfinite(h["arf"]) for h in record["history"])
+
+
+def test_datasets_folder_is_read(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(
+        {"train": Dataset.from_dict({"sentence": ["a b", "c"], "label": [1, 0]})}
+    ).save_to_disk(str(tmp_path / "ds"))
+    examples = read_examples(tmp_path / "ds")
+    assert (examples.kind, examples.inputs, examples.labels) == ("text", ["a b", "c"], [1, 0])

@@ -209,6 +209,130 @@ def _run_unprotect(args) -> int:
     return 0
 
 
+def _add_harden(sub) -> None:
+    from mergeshield.defenses import DEFENSES
+    from mergeshield.defenses.harden import COMPONENTS, HardenConfig
+
+    defaults = HardenConfig()
+    p = sub.add_parser(
+        "harden",
+        help="fine-tune a release so that merges of it fail (needs the owner's task data)",
+        description="Continue training the classifier MODEL on the owner's task DATA so that it "
+        "keeps its own accuracy while simulated merges of it predict nothing (TRAP2-style scale "
+        "sensitivity, merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an "
+        "exact symmetry defense. Output loads with stock Auto classes. Whether it holds against "
+        "adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.",
+    )
+    p.add_argument("model", type=Path, help="fine-tuned classifier checkpoint folder")
+    p.add_argument("out", type=Path, help="output folder (written atomically)")
+    p.add_argument("--base", type=Path, required=True, help="the public base model folder")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="training data: .jsonl/.csv with text and label, an image folder "
+        "(root/<label>/<image>), or a `datasets` save_to_disk folder",
+    )
+    p.add_argument(
+        "--method",
+        default="trap2+merge",
+        help=f"components joined with '+', from {', '.join(COMPONENTS)} (default: trap2+merge)",
+    )
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument(
+        "--lam", type=float, default=defaults.lam, help="weight of the simulated-merge terms"
+    )
+    p.add_argument("--max-len", type=int, default=defaults.max_len, help="token limit (text)")
+    p.add_argument(
+        "--proxies",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="other fine-tunes of the same base, simulated as merge partners ('merge')",
+    )
+    p.add_argument("--train-embeddings", action="store_true", help="also train the embeddings")
+    p.add_argument(
+        "--then-protect",
+        choices=sorted(DEFENSES),
+        help="apply this exact symmetry defense to the hardened model",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="reproducible randomness (with --then-protect A SEED IS A KEY: keep it secret). "
+        "Default: fresh OS randomness",
+    )
+    p.add_argument(
+        "--key-out", type=Path, help="with --then-protect: write the secret key to this file"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if present")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.set_defaults(run=_run_harden)
+
+
+def _run_harden(args) -> int:
+    import secrets
+    import shutil
+    import tempfile
+
+    from mergeshield.checkpoint import check_output_path, open_checkpoint
+    from mergeshield.defenses.harden import harden, parse_method
+    from mergeshield.protect import protect
+
+    parse_method(args.method)
+    for name in ("steps", "batch_size", "max_len"):
+        if getattr(args, name) < 1:
+            raise MergeShieldError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.lam < 0:
+        raise MergeShieldError("--lr must be positive and --lam non-negative")
+    if args.key_out and not args.then_protect:
+        raise MergeShieldError("--key-out needs --then-protect (hardening alone has no key)")
+    open_checkpoint(args.model)
+    open_checkpoint(args.base)
+    for proxy in args.proxies:
+        open_checkpoint(proxy)
+    check_output_path(args.model, args.out, args.overwrite)
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    options = dict(
+        method=args.method,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        lam=args.lam,
+        max_len=args.max_len,
+        proxies=tuple(str(p) for p in args.proxies),
+        train_embeddings=args.train_embeddings,
+        seed=seed,
+        progress=not args.quiet,
+    )
+    if not args.then_protect:
+        harden(args.model, args.base, args.data, args.out, **options)
+        print(f"hardened {args.model} with {args.method} -> {args.out}")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.harden-", dir=args.out.parent))
+    try:
+        hardened = harden(args.model, args.base, args.data, work / "hardened", **options)
+        result = protect(
+            hardened,
+            args.out,
+            args.then_protect,
+            base=args.base,
+            seed=args.seed,
+            key_out=args.key_out,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"hardened {args.model} with {args.method}, then {result.defense} -> {result.output}")
+    if result.key:
+        print(f"key (secret, do not publish): {result.key}")
+    return 0
+
+
 def _add_defenses(sub) -> None:
     p = sub.add_parser("defenses", help="list defenses and supported model types")
     p.set_defaults(run=_run_defenses)
@@ -443,6 +567,7 @@ COMMANDS: list[Callable] = [
     _add_verify,
     _add_unprotect,
     _add_defenses,
+    _add_harden,
     _add_merge,
     _add_attack,
     _add_audit,

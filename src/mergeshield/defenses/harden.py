@@ -52,13 +52,12 @@ The result is saved with stock ``save_pretrained`` (loads with ``AutoModelFor...
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +65,16 @@ import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
+from mergeshield.architectures import AttentionSpec, describe
+from mergeshield.attacks.matching import head_rows, out_heads
+from mergeshield.defenses.training_data import (
+    encode_examples,
+    read_examples,
+)
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.tasks import TaskData
 from mergeshield.evaluation.zoo import TOKENIZER_FILES
+from mergeshield.folders import atomic_dir
 
 Tensors = dict[str, torch.Tensor]
 COMPONENTS = ("trap2", "merge", "arf", "mergeguard")
@@ -100,73 +106,6 @@ class HardenConfig:
     train_embeddings: bool = False  # the embeddings are half of MiniLM; frozen by default
     max_len: int = 32
     seed: int = 0
-
-
-@dataclass
-class TrainingSet:
-    """Tokenized training examples: ``input_ids``, ``attention_mask``, ``labels``."""
-
-    tensors: Tensors = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.tensors["labels"])
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def read_examples(data: TaskData | str | Path | Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """``(text, label)`` pairs from a :class:`TaskData` (its train split), a JSONL file (one
-    object per line with ``text`` and ``label``), a CSV file with a header holding ``text``
-    and ``label`` columns, or a sequence of pairs.  Labels are ints or label names."""
-    if isinstance(data, TaskData):
-        return [(str(x), int(y)) for x, y in zip(data.train.x, data.train.y, strict=True)]
-    if isinstance(data, str | Path):
-        path = Path(data)
-        if not path.is_file():
-            raise MergeShieldError(f"training data {path} not found")
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            raise MergeShieldError(f"{path}: training data must be .jsonl or .csv")
-        try:
-            return [(str(r["text"]), r["label"]) for r in rows]
-        except KeyError as err:
-            raise MergeShieldError(f"{path}: every row needs 'text' and 'label' ({err})") from err
-    return [(str(t), y) for t, y in data]
-
-
-def encode_examples(
-    examples: list[tuple[str, Any]], tokenizer: Any, label2id: dict[str, int], max_len: int
-) -> TrainingSet:
-    """Tokenize ``examples`` (padding to the longest) and map label names to ids."""
-    if not examples:
-        raise MergeShieldError("no training examples")
-    labels = []
-    for _, y in examples:
-        if isinstance(y, str) and not y.lstrip("-").isdigit():
-            if y not in label2id:
-                raise MergeShieldError(f"unknown label {y!r}; the model has {sorted(label2id)}")
-            labels.append(label2id[y])
-        else:
-            labels.append(int(y))
-    enc = tokenizer(
-        [t for t, _ in examples],
-        truncation=True,
-        max_length=max_len,
-        padding="longest",
-        return_tensors="pt",
-    )
-    return TrainingSet(
-        {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "labels": torch.as_tensor(labels, dtype=torch.long),
-        }
-    )
 
 
 # ----------------------------------------------------------------------------- weights
@@ -253,48 +192,57 @@ def sample_scale(gen: torch.Generator, cfg: HardenConfig) -> float:
     return cfg.s_min + u if u < low else 1.0 + cfg.delta + (u - low)
 
 
-def head_rows(name: str, weight: torch.Tensor, n_heads: int) -> tuple[str, torch.Tensor] | None:
-    """For a BERT attention weight, its per-head row blocks ``(n_heads, d_h, d_in)``: Q/K/V
-    rows, or ``W_O[:, h]^T`` for the output projection; None for other tensors."""
-    if name.endswith(
-        ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
-    ):
-        return "qkv", weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1])
-    if name.endswith("attention.output.dense.weight"):
-        d = weight.shape[1] // n_heads
-        return "o", weight.T.reshape(n_heads, d, weight.shape[0])
-    return None
+def attention_specs(config: Any, base_names: Sequence[str]) -> list[AttentionSpec]:
+    """The attention of every block (base tensor names), from the architecture spec; fused or
+    transposed projections (GPT-2's ``c_attn``) are refused: ARF writes head rows back."""
+    specs = [block.attention for block in describe(config, base_names).blocks]
+    for att in specs:
+        for slot in (att.q, att.k, att.v, att.o):
+            if slot.chunk is not None or slot.transposed:
+                raise MergeShieldError(
+                    f"arf needs separate, untransposed attention projections; {slot.weight} is "
+                    "fused or transposed (use trap2, merge or mergeguard for this model)"
+                )
+    return specs
 
 
 def aga_recovery(
-    params: Tensors, base: Tensors, names: dict[str, str], n_heads: int, ridge: float = 1e-6
+    params: Tensors,
+    base: Tensors,
+    names: dict[str, str],
+    attentions: Sequence[AttentionSpec],
+    ridge: float = 1e-6,
 ) -> Tensors:
     """Differentiable simulation of AGA's recovery of ``params`` (no symmetry applied):
-    per head ``X - tau_h Pi`` with ``Pi = X^T (X X^T + ridge I)^-1 X`` (Q/K/V with their bias
-    as a last column, O as ``W_O[:, h]^T``); every other tensor unchanged (AGA restores the
-    MLP permutation exactly)."""
+    per head ``X - tau_h Pi`` with ``Pi = X^T (X X^T + ridge I)^-1 X`` (Q/K/V rows with their
+    bias as a last column, O as ``W_O[:, h]^T``; the row form of :mod:`mergeshield.attacks.
+    matching`); every other tensor unchanged (AGA restores the MLP permutation exactly).
+    ``names``: model parameter name -> base name; ``attentions``: :func:`attention_specs`."""
+    model_name = {names[n]: n for n in params if n in names}
+    cur = {short: params[n] for short, n in model_name.items()}
     out = dict(params)
-    for name, w in params.items():
-        shaped = head_rows(name, w, n_heads)
-        if shaped is None:
-            continue
-        kind, x = shaped
-        x0 = head_rows(name, base[names[name]].to(w.dtype), n_heads)[1]
-        bias_name = name[: -len("weight")] + "bias"
-        if kind == "qkv" and bias_name in params:
-            b = params[bias_name].reshape(n_heads, -1, 1)
-            b0 = base[names[bias_name]].to(w.dtype).reshape(n_heads, -1, 1)
-            x, x0 = torch.cat([x, b], -1), torch.cat([x0, b0], -1)
-        gram = x @ x.transpose(1, 2) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
-        coef = torch.linalg.solve(gram, x @ x0.transpose(1, 2)).transpose(1, 2)  # T
-        rec = coef @ x  # = X0 Pi
-        if kind == "qkv":
-            if bias_name in params:
-                out[bias_name] = rec[..., -1].reshape(-1)
-                rec = rec[..., :-1]
-            out[name] = rec.reshape(w.shape)
-        else:
-            out[name] = rec.reshape(-1, w.shape[0]).T.reshape(w.shape)
+    for att in attentions:
+        for slot, n in (
+            (att.q, att.n_heads),
+            (att.k, att.n_kv_heads),
+            (att.v, att.n_kv_heads),
+            (att.o, att.n_heads),
+        ):
+            if slot.weight not in cur:
+                continue
+            read = out_heads if slot is att.o else head_rows
+            x = read(cur, slot, n, att.head_dim)
+            x0 = read(base, slot, n, att.head_dim).to(x.dtype)
+            gram = x @ x.transpose(1, 2) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+            coef = torch.linalg.solve(gram, x @ x0.transpose(1, 2)).transpose(1, 2)  # T
+            rec = coef @ x  # = X0 Pi
+            w = cur[slot.weight]
+            if slot is att.o:
+                out[model_name[slot.weight]] = rec.reshape(-1, w.shape[0]).T
+                continue
+            out[model_name[slot.weight]] = rec[..., : w.shape[1]].reshape(w.shape)
+            if slot.bias is not None:
+                out[model_name[slot.bias]] = rec[..., w.shape[1]].reshape(-1)
     return out
 
 
@@ -313,7 +261,7 @@ def parse_method(method: str) -> list[str]:
 def harden(
     task_model: Path,
     base: Path,
-    data: TaskData | str | Path | Sequence[tuple[str, Any]],
+    data: TaskData | str | Path | Sequence[tuple[Any, Any]],
     out: Path,
     *,
     method: str,
@@ -324,10 +272,17 @@ def harden(
     """Fine-tune the released classifier ``task_model`` with the components of ``method`` (see
     the module docstring) on ``data`` for ``config.steps`` steps; save it to ``out``; return it.
 
-    ``base``: the public base model folder (``theta_0``).  ``overrides`` replace fields of
-    ``config``.  Text classification checkpoints (``AutoModelForSequenceClassification``).
+    ``base``: the public base model folder (``theta_0``).  ``data``: any source that
+    :func:`mergeshield.defenses.training_data.read_examples` accepts.  ``overrides`` replace
+    fields of ``config``.  Text (``AutoModelForSequenceClassification``) and image
+    (``AutoModelForImageClassification``) classifiers.  ``out`` is written to a temporary
+    folder and renamed into place when complete (an existing ``out`` is replaced).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     cfg = replace(config or HardenConfig(), **overrides)
     parts = parse_method(method)
@@ -336,22 +291,35 @@ def harden(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        task_model, local_files_only=True, dtype=torch.float32
-    ).eval()
+    examples = read_examples(data)
+    model_config = AutoConfig.from_pretrained(task_model, local_files_only=True)
+    is_image = any(a.endswith("ForImageClassification") for a in model_config.architectures or [])
+    if examples.kind != ("image" if is_image else "text"):
+        raise MergeShieldError(
+            f"{task_model} is an {'image' if is_image else 'text'} classifier but the training "
+            f"data holds {examples.kind}"
+        )
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    auto = AutoModelForImageClassification if is_image else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(task_model, local_files_only=True, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
     tok_dir = task_model if (task_model / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     train = encode_examples(
-        read_examples(data), tokenizer, dict(model.config.label2id or {}), cfg.max_len
+        examples, task_model, model.config, tokenizer_dir=tok_dir, max_len=cfg.max_len
     )
-    n_labels = int(model.config.num_labels)
-    if int(train.tensors["labels"].max()) >= n_labels or int(train.tensors["labels"].min()) < 0:
-        raise MergeShieldError(f"labels must lie in [0, {n_labels}) for {task_model}")
 
     base_t = {k: v.float() for k, v in load_folder_tensors(base).items()}
     names = backbone_map(model, base_t)
     theta0 = {n: base_t[s] for n, s in names.items()}
-    n_heads = int(model.config.num_attention_heads)
+    attentions = attention_specs(model.config, list(base_t)) if "arf" in parts else []
     proxies = proxy_vectors(cfg.proxies, names, base_t) if "merge" in parts else []
 
     for name, p in model.named_parameters():
@@ -363,7 +331,7 @@ def harden(
     with torch.no_grad():
         orig_logits = torch.cat(
             [
-                model(**_batch(train.tensors, torch.arange(i, min(i + 64, len(train))))).logits
+                model(**_inputs(train.tensors, torch.arange(i, min(i + 64, len(train))))).logits
                 for i in range(0, len(train), 64)
             ]
         )
@@ -383,8 +351,8 @@ def harden(
 
     for step in range(cfg.steps):
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
-        batch = _batch(train.tensors, idx)
-        labels = batch.pop("labels")
+        batch = _inputs(train.tensors, idx)
+        labels = train.tensors["labels"][idx]
         params = {n: p for n, p in model.named_parameters()}
         tau = {n: fixed_tau[n] if n in fixed_tau else params[n] - theta0[n] for n in names}
         logits = forward(params, batch)
@@ -434,7 +402,7 @@ def harden(
             record["merge"] = float(d.detach())
 
         if "arf" in parts:
-            rec = aga_recovery({n: params[n] for n in names}, base_t, names, n_heads)
+            rec = aga_recovery({n: params[n] for n in names}, base_t, names, attentions)
             s = 1.0 if float(torch.rand((), generator=gen)) < 0.5 else sample_scale(gen, cfg)
             moved = params | {n: theta0[n] + s * (rec[n] - theta0[n]) for n in names}
             d = uniform_divergence(forward(moved, batch))
@@ -450,7 +418,7 @@ def harden(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
         opt.step()
-        record["loss"] = float(loss)
+        record["loss"] = float(loss.detach())
         history.append(record)
         if progress and (step % 10 == 0 or step == cfg.steps - 1):
             print(json.dumps({k: round(v, 4) for k, v in record.items()}), flush=True)
@@ -459,32 +427,34 @@ def harden(
         with torch.no_grad():
             _partial_negation(model, theta0, names, cfg)
 
-    out.mkdir(parents=True, exist_ok=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.save_pretrained(out)
-    for fname in TOKENIZER_FILES:
-        if (tok_dir / fname).is_file():
-            shutil.copy2(tok_dir / fname, out / fname)
+    # published with the model: no seed (a secret when the release is then protected), no
+    # local paths
+    public = asdict(cfg) | {"seed": None, "proxies": len(cfg.proxies)}
     record_out = {
         "method": method,
-        "config": asdict(cfg),
-        "task_model": str(task_model),
-        "base": str(base),
+        "config": public,
         "n_examples": len(train),
         "seconds": round(time.perf_counter() - start, 1),
         "history": history,
     }
-    (out / "mergeshield_harden.json").write_text(json.dumps(record_out, indent=1) + "\n")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        for fname in (*TOKENIZER_FILES, "preprocessor_config.json"):
+            if (tok_dir / fname).is_file():
+                shutil.copy2(tok_dir / fname, tmp / fname)
+        (tmp / "mergeshield_harden.json").write_text(json.dumps(record_out, indent=1) + "\n")
     return out
 
 
-def _batch(tensors: Tensors, idx: torch.Tensor) -> Tensors:
-    """Rows ``idx`` of each tensor, token tensors cut to the longest row."""
-    batch = {k: v[idx] for k, v in tensors.items()}
-    length = max(int(batch["attention_mask"].sum(1).max()), 1)
-    batch["input_ids"] = batch["input_ids"][:, :length]
-    batch["attention_mask"] = batch["attention_mask"][:, :length]
+def _inputs(tensors: Tensors, idx: torch.Tensor) -> Tensors:
+    """Model inputs of rows ``idx`` (no labels), token tensors cut to the longest row."""
+    batch = {k: v[idx] for k, v in tensors.items() if k != "labels"}
+    if "attention_mask" in batch:
+        length = max(int(batch["attention_mask"].sum(1).max()), 1)
+        batch["input_ids"] = batch["input_ids"][:, :length]
+        batch["attention_mask"] = batch["attention_mask"][:, :length]
     return batch
 
 
