@@ -400,14 +400,14 @@ def _finetune_attack(
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
     tau_partner``, on ``n`` victim training examples; test accuracy along the way."""
     from mergeshield.evaluation.tasks import load_task
-    from mergeshield.evaluation.zoo import _encode  # the zoo's own tokenization
+    from mergeshield.evaluation.zoo import encode_split  # the zoo's own tokenization
 
     n, steps = plan.finetune
     s = family.manifest["settings"]
     data = load_task(victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
     from mergeshield.evaluation.zoo import ZooSettings
 
-    train = _encode(family, data, "train", ZooSettings(**s))
+    train = encode_split(family, data, "train", ZooSettings(**s))
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
     test = Scorer(family, victim, released).data["test"]

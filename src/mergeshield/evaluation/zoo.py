@@ -361,7 +361,7 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> 
         task, settings.n_train, settings.n_val, settings.n_test, settings.seed, settings.image_size
     )
     if not data_path.is_file():
-        tensors = {s: _encode(family, data, s, settings) for s in ("val", "test")}
+        tensors = {s: encode_split(family, data, s, settings) for s in ("val", "test")}
         data_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_file = data_path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{task}.pt")
         torch.save({"labels": data.labels, **tensors}, tmp_file)
@@ -421,7 +421,7 @@ def _finetune(
         )
     loss = _train(
         model,
-        _encode(family, data, "train", settings),
+        encode_split(family, data, "train", settings),
         epochs=settings.epochs,
         lr=settings.lr,
         settings=settings,
@@ -443,7 +443,9 @@ def _finetune(
     }
 
 
-def _encode(family: Family, data: TaskData, split: str, settings: ZooSettings) -> dict[str, Any]:
+def encode_split(
+    family: Family, data: TaskData, split: str, settings: ZooSettings
+) -> dict[str, Any]:
     """Model inputs and ``labels`` of one split; text is tokenized with the base tokenizer and
     sorted by length (shortest first), which makes batched evaluation cheaper."""
     part = data.split(split)
