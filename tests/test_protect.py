@@ -216,3 +216,40 @@ def test_params_mismatch_moves_mlp_farther_from_a_prefixed_base(tmp_path):
     dist_far = (far_t["bert." + name] - base_t[name]).norm()
     dist_random = (rand_t["bert." + name] - base_t[name]).norm()
     assert dist_far > dist_random
+
+
+@pytest.mark.parametrize("family", ["bert-seqcls", "llama-gqa2", "mistral-gqa4"])
+def test_barrier_flip_of_permuted_heads_is_the_permuted_flip(checkpoints, family):
+    """``all`` reorders the flips by kv_perm instead of recomputing them on a permuted copy:
+    both give the same matrices, and each flip is a symmetric orthogonal reflection of
+    ``flip_fraction * d`` directions computed from the whole query group."""
+    from mergeshield.checkpoint import open_checkpoint, reader
+    from mergeshield.defenses.base import BlockContext, DefenseOptions, random_head_permutation
+    from mergeshield.defenses.published import barrier_flips
+    from mergeshield.symmetries.transform import BlockTransform, apply_transform
+
+    ckpt = open_checkpoint(checkpoints[family][0])
+    block = ckpt.spec.blocks[0]
+    att = block.attention
+    with reader(ckpt) as r:
+        weights = r.block(block)
+    options = DefenseOptions(low_precision=False)
+    rng = np.random.default_rng(3)
+    kv_perm, q_perm = random_head_permutation(att, rng)
+    moved = {k: v.clone() for k, v in weights.items()}
+    apply_transform(moved, block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
+    flips = barrier_flips(BlockContext(block, weights, None, rng, options))
+    recomputed = barrier_flips(BlockContext(block, moved, None, rng, options))
+    np.testing.assert_allclose(flips[kv_perm], recomputed, atol=1e-9)
+    d, r = att.head_dim, att.group_size
+    for g, p in enumerate(flips):
+        np.testing.assert_allclose(p, p.T, atol=1e-12)
+        np.testing.assert_allclose(p @ p, np.eye(d), atol=1e-9)
+        assert round(float(np.trace(p))) == d - 2 * max(1, round(0.5 * d))
+        if not att.rope:  # the flipped directions are the top eigenvectors of the group energy
+            wq = weights[att.q.weight].reshape(att.n_heads, d, -1)[g * r : (g + 1) * r]
+            wk = weights[att.k.weight].reshape(att.n_kv_heads, d, -1)[g]
+            gram = (wk @ wk.T + sum(x @ x.T for x in wq)).numpy()
+            vals, vecs = np.linalg.eigh(gram)
+            top = vecs[:, -max(1, round(0.5 * d)) :]
+            np.testing.assert_allclose(p @ top, -top, atol=1e-8)

@@ -139,26 +139,30 @@ def mergelock(ctx: BlockContext) -> BlockTransform:
 
 
 def barrier_flips(ctx: BlockContext) -> np.ndarray:
-    """MergeBarrier's ``P_g`` per key/value head (the top-k eigen-directions flipped)."""
+    """MergeBarrier's ``P_g`` per key/value head (the top-k eigen-directions flipped).
+
+    The QK energy of kv head ``g`` is ``G_g = W_K^g W_K^gT + sum_{h in group g} W_Q^h W_Q^hT``
+    (``d x d``).  Without RoPE, ``P_g = I - 2 U U^T`` for the top ``flip_fraction * d``
+    eigenvectors ``U`` of ``G_g``; with RoPE only whole ``rotate_half`` pairs may be flipped,
+    ranked by the pair's energy ``G_ii + G_jj`` (the diagonal: row norms squared).
+    """
     att, opt = ctx.block.attention, ctx.options
-    d, r = att.head_dim, att.group_size
+    d, r, g = att.head_dim, att.group_size, att.n_kv_heads
     wq = view(ctx.weights, att.q)[0].reshape(att.n_heads, d, -1)
-    wk = view(ctx.weights, att.k)[0].reshape(att.n_kv_heads, d, -1)
-    flips = []
-    for g in range(att.n_kv_heads):
-        gram = (wk[g] @ wk[g].T + sum(wq[h] @ wq[h].T for h in range(g * r, (g + 1) * r))).numpy()
-        p = np.eye(d)
-        if att.rope:
-            first, second = rope_pairs(d)
-            energy = gram[first, first] + gram[second, second]
-            top = np.argsort(energy)[::-1][: max(1, round(opt.flip_fraction * d / 2))]
-            p[first[top], first[top]] = p[second[top], second[top]] = -1.0
-        else:
-            _, vecs = np.linalg.eigh(gram)
-            u = vecs[:, ::-1][:, : max(1, round(opt.flip_fraction * d))]
-            p -= 2 * u @ u.T
-        flips.append(p)
-    return np.stack(flips)
+    wk = view(ctx.weights, att.k)[0].reshape(g, d, -1)
+    flips = np.repeat(np.eye(d)[None], g, axis=0)
+    if att.rope:
+        diag = (wq.square().sum(-1).reshape(g, r, d).sum(1) + wk.square().sum(-1)).numpy()
+        first, second = rope_pairs(d)
+        n_top = max(1, round(opt.flip_fraction * d / 2))
+        for i, energy in enumerate(diag[:, first] + diag[:, second]):
+            top = np.argsort(energy)[::-1][:n_top]
+            flips[i, first[top], first[top]] = flips[i, second[top], second[top]] = -1.0
+        return flips
+    gram = (wq @ wq.transpose(1, 2)).reshape(g, r, d, d).sum(1) + wk @ wk.transpose(1, 2)
+    _, vecs = np.linalg.eigh(gram.numpy())
+    u = vecs[:, :, ::-1][:, :, : max(1, round(opt.flip_fraction * d))]
+    return flips - 2 * u @ np.swapaxes(u, 1, 2)
 
 
 def mergebarrier(ctx: BlockContext) -> BlockTransform:
@@ -170,9 +174,10 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     att, mlp = ctx.block.attention, ctx.block.mlp
     kv_perm, q_perm = random_head_permutation(att, ctx.rng)
     lock_qk, lock_vo = _mergelock_matrices(ctx)
-    # The flip is computed on the weights after the head permutation, where it is applied.
-    permuted = _permuted_heads(ctx, kv_perm, q_perm)
-    flips = barrier_flips(permuted)
+    # The flip is applied after the head permutation.  New kv head j is old kv head
+    # kv_perm[j] and its query group is old group kv_perm[j] (reordered within), so its QK
+    # energy, and hence its flip, is the old head's: no permuted copy of the weights needed.
+    flips = barrier_flips(ctx)[kv_perm]
     scale = None
     if mlp.gate is not None:
         sign = ctx.rng.choice([-1.0, 1.0], mlp.n_units)
@@ -185,17 +190,6 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
         unit_perm=_mlp_permutation(ctx),
         unit_scale=scale,
     )
-
-
-def _permuted_heads(ctx: BlockContext, kv_perm: np.ndarray, q_perm: np.ndarray) -> BlockContext:
-    from mergeshield.symmetries.transform import apply_transform
-
-    # Only the attention tensors: the head permutation touches nothing else, and at 8B width
-    # the MLP is ~80% of a block (a clone of it would cost 1.4 GB of float64).
-    names = {n for slot in ctx.block.attention.slots().values() for n in slot.names()}
-    weights = {k: v.clone() for k, v in ctx.weights.items() if k in names}
-    apply_transform(weights, ctx.block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
-    return BlockContext(ctx.block, weights, None, ctx.rng, ctx.options)
 
 
 register(
