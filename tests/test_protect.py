@@ -253,3 +253,15 @@ def test_barrier_flip_of_permuted_heads_is_the_permuted_flip(checkpoints, family
             vals, vecs = np.linalg.eigh(gram)
             top = vecs[:, -max(1, round(0.5 * d)) :]
             np.testing.assert_allclose(p @ top, -top, atol=1e-8)
+
+
+def test_allocator_settings_apply_on_glibc():
+    """The CLI's mallopt settings are accepted (in a child process: they are process-wide)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt settings are glibc-specific")
+    code = "from mergeshield.allocator import keep_freed_memory as k; raise SystemExit(not k())"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

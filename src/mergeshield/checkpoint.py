@@ -349,8 +349,13 @@ class TensorReader:
             _fail(f"{self.checkpoint.path}: {name} contains NaN or Inf values")
         return tensor
 
-    def block(self, block: BlockSpec, like: BlockSpec | None = None) -> dict[str, torch.Tensor]:
-        """The block's tensors as float64 working copies.
+    def block(
+        self,
+        block: BlockSpec,
+        like: BlockSpec | None = None,
+        dtype: torch.dtype | None = torch.float64,
+    ) -> dict[str, torch.Tensor]:
+        """The block's tensors as ``dtype`` working copies (``None``: as stored).
 
         With ``like`` (the same block of another checkpoint of the same architecture, e.g. a
         ``BertForSequenceClassification`` whose names carry a ``bert.`` prefix), the tensors are
@@ -359,7 +364,8 @@ class TensorReader:
         names = block.tensor_names()
         keys = like.tensor_names() if like is not None else names
         return {
-            key: self.get(name).to(torch.float64) for key, name in zip(keys, names, strict=True)
+            key: self.get(name) if dtype is None else self.get(name).to(dtype)
+            for key, name in zip(keys, names, strict=True)
         }
 
 
@@ -433,13 +439,16 @@ def rewrite(
     metadata: dict[str, str],
     overwrite: bool = False,
     on_block: Callable[[], None] | None = None,
+    working_dtype: torch.dtype | None = torch.float64,
 ) -> None:
     """Write ``checkpoint`` to ``out`` with every block passed through ``transform_block``.
 
-    ``transform_block(index, block, float64 tensors)`` returns the new float64 tensors; they are
-    cast back to the stored dtype here, once.  Each output shard is written tensor by tensor
-    (:class:`ShardWriter`) and the input is read with ``pread`` (:class:`ShardFile`), so memory
-    holds one block (float64 working copies plus their cast) and never a whole shard; a block
+    ``transform_block(index, block, tensors)`` gets the block's tensors as ``working_dtype``
+    copies (``None``: in their stored dtype) and returns the new tensors; they are cast back to
+    the stored dtype here, once (a no-op for tensors already in it).  Each output shard is
+    written tensor by tensor (:class:`ShardWriter`) and the input is read with ``pread``
+    (:class:`ShardFile`), so memory holds one block (working copies plus their cast) and never
+    a whole shard; a block
     whose tensors straddle two shards is kept until its last tensor is written.
     """
     check_output_path(checkpoint.path, out, overwrite)
@@ -464,7 +473,7 @@ def rewrite(
                     if name not in pending:
                         index = block_of[name]
                         block = checkpoint.spec.blocks[index]
-                        new = transform_block(index, block, src.block(block))
+                        new = transform_block(index, block, src.block(block, dtype=working_dtype))
                         for key in list(new):
                             value = new.pop(key)
                             if not all_finite(value):

@@ -98,8 +98,11 @@ def _add_protect(sub) -> None:
 
 
 def _run_protect(args) -> int:
+    from mergeshield.allocator import keep_freed_memory
     from mergeshield.defenses import DefenseOptions
     from mergeshield.protect import protect
+
+    keep_freed_memory()  # this process streams one checkpoint, then exits
 
     if not 0 < args.flip_fraction <= 1:
         raise MergeShieldError("--flip-fraction must be in (0, 1]")
@@ -200,7 +203,10 @@ def _add_unprotect(sub) -> None:
 
 
 def _run_unprotect(args) -> int:
+    from mergeshield.allocator import keep_freed_memory
     from mergeshield.protect import unprotect
+
+    keep_freed_memory()
 
     out = unprotect(
         args.protected, args.key, args.out, overwrite=args.overwrite, progress=not args.quiet

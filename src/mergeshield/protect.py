@@ -34,7 +34,11 @@ from mergeshield.checkpoint import (
 from mergeshield.defenses import BlockContext, DefenseOptions, get_defense
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
-from mergeshield.symmetries.transform import BlockTransform, apply_transform
+from mergeshield.symmetries.transform import (
+    BlockTransform,
+    Float64View,
+    apply_in_stored_dtype,
+)
 
 KEY_FORMAT = "mergeshield-key/1"
 
@@ -125,7 +129,7 @@ def protect(
         def transform_block(index: int, block: BlockSpec, tensors: dict[str, torch.Tensor]):
             ctx = BlockContext(
                 block=block,
-                weights=tensors,
+                weights=Float64View(tensors),  # widened on first use
                 base=base_reader.block(base_ckpt.spec.blocks[index], like=block)
                 if base_reader
                 else None,
@@ -134,13 +138,14 @@ def protect(
             )
             with single_threaded_numpy_blas():
                 t = spec_defense.sample(ctx)
-            apply_transform(tensors, block, t)
+            del ctx
+            apply_in_stored_dtype(tensors, block, t)
             if key_out is not None:
                 transforms[index] = t
             return tensors
 
         metadata = {"mergeshield_version": __version__, "mergeshield_defense": defense}
-        rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar)
+        rewrite(src, out, transform_block, metadata, overwrite, on_block=bar, working_dtype=None)
     if key_out is not None:
         save_key(key_out, transforms, defense, src)
     return ProtectResult(output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out)
@@ -216,9 +221,10 @@ def unprotect(
     with progress_bar("unprotect", len(src.spec.blocks), progress) as bar:
 
         def transform_block(index: int, block: BlockSpec, tensors: dict[str, torch.Tensor]):
-            apply_transform(tensors, block, transforms.get(index, BlockTransform()), inverse=True)
+            t = transforms.get(index, BlockTransform())
+            apply_in_stored_dtype(tensors, block, t, inverse=True)
             return tensors
 
         metadata = {"mergeshield_version": __version__, "mergeshield_restored": "true"}
-        rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar)
+        rewrite(src, out, transform_block, metadata, overwrite, on_block=bar, working_dtype=None)
     return out

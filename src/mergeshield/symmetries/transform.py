@@ -13,13 +13,17 @@ A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
    ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
    (exact only for gated MLPs, where ``up`` enters linearly).
 
-All maths runs in float64 on a working copy of the block's tensors; the caller casts back to
-the stored dtype once.
+:func:`apply_transform` runs on float64 working copies; the caller casts back to the stored
+dtype once.  :func:`apply_in_stored_dtype` gives the same bytes for less work: steps 1 and 4's
+permutation only move data, which is exact in any dtype (and commutes with exact widening), so
+they run on the stored tensors; only the tensors that steps 2-4's products touch are widened to
+float64, and cast back once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -177,3 +181,62 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
         for slot in ins:
             _permute_rows(tensors, slot, back, 1)
         _permute_columns(tensors, mlp.down, back, 1)
+
+
+# --- the same transform with permutations in the stored dtype ------------------------------
+
+
+def split_transform(t: BlockTransform) -> tuple[BlockTransform, BlockTransform]:
+    """``(moves, products)``: the head and unit permutations, and the QK/VO/scale maps."""
+    moves = BlockTransform(kv_perm=t.kv_perm, q_perm=t.q_perm, unit_perm=t.unit_perm)
+    return moves, replace(t, kv_perm=None, q_perm=None, unit_perm=None)
+
+
+def product_tensors(block: BlockSpec, t: BlockTransform) -> list[str]:
+    """Names of the tensors that ``t``'s QK, VO and unit-scale steps change."""
+    att, mlp = block.attention, block.mlp
+    slots = ([att.q, att.k] if t.qk is not None else []) + (
+        [att.v, att.o] if t.vo is not None else []
+    )
+    if t.unit_scale is not None:
+        slots += [mlp.up, mlp.down]
+    return list(dict.fromkeys(n for slot in slots for n in slot.names()))
+
+
+def apply_in_stored_dtype(
+    tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
+) -> None:
+    """:func:`apply_transform` on tensors in their stored dtype, in place, with the same result
+    as widening every tensor to float64, transforming and casting back: permutations run on
+    the stored data (forward: first; inverse: last), the products on float64 copies of only
+    the tensors they change, each cast back once."""
+    moves, products = split_transform(t)
+    if not inverse:
+        apply_transform(tensors, block, moves)
+    names = product_tensors(block, products)
+    if names:
+        wide = {n: tensors[n].to(torch.float64) for n in names}
+        apply_transform(wide, block, products, inverse=inverse)
+        for n in names:
+            tensors[n] = wide.pop(n).to(tensors[n].dtype)
+    if inverse:
+        apply_transform(tensors, block, moves, inverse=True)
+
+
+class Float64View(Mapping):
+    """Read-only float64 copies of ``tensors``, made on first access (a defense sampling its
+    transform reads only some of a block's tensors)."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        self._tensors, self._wide = tensors, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._wide:
+            self._wide[name] = self._tensors[name].to(torch.float64)
+        return self._wide[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
