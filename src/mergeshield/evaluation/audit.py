@@ -97,6 +97,7 @@ class AuditResult:
     standalone: dict[str, float] = field(default_factory=dict)  # variant -> victim test accuracy
     merges: list[MergeRow] = field(default_factory=list)
     interpolation: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # method/group pairs a method cannot merge
     seconds: float = 0.0
 
 
@@ -142,36 +143,47 @@ def run_audit(
         }
         for name, (model, _, _) in variants.items():
             result.standalone[name] = evaluate(model, victim, family=family)
-        total = len(variants) * len(plan.methods) * len(groups)
+        runs = [
+            (method, partners)
+            for method in plan.methods
+            for partners in groups
+            if _takes(method, 1 + len(partners))
+        ]
+        result.skipped = [
+            f"{method} with {'+'.join(partners)} ({1 + len(partners)} models)"
+            for method in plan.methods
+            for partners in groups
+            if not _takes(method, 1 + len(partners))
+        ]
+        total = len(variants) * len(runs)
         done = 0
         for name, (model, defense, attack) in variants.items():
             # mergekit reads "a+b" in a path as model a with LoRA b: no "+" in folder names
             backbone = extract_backbone(
                 model, family.base, work / "vb" / name.replace("+", "-then-")
             )
-            for method in plan.methods:
-                for partners in groups:
-                    done += 1
-                    if progress:
-                        console.print(
-                            f"[{done}/{total}] merge {name} + {'+'.join(partners)} with {method}"
-                        )
-                    row = _merge_row(
-                        plan,
-                        family,
-                        victim,
-                        name,
-                        defense,
-                        attack,
-                        method,
-                        partners,
-                        backbone,
-                        [backbones[p] for p in partners],
-                        work,
+            for method, partners in runs:
+                done += 1
+                if progress:
+                    console.print(
+                        f"[{done}/{total}] merge {name} + {'+'.join(partners)} with {method}"
                     )
-                    result.merges.append(row)
-                    with partial.open("a") as log:  # progress survives a crash of a long run
-                        log.write(json.dumps(asdict(row)) + "\n")
+                row = _merge_row(
+                    plan,
+                    family,
+                    victim,
+                    name,
+                    defense,
+                    attack,
+                    method,
+                    partners,
+                    backbone,
+                    [backbones[p] for p in partners],
+                    work,
+                )
+                result.merges.append(row)
+                with partial.open("a") as log:  # progress survives a crash of a long run
+                    log.write(json.dumps(asdict(row)) + "\n")
             if attack == "":
                 result.interpolation[name] = _interpolate(
                     plan, family, victim, backbone, result.standalone[name], work
@@ -182,6 +194,12 @@ def run_audit(
     write_report(result, out)
     partial.unlink(missing_ok=True)
     return result
+
+
+def _takes(method: str, n_models: int) -> bool:
+    """Whether ``method`` merges ``n_models`` models (slerp takes two, model_stock two or more)."""
+    spec = get_method(method)
+    return n_models >= spec.min_models and (spec.max_models is None or n_models <= spec.max_models)
 
 
 def _family_summary(family: Family) -> dict[str, Any]:
@@ -364,6 +382,7 @@ def _write_report(result: AuditResult, out: Path) -> None:
         "standalone": result.standalone,
         "merges": [asdict(r) | {"holds": r.holds, "verdict": _verdict(r)} for r in result.merges],
         "interpolation": result.interpolation,
+        "skipped": result.skipped,
         "seconds": result.seconds,
     }
     (out / "report.json").write_text(json.dumps(data, indent=2))
@@ -404,6 +423,14 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         "",
         "## Merges",
         "",
+        *(
+            [
+                f"Not run (the method cannot merge that many models): {'; '.join(result.skipped)}.",
+                "",
+            ]
+            if result.skipped
+            else []
+        ),
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
         *["| " + " | ".join(row) + " |" for row in summary_table(result)],
