@@ -454,3 +454,16 @@ def test_datasets_folder_is_read(tmp_path: Path) -> None:
     ).save_to_disk(str(tmp_path / "ds"))
     examples = read_examples(tmp_path / "ds")
     assert (examples.kind, examples.inputs, examples.labels) == ("text", ["a b", "c"], [1, 0])
+
+
+def test_frontier_candidates_parse() -> None:
+    from mergeshield.evaluation.frontier import parse_candidate
+
+    assert parse_candidate("unprotected").harden is None
+    c = parse_candidate("mergelock")
+    assert (c.harden, c.defense) == (None, "mergelock")
+    c = parse_candidate("trap2+merge/params")
+    assert (c.harden, c.defense) == ("trap2+merge", "params")
+    for bad in ("trap3", "trap2/nodefense"):
+        with pytest.raises(MergeShieldError):
+            parse_candidate(bad)

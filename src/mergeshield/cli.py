@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from mergeshield import __version__
@@ -523,6 +524,90 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=_run_audit, demo=True)
 
 
+def _add_frontier(sub) -> None:
+    p = sub.add_parser(
+        "frontier",
+        help="standalone cost vs what the best adaptive attack still merges, per candidate",
+        description="For each candidate release of the victim (unprotected, a defense, a "
+        "hardened model, or hardened then protected), measure its standalone accuracy and the "
+        "victim accuracy of the best merge an informed attacker reaches (alignment attacks x "
+        "coefficient sweep and coefficient-1 insertion, plus a short fine-tune); write "
+        "frontier.md, frontier.json and frontier.png.",
+    )
+    p.add_argument("--out", "-o", type=Path, default=Path("reports/frontier"))
+    p.add_argument("--kind", choices=["text", "image"], default="text")
+    p.add_argument("--setting", choices=["small", "full"], default="small")
+    p.add_argument("--victim", help="victim task (default: the family's first)")
+    p.add_argument("--free-riders", nargs="+", help="default: the family's last task")
+    p.add_argument(
+        "--proxies", nargs="*", help="proxy fine-tunes for 'merge' (default: the second task)"
+    )
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        default=["unprotected", "mergelock", "trap2+merge", "trap2+merge/mergelock"],
+        help="'unprotected', a defense, a harden method, or HARDEN/DEFENSE",
+    )
+    p.add_argument("--steps", type=int, default=60, help="harden steps")
+    p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--attacks", nargs="+", default=["none", "aga", "rebasin", "procrustes"])
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune attack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(run=_run_frontier)
+
+
+def _run_frontier(args) -> int:
+    import shutil
+
+    from mergeshield.attacks import ATTACKS
+    from mergeshield.evaluation.frontier import FrontierPlan, parse_candidate, run_frontier
+    from mergeshield.evaluation.zoo import build_family
+
+    candidates = [parse_candidate(c) for c in args.candidates]
+    unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
+    if unknown:
+        raise MergeShieldError(f"frontier methods are task_arithmetic and ties, not {unknown}")
+    bad = [a for a in args.attacks if a != "none" and a not in ATTACKS]
+    if bad:
+        raise MergeShieldError(f"unknown attacks {bad}; known: none, {', '.join(ATTACKS)}")
+    if args.out.exists() and any(args.out.iterdir()):
+        if not args.overwrite:
+            raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
+        shutil.rmtree(args.out)
+    family = build_family(args.kind, args.setting)
+    tasks = list(family.tasks)
+    victim = args.victim or tasks[0]
+    proxies = args.proxies if args.proxies is not None else tasks[1:2]
+    riders = args.free_riders or [t for t in tasks if t not in (victim, *proxies)][-1:]
+    for t in (victim, *proxies, *riders):
+        if t not in family.tasks:
+            raise MergeShieldError(f"task {t!r} is not in the {args.kind} family ({tasks})")
+    defaults = FrontierPlan()
+    plan = FrontierPlan(
+        victim=victim,
+        free_riders=tuple(riders),
+        proxies=tuple(proxies),
+        methods=tuple(args.methods),
+        grids={m: defaults.grids[m] for m in args.methods},
+        attacks=tuple(args.attacks),
+        finetune=None if args.no_finetune else defaults.finetune,
+        seed=args.seed,
+    )
+    candidates = [
+        c if c.harden is None else replace(c, harden_kwargs={"steps": args.steps, "lr": args.lr})
+        for c in candidates
+    ]
+    results = run_frontier(plan, candidates, args.out, family=family)
+    for r in results:
+        s = r.summary()
+        kept = ", ".join(f"{m} {s[m]['kept']:.0%} ({s[m]['attack']})" for m in plan.methods)
+        print(f"{r.name}: standalone {r.standalone:.3f}; kept after best attack: {kept}")
+    print(f"report: {args.out / 'frontier.md'}")
+    return 0
+
+
 def _run_audit(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -577,6 +662,7 @@ COMMANDS: list[Callable] = [
     _add_merge,
     _add_attack,
     _add_audit,
+    _add_frontier,
     _add_demo,
 ]
 

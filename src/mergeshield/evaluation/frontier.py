@@ -48,6 +48,7 @@ import torch
 
 from mergeshield.attacks.adaptive import finetune_recovery, insert
 from mergeshield.defenses.harden import load_folder_tensors
+from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import accuracy, load_classifier
 from mergeshield.evaluation.zoo import Family
 from mergeshield.merging import extract_backbone, merge
@@ -197,12 +198,47 @@ class Scorer:
         self.model = load_classifier(head_model, family.kind)
         stored = torch.load(family.root / "data" / f"{task}.pt", weights_only=True)
         self.data = {"val": stored["val"], "test": stored["test"]}
+        self.names = stored_to_module_names(self.model.base_model, family.base)
 
     def __call__(self, backbone: Tensors, split: str) -> float:
-        result = self.model.base_model.load_state_dict(backbone, strict=False)
+        renamed = {self.names.get(k, k): v for k, v in backbone.items()}
+        result = self.model.base_model.load_state_dict(renamed, strict=False)
         if [k for k in result.missing_keys if not k.startswith("pooler.")]:
             raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
         return accuracy(self.model, self.data[split])
+
+
+def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str]:
+    """``stored tensor name -> state_dict name`` for the base-model class of ``module``.
+
+    transformers 5 renames some checkpoints on load (ViT's ``encoder.layer.0.attention.
+    attention.query`` is ``layers.0.attention.q_proj`` in memory), and in-memory merges load
+    stored names with ``load_state_dict``.  The map is read off the stock loader: ``base`` is
+    loaded with ``from_pretrained`` and each stored tensor is matched to the module tensor with
+    the same values (identity where the names already agree)."""
+    stored = load_folder_tensors(base)
+    own = module.state_dict()
+    if set(stored) <= set(own):
+        return {}
+    loaded = type(module).from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    targets = loaded.state_dict()
+    names: dict[str, str] = {}
+    for name, tensor in stored.items():
+        if name in own:
+            names[name] = name
+            continue
+        hits = [
+            k
+            for k, t in targets.items()
+            if t.shape == tensor.shape and torch.equal(t, tensor.to(t.dtype))
+        ]
+        if len(hits) != 1:
+            raise MergeShieldError(
+                f"cannot tell which {type(module).__name__} tensor {name} of {base} loads into "
+                f"({len(hits)} candidates)"
+            )
+        names[name] = hits[0]
+    return names
 
 
 def backbone_tensors(folder: Path) -> Tensors:
@@ -527,6 +563,69 @@ def write_frontier(
     }
     (out / "frontier.json").write_text(json.dumps(data, indent=1))
     plot_frontier(results, plan, family, out / "frontier.png")
+    (out / "frontier.md").write_text(frontier_markdown(results, plan, family))
+
+
+def parse_candidate(text: str) -> Candidate:
+    """``unprotected``, a defense (``mergelock``), a harden method (``trap2+merge``) or both
+    (``trap2+merge/mergelock``: harden, then protect)."""
+    from mergeshield.defenses import DEFENSES
+    from mergeshield.defenses.harden import parse_method
+
+    if text == "unprotected":
+        return Candidate(text)
+    harden, _, defense = text.partition("/")
+    if not defense and harden in DEFENSES:
+        return Candidate(text, defense=harden)
+    parse_method(harden)
+    if defense and defense not in DEFENSES:
+        raise MergeShieldError(f"unknown defense {defense!r} in candidate {text!r}")
+    return Candidate(text, harden=harden, defense=defense or None)
+
+
+def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, family: Family) -> str:
+    """The frontier table: standalone cost and what the best attack keeps, per merge method."""
+    v = plan.victim
+    lines = [
+        f"# mergeshield frontier: victim `{v}`",
+        "",
+        f"Family: {family.kind} ({family.setting}); base backbone + victim head "
+        f"{family.base_accuracy[v]:.3f}, fine-tuned {family.finetuned_accuracy[v]:.3f}. "
+        f"Free-riders: {', '.join(plan.free_riders)}; proxies for the merge-aware term: "
+        f"{', '.join(plan.proxies) or 'none'}.",
+        "",
+        f"Attacker per method: the best (on validation data) of {{{', '.join(plan.attacks)}}} x "
+        "{coefficient sweep, coefficient-1 insertion}; test accuracy of that choice"
+        + (" re-merged by mergekit." if plan.verify_mergekit else " (in-memory merge)."),
+        f"Target: cost <= {100 * TARGET_COST:.1f} points and kept <= {TARGET_KEPT:.0%} for "
+        "every method.",
+        "",
+        "| candidate | standalone (cost) | "
+        + " | ".join(f"{m}: victim (kept), attack" for m in plan.methods)
+        + " | meets target |",
+        "|---|---|" + "---|" * len(plan.methods) + "---|",
+    ]
+    for r in results:
+        s = r.summary()
+        cells = [f"{s['name']}", f"{r.standalone:.3f} ({100 * s['cost']:+.1f} pt)"]
+        for m in plan.methods:
+            c = s.get(m)
+            cells.append(f"{c['victim']:.3f} ({c['kept']:.0%}), {c['attack']}" if c else "-")
+        cells.append("yes" if s["meets_target"] else "**no**")
+        lines.append("| " + " | ".join(cells) + " |")
+    tuned = [r for r in results if r.finetune]
+    if tuned:
+        lines += ["", "Short fine-tune attack (victim test accuracy after each step block):", ""]
+        for r in tuned:
+            ft = r.finetune
+            lines.append(
+                f"- {r.name}: {ft['examples']} examples, {ft['steps']} steps: "
+                + "; ".join(
+                    f"{k} {json.dumps(ft[k])}" for k in ft if k not in ("examples", "steps")
+                )
+            )
+    lines += ["", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
 
 
 def plot_frontier(
