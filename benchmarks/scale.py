@@ -3,7 +3,10 @@
 For a synthetic Llama-shaped bf16 checkpoint (``make_synthetic.py``), each run times, as
 separate subprocesses under ``/usr/bin/time`` (wall, user + system CPU, peak RSS):
 
-- ``copy``: ``cp -r MODEL OUT`` (no ``sync``: like the others it leaves dirty pages);
+- ``copy``: ``cp -r MODEL OUT`` (no ``sync``: like the others it leaves dirty pages); GNU cp
+  copies with ``copy_file_range``, one copy inside the kernel, no pass through user space;
+- ``user-copy``: the same files read into user memory and written back in 64 MiB chunks
+  (``read`` + ``write``): the floor of any tool that must see the bytes to transform them;
 - ``protect``: ``mergeshield protect MODEL OUT --defense all --seed RUN --quiet``;
 - ``mergekit-linear``: ``mergekit-yaml`` linear merge (0.5/0.5) of MODEL with its copy, bf16;
 - ``mergekit-passthrough``: ``mergekit-yaml`` passthrough of MODEL alone (a pure rewrite).
@@ -58,6 +61,20 @@ def timed(cmd: list[str]) -> dict[str, float]:
     }
 
 
+USER_COPY = """
+import os, sys
+src, dst = sys.argv[1:]
+os.makedirs(dst)
+buf = bytearray(64 << 20)
+for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name), "rb", buffering=0) as f, open(
+        os.path.join(dst, name), "wb", buffering=0
+    ) as g:
+        while n := f.readinto(buf):
+            g.write(memoryview(buf)[:n])
+"""
+
+
 def mergekit_config(path: Path, models: list[Path], method: str) -> Path:
     lines = [f"merge_method: {method}", "dtype: bfloat16", "models:"]
     for m in models:
@@ -79,6 +96,8 @@ def bench(model: Path, work: Path, runs: int, which: list[str]) -> list[dict]:
             shutil.rmtree(out, ignore_errors=True)
             if name == "copy":
                 cmd = ["cp", "-r", str(model), str(out)]
+            elif name == "user-copy":
+                cmd = [sys.executable, "-c", USER_COPY, str(model), str(out)]
             elif name == "protect":
                 cmd = [str(BIN / "mergeshield"), "protect", str(model), str(out)]
                 cmd += ["--defense", "all", "--seed", str(run), "--quiet"]
@@ -122,8 +141,8 @@ def main() -> None:
     parser.add_argument(
         "--commands",
         nargs="+",
-        default=["copy", "protect", "mergekit-linear", "mergekit-passthrough"],
-        choices=["copy", "protect", "mergekit-linear", "mergekit-passthrough"],
+        default=["copy", "user-copy", "protect", "mergekit-linear", "mergekit-passthrough"],
+        choices=["copy", "user-copy", "protect", "mergekit-linear", "mergekit-passthrough"],
     )
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
