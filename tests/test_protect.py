@@ -265,3 +265,32 @@ def test_allocator_settings_apply_on_glibc():
         pytest.skip("mallopt settings are glibc-specific")
     code = "from mergeshield.allocator import keep_freed_memory as k; raise SystemExit(not k())"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family, inverse):
+    """Permutations on bf16 data + float64 products on the touched tensors give exactly the
+    bytes of widening the whole block to float64, transforming and casting back."""
+    from mergeshield.checkpoint import reader
+    from mergeshield.defenses.base import BlockContext
+    from mergeshield.symmetries.transform import (
+        Float64View,
+        apply_in_stored_dtype,
+        apply_transform,
+    )
+
+    ckpt = open_checkpoint(checkpoints[family][0])
+    with reader(ckpt) as r:
+        stored = {k: v.to(torch.bfloat16) for k, v in r.block(ckpt.spec.blocks[0]).items()}
+    block = ckpt.spec.blocks[0]
+    ctx = BlockContext(block, Float64View(stored), None, np.random.default_rng(5), DefenseOptions())
+    t = DEFENSES["all"].sample(ctx)
+    fast = {k: v.clone() for k, v in stored.items()}
+    apply_in_stored_dtype(fast, block, t, inverse=inverse)
+    wide = {k: v.double() for k, v in stored.items()}
+    apply_transform(wide, block, t, inverse=inverse)
+    for name, value in wide.items():
+        assert fast[name].dtype == torch.bfloat16
+        assert torch.equal(fast[name].view(torch.int16), value.to(torch.bfloat16).view(torch.int16))
+    assert any(not torch.equal(fast[n], stored[n]) for n in stored)
