@@ -94,6 +94,7 @@ def test_grid_stride_thins_each_method_grid_keeping_the_largest(stride):
         ({"pairs": ("fortunes",)}, "not free-riders"),
         ({"pairs": ()}, "nothing to merge"),
         ({"grid_stride": 0}, "grid_stride"),
+        ({"attacked_only": True}, "attacked_only"),
     ],
 )
 def test_bad_audit_plans_fail_before_any_work(changes, message, tmp_path):

@@ -473,6 +473,11 @@ def _audit_arguments(p, defaults) -> None:
         help="free-riders merged pairwise with the victim (default: all; none: only --merge-all)",
     )
     p.add_argument(
+        "--attacked-only",
+        action="store_true",
+        help="merge only the attacked variants (adds an attack to an earlier audit)",
+    )
+    p.add_argument(
         "--merge-all",
         action="store_true",
         help="also merge the victim with all free-riders at once",
@@ -633,6 +638,7 @@ def _run_audit(args) -> int:
         grid_stride=args.grid_stride,
         pairs=tuple(args.pairs) if args.pairs is not None else None,
         merge_all=args.merge_all,
+        attacked_only=args.attacked_only,
         seed=args.seed,
     )
     result = run_audit(plan, args.out)

@@ -65,6 +65,7 @@ class AuditPlan:
     grid_stride: int = 1  # with grid None: every k-th coefficient of each method's grid
     pairs: tuple[str, ...] | None = None  # free-riders merged pairwise (None: all of them)
     merge_all: bool = False
+    attacked_only: bool = False  # merge only the attacked variants (e.g. to add an attack)
     interpolation: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
 
@@ -129,6 +130,8 @@ def run_audit(
     groups = [[r] for r in pairs] + ([riders] if plan.merge_all and len(riders) > 1 else [])
     if not groups:
         raise MergeShieldError("nothing to merge: give pairs or merge_all")
+    if plan.attacked_only and not (plan.attacks and plan.defenses):
+        raise MergeShieldError("attacked_only needs at least one defense and one attack")
     if plan.grid_stride < 1:
         raise MergeShieldError(f"grid_stride must be at least 1, got {plan.grid_stride}")
     out = Path(out)
@@ -138,6 +141,8 @@ def run_audit(
     work = Path(tempfile.mkdtemp(prefix="mergeshield-audit-"))
     try:
         variants = _variants(plan, family, victim, work, progress)
+        if plan.attacked_only:
+            variants = {k: v for k, v in variants.items() if v[2]}
         backbones = {
             t: extract_backbone(family.tasks[t], family.base, work / "bb" / t) for t in riders
         }
