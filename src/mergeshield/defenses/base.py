@@ -135,11 +135,19 @@ def mismatch_permutation(
     ``C[i, j] = <base unit i, protected unit j>`` (Git Re-Basin with the sign reversed).
     Exact (Hungarian) up to ``exact_max`` units (all when ``None``), greedy above.
     """
-    cost = unit_vectors(mlp, base) @ unit_vectors(mlp, weights).T
+    cost = mismatch_cost(unit_vectors(mlp, base), unit_vectors(mlp, weights))
     if exact_max is not None and cost.shape[0] > exact_max:
         return greedy_assignment(cost.numpy())
     _, perm = linear_sum_assignment(cost.numpy(), maximize=False)
     return perm
+
+
+def mismatch_cost(base_units: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``C = U_base U^T`` in float32: the ``n x n x 3h`` product is the expensive part of
+    mismatching (float64 doubled it), and only the permutation it selects is used, which
+    float32's relative 6e-8 can change only between near-equal choices (any far permutation
+    protects; the transform itself stays exact)."""
+    return base_units.float() @ units.float().T
 
 
 def greedy_assignment(cost: np.ndarray) -> np.ndarray:
