@@ -467,3 +467,36 @@ def test_frontier_candidates_parse() -> None:
     for bad in ("trap3", "trap2/nodefense"):
         with pytest.raises(MergeShieldError):
             parse_candidate(bad)
+
+
+def test_finetune_recovery_on_an_image_classifier_with_stored_names(tmp_path: Path) -> None:
+    """The frontier's fine-tune attack on a ViT: the stored backbone names are mapped to the
+    module's (transformers 5 renames ViT on load) and pixel inputs train without masks."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from mergeshield.attacks.adaptive import finetune_recovery
+    from mergeshield.evaluation.frontier import stored_to_module_names
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).vit.save_pretrained(tmp_path / "base")
+    model = ViTForImageClassification(config)
+    names = stored_to_module_names(model.base_model, tmp_path / "base")
+    stored = load_folder_tensors(tmp_path / "base")
+    backbone = {names.get(k, k): v for k, v in stored.items()}
+    train = {"pixel_values": torch.randn(8, 1, 8, 8), "labels": torch.randint(0, 2, (8,))}
+    curve = finetune_recovery(
+        model, backbone, train, n_examples=8, steps=2, evaluate=lambda m: 0.5, batch_size=4
+    )
+    assert [s for s, _ in curve] == [0, 1, 2]
+    module = model.base_model.state_dict()
+    assert len(backbone) == len(stored) and set(backbone) <= set(module)

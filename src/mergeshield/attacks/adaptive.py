@@ -95,7 +95,7 @@ def finetune_recovery(
     seed: int = 0,
 ) -> list[tuple[int, float]]:
     """Fine-tune ``model`` (a classifier whose ``base_model`` gets ``backbone``) on the first
-    ``n_examples`` rows of ``train`` (``input_ids``, ``attention_mask``, ``labels``) for
+    ``n_examples`` rows of ``train`` (model inputs and ``labels``) for
     ``steps`` AdamW steps; return ``[(step, evaluate(model))]`` at 0, steps/2 and steps.
 
     The whole model trains (backbone and head): the strongest cheap recovery.  ``model`` is
@@ -114,9 +114,10 @@ def finetune_recovery(
         model.train()
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         batch = {k: v[idx] for k, v in data.items()}
-        length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        batch["input_ids"] = batch["input_ids"][:, :length]
-        batch["attention_mask"] = batch["attention_mask"][:, :length]
+        if "attention_mask" in batch:  # text: cut the padding shared by the whole batch
+            length = max(int(batch["attention_mask"].sum(1).max()), 1)
+            batch["input_ids"] = batch["input_ids"][:, :length]
+            batch["attention_mask"] = batch["attention_mask"][:, :length]
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -213,31 +213,31 @@ def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str
 
     transformers 5 renames some checkpoints on load (ViT's ``encoder.layer.0.attention.
     attention.query`` is ``layers.0.attention.q_proj`` in memory), and in-memory merges load
-    stored names with ``load_state_dict``.  The map is read off the stock loader: ``base`` is
-    loaded with ``from_pretrained`` and each stored tensor is matched to the module tensor with
-    the same values (identity where the names already agree)."""
+    stored names with ``load_state_dict``.  The map is read off the stock loader: a copy of
+    ``base`` whose ``i``-th tensor is filled with the marker ``i + 1`` is loaded with
+    ``from_pretrained``, and each module tensor's marker names its source (identity where the
+    names already agree)."""
+    from safetensors.torch import save_file
+
     stored = load_folder_tensors(base)
-    own = module.state_dict()
-    if set(stored) <= set(own):
+    if set(stored) <= set(module.state_dict()):
         return {}
-    loaded = type(module).from_pretrained(base, local_files_only=True, dtype=torch.float32)
-    targets = loaded.state_dict()
+    order = sorted(k for k, v in stored.items() if v.is_floating_point())
+    with tempfile.TemporaryDirectory(prefix="mergeshield-names-") as tmp:
+        marked = {k: torch.full_like(stored[k], i + 1.0) for i, k in enumerate(order)}
+        save_file(marked, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(Path(base) / "config.json", Path(tmp) / "config.json")
+        loaded = type(module).from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
     names: dict[str, str] = {}
-    for name, tensor in stored.items():
-        if name in own:
-            names[name] = name
-            continue
-        hits = [
-            k
-            for k, t in targets.items()
-            if t.shape == tensor.shape and torch.equal(t, tensor.to(t.dtype))
-        ]
-        if len(hits) != 1:
-            raise MergeShieldError(
-                f"cannot tell which {type(module).__name__} tensor {name} of {base} loads into "
-                f"({len(hits)} candidates)"
-            )
-        names[name] = hits[0]
+    for target, tensor in loaded.state_dict().items():
+        values = tensor.unique() if tensor.numel() else tensor
+        if len(values) == 1 and 1 <= values.item() <= len(order) and values.item() % 1 == 0:
+            names[order[int(values.item()) - 1]] = target
+    missing = sorted(set(order) - set(names))
+    if missing:
+        raise MergeShieldError(
+            f"cannot tell which {type(module).__name__} tensor {missing[0]} of {base} loads into"
+        )
     return names
 
 
@@ -462,9 +462,10 @@ def _finetune_attack(
     out: dict[str, Any] = {"examples": n, "steps": steps}
     for label, backbone in starts.items():
         model = load_classifier(released, family.kind)
+        names = stored_to_module_names(model.base_model, family.base)
         out[label] = finetune_recovery(
             model,
-            backbone,
+            {names.get(k, k): v for k, v in backbone.items()},
             train,
             n_examples=n,
             steps=steps,
