@@ -450,7 +450,7 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
             f"{HOLDS:.0%} of a gain: "
             + "; ".join(f"{r.variant}/{r.method} (victim {r.victim_kept:.0%})" for r in failures)
         )
-    else:
+    elif any(r.defense != "none" and not r.attack for r in result.merges):
         lines.append(
             "- Without an adaptive attack every defense held for every merge method "
             f"({HOLDS:.0%} bound)."
