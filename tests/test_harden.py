@@ -442,6 +442,13 @@ def test_harden_image_classifier_from_an_image_folder(tmp_path: Path) -> None:
     )
     hardened = AutoModelForImageClassification.from_pretrained(out)
     assert hardened.config.num_labels == 2
+    before = dict(model.named_parameters())
+    moved = [
+        n
+        for n, p in hardened.named_parameters()
+        if not torch.equal(p, before[n]) and ".embeddings." not in f".{n}"
+    ]
+    assert len(moved) > len(list(hardened.named_parameters())) // 2  # the encoder trained
     record = json.loads((out / "mergeshield_harden.json").read_text())
     assert record["n_examples"] == 12 and all(math.isfinite(h["arf"]) for h in record["history"])
 

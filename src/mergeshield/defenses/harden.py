@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -123,6 +124,39 @@ def load_folder_tensors(folder: Path) -> Tensors:
     return out
 
 
+def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str]:
+    """``stored tensor name -> state_dict name`` for the base-model class of ``module``.
+
+    transformers 5 renames some checkpoints on load (ViT's ``encoder.layer.0.attention.
+    attention.query`` is ``layers.0.attention.q_proj`` in memory), and in-memory merges load
+    stored names with ``load_state_dict``.  The map is read off the stock loader: a copy of
+    ``base`` whose ``i``-th tensor is filled with the marker ``i + 1`` is loaded with
+    ``from_pretrained``, and each module tensor's marker names its source (identity where the
+    names already agree)."""
+    from safetensors.torch import save_file
+
+    stored = load_folder_tensors(base)
+    if set(stored) <= set(module.state_dict()):
+        return {}
+    order = sorted(k for k, v in stored.items() if v.is_floating_point())
+    with tempfile.TemporaryDirectory(prefix="mergeshield-names-") as tmp:
+        marked = {k: torch.full_like(stored[k], i + 1.0) for i, k in enumerate(order)}
+        save_file(marked, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(Path(base) / "config.json", Path(tmp) / "config.json")
+        loaded = type(module).from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
+    names: dict[str, str] = {}
+    for target, tensor in loaded.state_dict().items():
+        values = tensor.unique() if tensor.numel() else tensor
+        if len(values) == 1 and 1 <= values.item() <= len(order) and values.item() % 1 == 0:
+            names[order[int(values.item()) - 1]] = target
+    missing = sorted(set(order) - set(names))
+    if missing:
+        raise MergeShieldError(
+            f"cannot tell which {type(module).__name__} tensor {missing[0]} of {base} loads into"
+        )
+    return names
+
+
 def backbone_map(model: torch.nn.Module, base: Tensors) -> dict[str, str]:
     """``model parameter name -> base tensor name`` for every backbone parameter of ``model``
     (``bert.encoder...`` -> ``encoder...``) whose shape matches the base tensor."""
@@ -138,15 +172,25 @@ def backbone_map(model: torch.nn.Module, base: Tensors) -> dict[str, str]:
 
 
 def proxy_vectors(
-    folders: Sequence[str | Path], names: dict[str, str], base: Tensors
+    folders: Sequence[str | Path],
+    names: dict[str, str],
+    base: Tensors,
+    rename: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> list[Tensors]:
-    """Task vectors ``theta_p - theta_0`` of proxy fine-tunes, keyed by model parameter name."""
+    """Task vectors ``theta_p - theta_0`` of proxy fine-tunes, keyed by model parameter name.
+
+    A proxy's stored names lose the base-model ``prefix`` and go through ``rename`` (see
+    :func:`stored_to_module_names`) to meet ``base``'s keys."""
     vectors = []
     for folder in folders:
-        tensors = load_folder_tensors(Path(folder))
+        tensors = {}
+        for key, value in load_folder_tensors(Path(folder)).items():
+            short = key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
+            tensors[(rename or {}).get(short, short)] = value
         vec = {}
         for name, short in names.items():
-            src = tensors.get(name, tensors.get(short))
+            src = tensors.get(short)
             if src is None:
                 raise MergeShieldError(f"proxy {folder} lacks {name}")
             vec[name] = src.float() - base[short].float()
@@ -316,11 +360,14 @@ def harden(
         examples, task_model, model.config, tokenizer_dir=tok_dir, max_len=cfg.max_len
     )
 
-    base_t = {k: v.float() for k, v in load_folder_tensors(base).items()}
+    # the base keyed like the model's base_model (transformers 5 renames e.g. ViT on load)
+    rename = stored_to_module_names(model.base_model, base)
+    base_t = {rename.get(k, k): v.float() for k, v in load_folder_tensors(base).items()}
     names = backbone_map(model, base_t)
     theta0 = {n: base_t[s] for n, s in names.items()}
     attentions = attention_specs(model.config, list(base_t)) if "arf" in parts else []
-    proxies = proxy_vectors(cfg.proxies, names, base_t) if "merge" in parts else []
+    prefix = getattr(model, "base_model_prefix", "")
+    proxies = proxy_vectors(cfg.proxies, names, base_t, rename, prefix) if "merge" in parts else []
 
     for name, p in model.named_parameters():
         backbone = name in names and (cfg.train_embeddings or ".embeddings." not in f".{name}")
@@ -461,9 +508,10 @@ def _inputs(tensors: Tensors, idx: torch.Tensor) -> Tensors:
 def _layer_of(name: str) -> str:
     """The layer a parameter belongs to: ``...layer.<i>`` for encoder blocks, else its module."""
     parts = name.split(".")
-    if "layer" in parts:
-        i = parts.index("layer")
-        return ".".join(parts[: i + 2])
+    for key in ("layer", "layers"):  # BERT/ViT stored names, transformers-5 module names
+        if key in parts:
+            i = parts.index(key)
+            return ".".join(parts[: i + 2])
     return ".".join(parts[:-1])
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from mergeshield.attacks.adaptive import finetune_recovery, insert
-from mergeshield.defenses.harden import load_folder_tensors
+from mergeshield.defenses.harden import load_folder_tensors, stored_to_module_names
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import accuracy, load_classifier
 from mergeshield.evaluation.zoo import Family
@@ -206,39 +206,6 @@ class Scorer:
         if [k for k in result.missing_keys if not k.startswith("pooler.")]:
             raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
         return accuracy(self.model, self.data[split])
-
-
-def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str]:
-    """``stored tensor name -> state_dict name`` for the base-model class of ``module``.
-
-    transformers 5 renames some checkpoints on load (ViT's ``encoder.layer.0.attention.
-    attention.query`` is ``layers.0.attention.q_proj`` in memory), and in-memory merges load
-    stored names with ``load_state_dict``.  The map is read off the stock loader: a copy of
-    ``base`` whose ``i``-th tensor is filled with the marker ``i + 1`` is loaded with
-    ``from_pretrained``, and each module tensor's marker names its source (identity where the
-    names already agree)."""
-    from safetensors.torch import save_file
-
-    stored = load_folder_tensors(base)
-    if set(stored) <= set(module.state_dict()):
-        return {}
-    order = sorted(k for k, v in stored.items() if v.is_floating_point())
-    with tempfile.TemporaryDirectory(prefix="mergeshield-names-") as tmp:
-        marked = {k: torch.full_like(stored[k], i + 1.0) for i, k in enumerate(order)}
-        save_file(marked, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy2(Path(base) / "config.json", Path(tmp) / "config.json")
-        loaded = type(module).from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
-    names: dict[str, str] = {}
-    for target, tensor in loaded.state_dict().items():
-        values = tensor.unique() if tensor.numel() else tensor
-        if len(values) == 1 and 1 <= values.item() <= len(order) and values.item() % 1 == 0:
-            names[order[int(values.item()) - 1]] = target
-    missing = sorted(set(order) - set(names))
-    if missing:
-        raise MergeShieldError(
-            f"cannot tell which {type(module).__name__} tensor {missing[0]} of {base} loads into"
-        )
-    return names
 
 
 def backbone_tensors(folder: Path) -> Tensors:
