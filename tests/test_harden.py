@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -402,13 +403,11 @@ def test_cli_harden_bad_input_exits_2_and_writes_nothing(
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_harden_image_classifier_from_an_image_folder(tmp_path: Path) -> None:
-    """ViT classifier + ``root/<label>/*.png``: the spec-driven ARF term and the image
-    preprocessing work, and the result loads with AutoModelForImageClassification."""
-    from PIL import Image
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+def tiny_vit_config(**kw: Any) -> Any:
+    """A one-layer 8x8 grayscale ViT classifier with two labels."""
+    from transformers import ViTConfig
 
-    config = ViTConfig(
+    return ViTConfig(
         image_size=8,
         patch_size=4,
         num_channels=1,
@@ -417,9 +416,17 @@ def test_harden_image_classifier_from_an_image_folder(tmp_path: Path) -> None:
         num_attention_heads=2,
         intermediate_size=32,
         num_labels=2,
-        id2label={0: "dark", 1: "light"},
-        label2id={"dark": 0, "light": 1},
+        **kw,
     )
+
+
+def test_harden_image_classifier_from_an_image_folder(tmp_path: Path) -> None:
+    """ViT classifier + ``root/<label>/*.png``: the spec-driven ARF term and the image
+    preprocessing work, and the result loads with AutoModelForImageClassification."""
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, ViTForImageClassification
+
+    config = tiny_vit_config(id2label={0: "dark", 1: "light"}, label2id={"dark": 0, "light": 1})
     torch.manual_seed(0)
     model = ViTForImageClassification(config)
     model.vit.save_pretrained(tmp_path / "base")
@@ -479,21 +486,12 @@ def test_frontier_candidates_parse() -> None:
 def test_finetune_recovery_on_an_image_classifier_with_stored_names(tmp_path: Path) -> None:
     """The frontier's fine-tune attack on a ViT: the stored backbone names are mapped to the
     module's (transformers 5 renames ViT on load) and pixel inputs train without masks."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     from mergeshield.attacks.adaptive import finetune_recovery
     from mergeshield.evaluation.frontier import stored_to_module_names
 
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-    )
+    config = tiny_vit_config()
     torch.manual_seed(0)
     ViTForImageClassification(config).vit.save_pretrained(tmp_path / "base")
     model = ViTForImageClassification(config)
