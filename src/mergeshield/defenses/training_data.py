@@ -103,7 +103,12 @@ def _read_table(path: Path) -> Examples:
 
 
 def _read_image_folder(root: Path) -> Examples:
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise MergeShieldError(
+            f"reading images from {root} needs Pillow: pip install pillow"
+        ) from err
 
     images, labels = [], []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
