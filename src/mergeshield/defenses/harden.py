@@ -52,6 +52,7 @@ The result is saved with stock ``save_pretrained`` (loads with ``AutoModelFor...
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -131,19 +132,35 @@ def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str
     attention.query`` is ``layers.0.attention.q_proj`` in memory), and in-memory merges load
     stored names with ``load_state_dict``.  The map is read off the stock loader: a copy of
     ``base`` whose ``i``-th tensor is filled with the marker ``i + 1`` is loaded with
-    ``from_pretrained``, and each module tensor's marker names its source (identity where the
-    names already agree)."""
+    ``from_pretrained``, and each module tensor's marker names its source.  Empty (identity)
+    where the names already agree; only the safetensors headers are read for that check, and
+    the marker load is done once per class and folder."""
+    if set(_stored_layout(Path(base))) <= set(module.state_dict()):
+        return {}
+    return dict(_marker_names(type(module), str(Path(base).resolve())))
+
+
+def _stored_layout(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every floating tensor of a checkpoint folder (headers only)."""
+    from mergeshield.checkpoint import FLOAT_DTYPES, open_checkpoint
+
+    ckpt = open_checkpoint(folder)
+    return {n: (tuple(ckpt.shapes[n]), d) for n, d in ckpt.dtypes.items() if d in FLOAT_DTYPES}
+
+
+@functools.lru_cache(maxsize=16)
+def _marker_names(module_class: type, base: str) -> tuple[tuple[str, str], ...]:
     from safetensors.torch import save_file
 
-    stored = load_folder_tensors(base)
-    if set(stored) <= set(module.state_dict()):
-        return {}
-    order = sorted(k for k, v in stored.items() if v.is_floating_point())
+    layout = _stored_layout(Path(base))
+    order = sorted(layout)
     with tempfile.TemporaryDirectory(prefix="mergeshield-names-") as tmp:
-        marked = {k: torch.full_like(stored[k], i + 1.0) for i, k in enumerate(order)}
+        marked = {
+            k: torch.full(layout[k][0], i + 1.0, dtype=layout[k][1]) for i, k in enumerate(order)
+        }
         save_file(marked, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
         shutil.copy2(Path(base) / "config.json", Path(tmp) / "config.json")
-        loaded = type(module).from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
+        loaded = module_class.from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
     names: dict[str, str] = {}
     for target, tensor in loaded.state_dict().items():
         values = tensor.unique() if tensor.numel() else tensor
@@ -152,9 +169,9 @@ def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str
     missing = sorted(set(order) - set(names))
     if missing:
         raise MergeShieldError(
-            f"cannot tell which {type(module).__name__} tensor {missing[0]} of {base} loads into"
+            f"cannot tell which {module_class.__name__} tensor {missing[0]} of {base} loads into"
         )
-    return names
+    return tuple(names.items())
 
 
 def backbone_map(model: torch.nn.Module, base: Tensors) -> dict[str, str]:

@@ -148,18 +148,15 @@ def run_audit(
         }
         for name, (model, _, _) in variants.items():
             result.standalone[name] = evaluate(model, victim, family=family)
-        runs = [
-            (method, partners)
-            for method in plan.methods
-            for partners in groups
-            if _takes(method, 1 + len(partners))
-        ]
-        result.skipped = [
-            f"{method} with {'+'.join(partners)} ({1 + len(partners)} models)"
-            for method in plan.methods
-            for partners in groups
-            if not _takes(method, 1 + len(partners))
-        ]
+        runs = []
+        for method in plan.methods:
+            for partners in groups:
+                if _takes(method, 1 + len(partners)):
+                    runs.append((method, partners))
+                else:
+                    result.skipped.append(
+                        f"{method} with {'+'.join(partners)} ({1 + len(partners)} models)"
+                    )
         total = len(variants) * len(runs)
         done = 0
         for name, (model, defense, attack) in variants.items():
