@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergeshield.checkpoint import ShardWriter
 from mergeshield.cli import main
 from tests.tiny_models import build
 
@@ -218,3 +219,24 @@ def test_sharded_checkpoint_round_trip(tmp_path):
         names = set(load_file(tmp_path / "out" / shard))
         assert names == {k for k, v in index["weight_map"].items() if v == shard}
     assert main(["verify", str(tmp_path / "sharded"), str(tmp_path / "out")]) == 0
+
+
+def test_a_failed_background_write_stops_protect_and_leaves_nothing(
+    good, tmp_path, capsys, monkeypatch
+):
+    """Writes run on a background thread; a failure there (here: the disk fills up at the
+    third tensor) must still end the command with one error line and no output."""
+    calls = []
+    real_write = ShardWriter.write
+
+    def failing_write(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    out = tmp_path / "out"
+    run_fails(["protect", str(good), str(out), "--seed", "1"], capsys, "No space left", good)
+    assert_nothing_written(tmp_path, out)
+    assert len(calls) >= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 
-from mergeshield.architectures import describe
+from mergeshield.architectures import SUPPORTED_MODEL_TYPES, describe
+from mergeshield.architectures.config import read_config
+from mergeshield.architectures.families import FAMILIES
 from mergeshield.checkpoint import open_checkpoint
 from mergeshield.defenses import DEFENSES, DefenseOptions
+from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors
 from mergeshield.protect import load_key, protect, unprotect
 from mergeshield.symmetries.linalg import commutes_with_rope
@@ -195,6 +199,30 @@ def test_describe_lists_heads_and_units_of_clip_towers():
     assert [b.attention.n_heads for b in spec.blocks] == [4, 4, 6, 6, 6]
     assert [b.mlp.n_units for b in spec.blocks] == [40, 40, 56, 56, 56]
     assert spec.residual == ("logit_scale",)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_light_config_reader_gives_the_towers_transformers_gives(checkpoints, model_type):
+    """``read_config`` (no transformers) fills the fields the adapters read with the same
+    defaults as ``AutoConfig``: compared on an all-default config and on every tiny model."""
+    family = FAMILIES[model_type]
+    raws = [{"model_type": model_type}]
+    raws += [
+        raw
+        for folder, *_ in checkpoints.values()
+        if (raw := json.loads((folder / "config.json").read_text()))["model_type"] == model_type
+    ]
+    for raw in raws:
+        fields = {k: v for k, v in raw.items() if k != "model_type"}
+        expected = family.towers(AutoConfig.for_model(model_type, **fields))
+        assert family.towers(read_config(raw)) == expected
+
+
+def test_light_config_reader_rejects_bad_counts(tmp_path):
+    with pytest.raises(MergeShieldError, match="num_attention_heads must be a positive integer"):
+        read_config({"model_type": "bert", "num_attention_heads": "12"})
+    with pytest.raises(MergeShieldError, match="vision_config must be an object"):
+        read_config({"model_type": "clip", "vision_config": 3})
 
 
 def test_params_mismatch_moves_mlp_farther_from_a_prefixed_base(tmp_path):

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from mergeshield.architectures import SUPPORTED_MODEL_TYPES, BlockSpec, ModelSpec, describe
+from mergeshield.architectures.config import read_config
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_dir
 from mergeshield.symmetries.transform import view
@@ -37,7 +40,7 @@ class Checkpoint:
     """A validated checkpoint folder (nothing is loaded but headers)."""
 
     path: Path
-    config: Any  # transformers.PretrainedConfig
+    config: Any  # architectures.config.read_config: the fields the adapters read
     shards: dict[str, list[str]]  # shard file name -> tensor names, in file order
     spec: ModelSpec
     dtypes: dict[str, torch.dtype]
@@ -66,7 +69,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def load_config(path: Path) -> Any:
-    """``config.json`` parsed by transformers (``model_type`` checked first)."""
+    """``config.json`` as the family adapters read it (:func:`read_config`; no transformers)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         _fail(f"{path}: no config.json (is this a Hugging Face model folder?)")
@@ -82,12 +85,10 @@ def load_config(path: Path) -> Any:
         )
     if raw.get("quantization_config"):
         _fail(f"{path}: quantized checkpoints are not supported; dequantize to fp32/bf16 first")
-    from transformers import AutoConfig
-
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # transformers raises many types for malformed configs
-        raise MergeShieldError(f"{config_file}: transformers cannot read it ({err})") from None
+        return read_config(raw)
+    except MergeShieldError as err:
+        raise MergeShieldError(f"{path}/{err}") from None
 
 
 def _shard_files(path: Path) -> list[str]:
@@ -273,6 +274,7 @@ class ShardWriter:
         code_of = {dtype: code for code, dtype in _DTYPES.items()}
         order = sorted(layout, key=lambda n: (-_ST_DTYPE_ORDER.index(code_of[layout[n][0]]), n))
         header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
+        self.order = order  # offset order: writing in it appends to the file
         self._offsets: dict[str, tuple[int, int]] = {}
         self._layout = layout
         offset = 0
@@ -293,7 +295,10 @@ class ShardWriter:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._pwrite(len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(self._fd, self._data_start + offset)
+        # The file grows as tensors are written (mostly in offset order) and gets its final
+        # size at close; an ftruncate to the final size up front made ext4 write every page
+        # into a hole, 3-8x slower than appending (measured: 2.5 GB in 3.6-8.9 s vs 1.1 s).
+        self._size = self._data_start + offset
 
     def _pwrite(self, data: bytes | memoryview, at: int) -> None:
         view_ = memoryview(data)
@@ -314,7 +319,11 @@ class ShardWriter:
         self._pending.discard(name)
 
     def close(self) -> None:
-        os.close(self._fd)
+        try:
+            if os.fstat(self._fd).st_size < self._size:  # trailing empty tensors
+                os.ftruncate(self._fd, self._size)
+        finally:
+            os.close(self._fd)
 
     def check_complete(self) -> None:
         if self._pending:
@@ -367,6 +376,47 @@ class TensorReader:
             key: self.get(name) if dtype is None else self.get(name).to(dtype)
             for key, name in zip(keys, names, strict=True)
         }
+
+
+WRITE_BEHIND_BYTES = 256 * 2**20
+
+
+class WriteBehind:
+    """Tensor writes run in order on one background thread, so that the next block is read
+    and transformed while this one is written: ``pwrite`` and torch's kernels release the
+    GIL, and the page-cache copy of a write costs as much CPU as a block's transform.  At most
+    ``max_bytes`` of tensors wait (one larger tensor waits alone); :meth:`wait` blocks until
+    all are written and re-raises the first error."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeshield-write")
+        self._queued: deque[tuple[Future[None], int]] = deque()
+        self._bytes, self._max = 0, max_bytes
+
+    def submit(self, write: Callable[[str, torch.Tensor], None], name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        while self._queued and self._bytes + nbytes > self._max:
+            self._pop(reraise=True)
+        self._queued.append((self._pool.submit(write, name, tensor), nbytes))
+        self._bytes += nbytes
+
+    def _pop(self, reraise: bool) -> None:
+        future, nbytes = self._queued.popleft()
+        self._bytes -= nbytes
+        error = future.exception()
+        if error is not None and reraise:
+            raise error
+
+    def wait(self, reraise: bool = True) -> None:
+        while self._queued:
+            self._pop(reraise)
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait(reraise=False)
+        self._pool.shutdown()
 
 
 @contextmanager
@@ -453,7 +503,11 @@ def rewrite(
     """
     check_output_path(checkpoint.path, out, overwrite)
     block_of = {n: i for i, b in enumerate(checkpoint.spec.blocks) for n in b.tensor_names()}
-    with reader(checkpoint) as src, atomic_folder(out, overwrite) as tmp:
+    with (
+        reader(checkpoint) as src,
+        atomic_folder(out, overwrite) as tmp,
+        WriteBehind(WRITE_BEHIND_BYTES) as writes,
+    ):
         copy_side_files(checkpoint.path, tmp)
         pending: dict[str, torch.Tensor] = {}
         for shard, names in checkpoint.shards.items():
@@ -466,9 +520,9 @@ def rewrite(
             layout = {n: (checkpoint.dtypes[n], checkpoint.shapes[n]) for n in names}
             writer = ShardWriter(tmp / shard, layout, shard_meta | metadata)
             try:
-                for name in names:
+                for name in writer.order:
                     if name not in block_of:
-                        writer.write(name, src.get(name))
+                        writes.submit(writer.write, name, src.get(name))
                         continue
                     if name not in pending:
                         index = block_of[name]
@@ -483,7 +537,9 @@ def rewrite(
                         del new
                         if on_block is not None:
                             on_block()
-                    writer.write(name, pending.pop(name))
+                    writes.submit(writer.write, name, pending.pop(name))
+                writes.wait()
             finally:
+                writes.wait(reraise=False)  # nothing may write to a closed file
                 writer.close()
             writer.check_complete()

@@ -697,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeShieldError as err:
         print(f"mergeshield: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions: the output was not renamed into place
+        print(f"mergeshield: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mergeshield: interrupted; nothing was written", file=sys.stderr)
         return 130

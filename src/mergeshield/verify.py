@@ -134,8 +134,9 @@ def verify(
         from mergeshield.errors import MergeShieldError
 
         raise MergeShieldError(f"{protected}: tensors differ in names or shapes from {original}")
-    inputs = make_inputs(original, ckpt_o.config, texts, seed)
-    name, y_o = model_output(load_model(original), inputs)
+    model_o = load_model(original)
+    inputs = make_inputs(original, model_o.config, texts, seed)
+    name, y_o = model_output(model_o, inputs)
     _, y_p = model_output(load_model(protected), inputs)
     abs_err = (y_p - y_o).abs().max().item()
     rel_err = abs_err / max(y_o.abs().max().item(), 1e-30)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
 from mergeshield.errors import MergeShieldError
@@ -138,6 +137,8 @@ def mismatch_permutation(
     cost = mismatch_cost(unit_vectors(mlp, base), unit_vectors(mlp, weights))
     if exact_max is not None and cost.shape[0] > exact_max:
         return greedy_assignment(cost.numpy())
+    from scipy.optimize import linear_sum_assignment  # imported here: 0.5-1 s, rarely needed
+
     _, perm = linear_sum_assignment(cost.numpy(), maximize=False)
     return perm
 

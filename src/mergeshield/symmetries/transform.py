@@ -64,12 +64,22 @@ def view(tensors: Tensors, slot: Slot) -> tuple[torch.Tensor, torch.Tensor | Non
     return w, b
 
 
+def _set_weight(tensors: Tensors, slot: Slot, new: torch.Tensor) -> None:
+    """Store ``new`` (the slot's ``[out, in]`` weight) in place of the old one: a plain
+    slot's tensor is replaced, a transposed or fused (chunk) slot is written through its
+    view."""
+    if slot.transposed or slot.chunk is not None:
+        view(tensors, slot)[0].copy_(new)
+    else:
+        tensors[slot.weight] = new
+
+
 def _rows(tensors: Tensors, slot: Slot, fn) -> None:
     """Replace ``W`` and ``b`` of a slot by ``fn(W)`` and ``fn(b[:, None])`` (row maps)."""
     w, b = view(tensors, slot)
-    w.copy_(fn(w))
     if b is not None:
         b.copy_(fn(b[:, None])[:, 0])
+    _set_weight(tensors, slot, fn(w))
 
 
 def _columns(tensors: Tensors, slot: Slot, fn) -> None:
@@ -82,30 +92,40 @@ def _heads(n: int, d: int):
     return lambda x: x.reshape(n, d, -1)
 
 
-def _block_index(perm: np.ndarray, d: int) -> torch.Tensor:
+def _block_index(perm: np.ndarray, d: int) -> np.ndarray:
     """Row index taking row block ``perm[i]`` (of size ``d``) to position ``i``:
     ``index[i * d + j] = perm[i] * d + j``."""
-    perm_t = torch.as_tensor(np.asarray(perm), dtype=torch.long)
-    return (perm_t[:, None] * d + torch.arange(d)).reshape(-1)
+    return (np.asarray(perm, dtype=np.int64)[:, None] * d + np.arange(d)).reshape(-1)
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def take(x: torch.Tensor, index: np.ndarray, dim: int) -> torch.Tensor:
+    """``x.index_select(dim, index)`` as a new contiguous tensor: numpy's ``take`` on a
+    same-width integer view of ``x``.  A pure data movement, so bit-identical for any dtype
+    (bf16 included, which numpy lacks); ~4x faster than torch's gather along columns."""
+    raw = x.view(_SAME_WIDTH_INT[x.element_size()]).numpy()
+    return torch.from_numpy(np.take(raw, index, axis=dim)).view(x.dtype)
 
 
 def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
     """Row blocks of a slot's ``W`` and ``b`` permuted (row block ``perm[i]`` to ``i``).
 
-    ``index_select`` on the ``[out, in]`` view: one gather and one copy back, whatever the
-    storage layout (a pure data movement, so bit-identical to any other way of permuting).
+    One gather of the ``[out, in]`` view (:func:`take`), whatever the storage layout (a pure
+    data movement, so bit-identical to any other way of permuting).
     """
     w, b = view(tensors, slot)
     index = _block_index(perm, d)
-    w.copy_(w.index_select(0, index))
     if b is not None:
-        b.copy_(b.index_select(0, index))
+        b.copy_(take(b, index, 0))
+    _set_weight(tensors, slot, take(w, index, 0))
 
 
 def _permute_columns(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
     """Column blocks of a slot's ``W`` permuted (column block ``perm[i]`` to ``i``)."""
     w, _ = view(tensors, slot)
-    w.copy_(w.index_select(1, _block_index(perm, d)))
+    _set_weight(tensors, slot, take(w, _block_index(perm, d), 1))
 
 
 def _per_head(mats: np.ndarray, d: int):
