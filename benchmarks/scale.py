@@ -7,6 +7,8 @@ separate subprocesses under ``/usr/bin/time`` (wall, user + system CPU, peak RSS
   copies with ``copy_file_range``, one copy inside the kernel, no pass through user space;
 - ``user-copy``: the same files read into user memory and written back in 64 MiB chunks
   (``read`` + ``write``): the floor of any tool that must see the bytes to transform them;
+- ``imports``: ``python -c "import mergeshield.protect"``: the interpreter and the libraries
+  that any protect run loads first (torch, numpy, safetensors), no I/O;
 - ``protect``: ``mergeshield protect MODEL OUT --defense all --seed RUN --quiet``;
 - ``mergekit-linear``: ``mergekit-yaml`` linear merge (0.5/0.5) of MODEL with its copy, bf16;
 - ``mergekit-passthrough``: ``mergekit-yaml`` passthrough of MODEL alone (a pure rewrite).
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic import write_checkpoint  # noqa: E402
 
 TIME = "/usr/bin/time"
+COMMANDS = ["copy", "user-copy", "imports", "protect", "mergekit-linear", "mergekit-passthrough"]
 BIN = Path(sys.executable).parent
 
 
@@ -98,6 +101,8 @@ def bench(model: Path, work: Path, runs: int, which: list[str]) -> list[dict]:
                 cmd = ["cp", "-r", str(model), str(out)]
             elif name == "user-copy":
                 cmd = [sys.executable, "-c", USER_COPY, str(model), str(out)]
+            elif name == "imports":
+                cmd = [sys.executable, "-c", "import mergeshield.protect"]
             elif name == "protect":
                 cmd = [str(BIN / "mergeshield"), "protect", str(model), str(out)]
                 cmd += ["--defense", "all", "--seed", str(run), "--quiet"]
@@ -129,6 +134,17 @@ def summary(rows: list[dict], shard_gib: float) -> str:
             f"| {name} | {len(sel)} | {med['wall_s']:.1f} | {med['cpu_s']:.1f} | "
             f"{med['rss_gib']:.2f} | {loads} |"
         )
+    ratios = [
+        p["wall_s"] / c["wall_s"]
+        for p in rows
+        if p["command"] == "protect"
+        for c in rows
+        if c["command"] == "copy" and c["run"] == p["run"]
+    ]
+    if ratios:
+        each = ", ".join(f"{r:.1f}" for r in ratios)
+        median = statistics.median(ratios)
+        out += ["", f"protect / copy wall time, same run: {each} (median {median:.1f})"]
     return "\n".join(out)
 
 
@@ -141,8 +157,8 @@ def main() -> None:
     parser.add_argument(
         "--commands",
         nargs="+",
-        default=["copy", "user-copy", "protect", "mergekit-linear", "mergekit-passthrough"],
-        choices=["copy", "user-copy", "protect", "mergekit-linear", "mergekit-passthrough"],
+        default=[c for c in COMMANDS if c != "imports"],
+        choices=COMMANDS,
     )
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")

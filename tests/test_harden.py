@@ -483,6 +483,59 @@ def test_frontier_candidates_parse() -> None:
             parse_candidate(bad)
 
 
+def test_frontier_attacks_parse() -> None:
+    from mergeshield.evaluation.frontier import parse_attack
+
+    assert parse_attack("none") == ("none", {})
+    assert parse_attack("aga") == ("aga", {})
+    assert parse_attack("aga+prune") == ("aga", {"prune": 0.2})
+    assert parse_attack("procrustes+prune=0.5+noise=0.05") == (
+        "procrustes",
+        {"prune": 0.5, "noise": 0.05},
+    )
+    for bad in ("agaa", "none+prune", "aga+shrink", "aga+prune=x", "aga+noise=1.5"):
+        with pytest.raises(MergeShieldError):
+            parse_attack(bad)
+
+
+def test_prune_component_resets_the_smallest_update_entries_and_trains_nothing(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    """``prune`` alone: every backbone entry is either the fine-tune's (untouched: no training
+    step ran) or the base's, and at least the requested share of each tensor is the base's."""
+    out = harden(
+        toy["ft"], toy["base"], toy["train"], tmp_path / "p", method="prune", prune_fraction=0.3
+    )
+    assert json.loads((out / "mergeshield_harden.json").read_text())["history"] == []
+    pruned, ft = load_folder_tensors(out), load_folder_tensors(toy["ft"])
+    base = {"bert." + k: v for k, v in load_folder_tensors(toy["base"]).items()}
+    checked = 0
+    for name, b in base.items():
+        if b.numel() < 2 or not b.is_floating_point():
+            continue
+        p, f = pruned[name], ft[name]
+        assert bool(((p == f) | (p == b)).all()), name
+        assert float((p == b).float().mean()) >= 0.3 - 1 / b.numel(), name
+        checked += 1
+    assert checked > 10
+
+
+def test_alignment_then_pruning_zeroes_the_aligned_update(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    from mergeshield.attacks.adaptive import perturb_then_align
+    from mergeshield.protect import protect
+
+    protect(toy["ft"], tmp_path / "locked", "mergelock", seed=3)
+    out = perturb_then_align(
+        tmp_path / "locked", toy["base"], tmp_path / "aligned", attack="aga", prune=0.4
+    )
+    aligned = load_folder_tensors(out)
+    for name, b in load_folder_tensors(toy["base"]).items():
+        if b.numel() > 1 and b.is_floating_point():
+            assert float((aligned["bert." + name] == b).float().mean()) >= 0.4 - 1 / b.numel()
+
+
 def test_finetune_recovery_on_an_image_classifier_with_stored_names(tmp_path: Path) -> None:
     """The frontier's fine-tune attack on a ViT: the stored backbone names are mapped to the
     module's (transformers 5 renames ViT on load) and pixel inputs train without masks."""

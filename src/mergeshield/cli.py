@@ -253,6 +253,12 @@ def _add_harden(sub) -> None:
     )
     p.add_argument("--max-len", type=int, default=defaults.max_len, help="token limit (text)")
     p.add_argument(
+        "--prune-fraction",
+        type=float,
+        default=defaults.prune_fraction,
+        help="'prune': share of each tensor's smallest update entries reset to the base",
+    )
+    p.add_argument(
         "--proxies",
         type=Path,
         nargs="+",
@@ -294,6 +300,8 @@ def _run_harden(args) -> int:
             raise MergeShieldError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0 or args.lam < 0:
         raise MergeShieldError("--lr must be positive and --lam non-negative")
+    if not 0 <= args.prune_fraction < 1:
+        raise MergeShieldError("--prune-fraction must lie in [0, 1)")
     if args.key_out and not args.then_protect:
         raise MergeShieldError("--key-out needs --then-protect (hardening alone has no key)")
     open_checkpoint(args.model)
@@ -309,6 +317,7 @@ def _run_harden(args) -> int:
         batch_size=args.batch_size,
         lam=args.lam,
         max_len=args.max_len,
+        prune_fraction=args.prune_fraction,
         proxies=tuple(str(p) for p in args.proxies),
         train_embeddings=args.train_embeddings,
         seed=seed,
@@ -556,7 +565,13 @@ def _add_frontier(sub) -> None:
     p.add_argument("--steps", type=int, default=60, help="harden steps")
     p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
-    p.add_argument("--attacks", nargs="+", default=["none", "aga", "rebasin", "procrustes"])
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=["none", "aga", "rebasin", "procrustes"],
+        help="none, aga, rebasin, procrustes; an alignment attack may be followed by +prune "
+        "or +noise (=fraction): the aligned update is then pruned or noised",
+    )
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune attack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -566,17 +581,20 @@ def _add_frontier(sub) -> None:
 def _run_frontier(args) -> int:
     import shutil
 
-    from mergeshield.attacks import ATTACKS
-    from mergeshield.evaluation.frontier import FrontierPlan, parse_candidate, run_frontier
+    from mergeshield.evaluation.frontier import (
+        FrontierPlan,
+        parse_attack,
+        parse_candidate,
+        run_frontier,
+    )
     from mergeshield.evaluation.zoo import build_family
 
     candidates = [parse_candidate(c) for c in args.candidates]
     unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
     if unknown:
         raise MergeShieldError(f"frontier methods are task_arithmetic and ties, not {unknown}")
-    bad = [a for a in args.attacks if a != "none" and a not in ATTACKS]
-    if bad:
-        raise MergeShieldError(f"unknown attacks {bad}; known: none, {', '.join(ATTACKS)}")
+    for attack in args.attacks:
+        parse_attack(attack)
     if args.out.exists() and any(args.out.iterdir()):
         if not args.overwrite:
             raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")

@@ -46,6 +46,13 @@ Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per
   layers), then ``theta <- theta - beta M . tau`` on a mask ``M`` that excludes the
   ``guard_keep_layers`` most-changed layers and the least-important entries (partial negation).
 
+* ``prune`` (PaRaMS' hardening against adaptive attacks: "dropout applied to a subset of
+  parameters before rearrangement, so that even if an attacker recovers the permutation,
+  parameters cannot be fully restored"; their ``--sparsity-ratio`` default 0.2): after any
+  training, the ``prune_fraction`` smallest ``|tau|`` entries of every backbone tensor are
+  reset to ``theta_0``.  Alone (``method="prune"``) it trains nothing; it is meant to be
+  followed by a symmetry defense (``--then-protect``).
+
 The result is saved with stock ``save_pretrained`` (loads with ``AutoModelFor...``) plus a
 ``mergeshield_harden.json`` record (configuration and loss history).
 """
@@ -79,7 +86,7 @@ from mergeshield.evaluation.zoo import TOKENIZER_FILES
 from mergeshield.folders import atomic_dir
 
 Tensors = dict[str, torch.Tensor]
-COMPONENTS = ("trap2", "merge", "arf", "mergeguard")
+COMPONENTS = ("trap2", "merge", "arf", "mergeguard", "prune")
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class HardenConfig:
     guard_beta: float = 1.0
     guard_fraction: float = 0.1  # share of least-important entries negated
     guard_keep_layers: float = 0.1  # share of most-changed layers never negated
+    prune_fraction: float = 0.2  # share of each tensor's smallest |tau| entries reset
     train_head: bool = False
     train_embeddings: bool = False  # the embeddings are half of MiniLM; frozen by default
     max_len: int = 32
@@ -413,7 +421,8 @@ def harden(
     def forward(params: Tensors, batch: Tensors) -> torch.Tensor:
         return functional_call(model, params, args=(), kwargs=batch).logits
 
-    for step in range(cfg.steps):
+    steps = cfg.steps if set(parts) - {"prune"} else 0  # "prune" alone trains nothing
+    for step in range(steps):
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
         batch = _inputs(train.tensors, idx)
         labels = train.tensors["labels"][idx]
@@ -484,12 +493,15 @@ def harden(
         opt.step()
         record["loss"] = float(loss.detach())
         history.append(record)
-        if progress and (step % 10 == 0 or step == cfg.steps - 1):
+        if progress and (step % 10 == 0 or step == steps - 1):
             print(json.dumps({k: round(v, 4) for k, v in record.items()}), flush=True)
 
     if "mergeguard" in parts:
         with torch.no_grad():
             _partial_negation(model, theta0, names, cfg)
+    if "prune" in parts:
+        with torch.no_grad():
+            _prune_update(model, theta0, names, cfg.prune_fraction)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -562,3 +574,18 @@ def _partial_negation(
         tau = params[n] - theta0[n]
         mask = tau.abs() > threshold
         params[n].sub_(cfg.guard_beta * mask * tau)
+
+
+def _prune_update(
+    model: torch.nn.Module, theta0: Tensors, names: dict[str, str], fraction: float
+) -> None:
+    """PaRaMS' pruning: in every backbone tensor, the ``fraction`` smallest ``|tau|`` entries
+    (ties at the threshold included) are reset to ``theta_0``."""
+    params = dict(model.named_parameters())
+    for n in names:
+        tau = params[n] - theta0[n]
+        if tau.numel() < 2 or fraction <= 0:
+            continue
+        k = max(1, int(fraction * tau.numel()))
+        threshold = tau.abs().flatten().kthvalue(k).values
+        params[n].copy_(torch.where(tau.abs() <= threshold, theta0[n], params[n]))

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from mergeshield.attacks.adaptive import finetune_recovery, insert
+from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then_align
 from mergeshield.defenses.harden import load_folder_tensors, stored_to_module_names
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import accuracy, load_classifier
@@ -254,10 +254,13 @@ def evaluate_release(
         variant_folders: dict[str, Path] = {}
         for attack_name in plan.attacks:
             source = released
-            if attack_name != "none":
-                source = run_attack(
-                    released, family.base, work / "attacked" / attack_name, attack_name
+            align, perturb = parse_attack(attack_name)
+            if perturb:
+                source = perturb_then_align(
+                    released, family.base, work / "attacked" / attack_name, attack=align, **perturb
                 )
+            elif align != "none":
+                source = run_attack(released, family.base, work / "attacked" / attack_name, align)
             variant_folders[attack_name] = extract_backbone(
                 source, family.base, work / "variants" / attack_name
             )
@@ -532,6 +535,35 @@ def write_frontier(
     (out / "frontier.json").write_text(json.dumps(data, indent=1))
     plot_frontier(results, plan, family, out / "frontier.png")
     (out / "frontier.md").write_text(frontier_markdown(results, plan, family))
+
+
+PERTURBATIONS = {"prune": 0.2, "noise": 0.1}  # defaults of the post-alignment perturbations
+
+
+def parse_attack(text: str) -> tuple[str, dict[str, float]]:
+    """``none``, an alignment attack (``aga``), or one followed by a perturbation of the aligned
+    update (:func:`mergeshield.attacks.adaptive.perturb_then_align`): ``aga+prune`` (each
+    tensor's 20% smallest update entries zeroed), ``aga+noise`` (Gaussian noise of 10% relative
+    size), ``aga+prune=0.5+noise=0.05``.  Returns ``(attack, {"prune": f, "noise": f})``."""
+    from mergeshield.attacks import ATTACKS
+
+    align, *extras = text.split("+")
+    if align != "none" and align not in ATTACKS:
+        raise MergeShieldError(f"unknown attack {align!r}; known: none, {', '.join(ATTACKS)}")
+    perturb: dict[str, float] = {}
+    for extra in extras:
+        key, _, value = extra.partition("=")
+        if key not in PERTURBATIONS or align == "none":
+            raise MergeShieldError(
+                f"attack {text!r}: after an alignment attack, add +prune or +noise (=fraction)"
+            )
+        try:
+            perturb[key] = float(value) if value else PERTURBATIONS[key]
+        except ValueError:
+            raise MergeShieldError(f"attack {text!r}: {value!r} is not a number") from None
+        if not 0 <= perturb[key] < 1:
+            raise MergeShieldError(f"attack {text!r}: {key} must lie in [0, 1)")
+    return align, perturb
 
 
 def parse_candidate(text: str) -> Candidate:
