@@ -496,10 +496,11 @@ def rewrite(
     ``transform_block(index, block, tensors)`` gets the block's tensors as ``working_dtype``
     copies (``None``: in their stored dtype) and returns the new tensors; they are cast back to
     the stored dtype here, once (a no-op for tensors already in it).  Each output shard is
-    written tensor by tensor (:class:`ShardWriter`) and the input is read with ``pread``
-    (:class:`ShardFile`), so memory holds one block (working copies plus their cast) and never
-    a whole shard; a block
-    whose tensors straddle two shards is kept until its last tensor is written.
+    written tensor by tensor (:class:`ShardWriter`, on a background thread:
+    :class:`WriteBehind`) and the input is read with ``pread`` (:class:`ShardFile`), so memory
+    holds one block (working copies plus their cast) and at most ``WRITE_BEHIND_BYTES`` of
+    finished tensors waiting to be written, never a whole shard; a block whose tensors
+    straddle two shards is kept until its last tensor is written.
     """
     check_output_path(checkpoint.path, out, overwrite)
     block_of = {n: i for i, b in enumerate(checkpoint.spec.blocks) for n in b.tensor_names()}
