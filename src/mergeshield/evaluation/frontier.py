@@ -463,7 +463,10 @@ def build_candidate(
         if not (hardened / "config.json").is_file():
             s = family.manifest["settings"]
             data = load_task(plan.victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
-            kwargs = {"proxies": tuple(str(family.tasks[p]) for p in plan.proxies)}
+            kwargs: dict[str, Any] = {"proxies": tuple(str(family.tasks[p]) for p in plan.proxies)}
+            if family.kind == "text":  # train on the token length the family was built with
+                overrides = dict(s.get("max_len_overrides") or ())
+                kwargs["max_len"] = overrides.get(plan.victim, s["max_len"])
             harden(
                 model,
                 family.base,
