@@ -5,7 +5,8 @@ model from :mod:`mergeshield.defenses.harden`, or hardened then symmetry-protect
 
 1. **standalone**: test accuracy of the release with its own head;
 2. **attacked variants**: the release as is, and aligned to the public base by each attack of
-   :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``);
+   :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``), optionally followed by
+   pruning or noising the aligned update (``aga+prune``, :func:`parse_attack`);
 3. for every variant, merge method and free-rider, the attacker's **coefficient search**:
    ``merge(theta_0; variant, free-rider; c)`` over the method's grid, plus the
    **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider`` over
