@@ -604,8 +604,12 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         f"Target: cost <= {100 * TARGET_COST:.1f} points and kept <= {TARGET_KEPT:.0%} for "
         "every method.",
         "",
+        "Each cell: victim accuracy (share of its gain kept); the free-rider's accuracy in the "
+        "same merge (share of *its* gain kept: near or below 0% the merge carries no "
+        "free-rider, and the attacker has only the release itself); the attack.",
+        "",
         "| candidate | standalone (cost) | "
-        + " | ".join(f"{m}: victim (kept), attack" for m in plan.methods)
+        + " | ".join(f"{m}: victim (kept); free-rider (kept); attack" for m in plan.methods)
         + " | meets target |",
         "|---|---|" + "---|" * len(plan.methods) + "---|",
     ]
@@ -613,8 +617,17 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         s = r.summary()
         cells = [f"{s['name']}", f"{r.standalone:.3f} ({100 * s['cost']:+.1f} pt)"]
         for m in plan.methods:
-            c = s.get(m)
-            cells.append(f"{c['victim']:.3f} ({c['kept']:.0%}), {c['attack']}" if c else "-")
+            c, best = s.get(m), r.best.get(m)
+            if c is None or best is None:
+                cells.append("-")
+                continue
+            p = best.partner
+            gap = family.finetuned_accuracy[p] - family.base_accuracy[p]
+            p_kept = (c["partner"] - family.base_accuracy[p]) / gap if gap > 0 else float("nan")
+            cells.append(
+                f"{c['victim']:.3f} ({c['kept']:.0%}); {p} {c['partner']:.3f} ({p_kept:.0%}); "
+                f"{c['attack']}"
+            )
         cells.append("yes" if s["meets_target"] else "**no**")
         lines.append("| " + " | ".join(cells) + " |")
     tuned = [r for r in results if r.finetune]
