@@ -4,7 +4,7 @@ Importing transformers and parsing a config through ``AutoConfig`` costs 1.5-4 s
 machine, more than copying a 1B checkpoint; ``protect`` only needs a dozen integers.  Each
 model type lists the fields its adapter reads with transformers' defaults for them (a field
 absent from ``config.json`` takes the value transformers would give it; tested against
-``AutoConfig.for_model`` in ``tests/test_architectures.py``).  Composite models (CLIP) name the
+``AutoConfig.for_model`` in ``tests/test_protect.py``).  Composite models (CLIP) name the
 model type of each sub-config.
 """
 
@@ -22,7 +22,15 @@ _ENCODER = {
     "intermediate_size": 3072,
     "hidden_act": "gelu",
 }
-_DECODER = {"num_key_value_heads": None, "head_dim": None, "hidden_act": "silu"}
+_DECODER = _ENCODER | {  # Llama's defaults; Mistral and Qwen2 differ in two fields
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "intermediate_size": 11008,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "hidden_act": "silu",
+}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bert": _ENCODER,
@@ -39,18 +47,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "n_inner": None,
         "activation_function": "gelu_new",
     },
-    "llama": _ENCODER
-    | _DECODER
-    | {"hidden_size": 4096, "num_hidden_layers": 32}
-    | {"num_attention_heads": 32, "intermediate_size": 11008},
-    "mistral": _ENCODER
-    | _DECODER
-    | {"hidden_size": 4096, "num_hidden_layers": 32}
-    | {"num_attention_heads": 32, "intermediate_size": 14336, "num_key_value_heads": 8},
-    "qwen2": _ENCODER
-    | _DECODER
-    | {"hidden_size": 4096, "num_hidden_layers": 32}
-    | {"num_attention_heads": 32, "intermediate_size": 22016, "num_key_value_heads": 32},
+    "llama": _DECODER,
+    "mistral": _DECODER | {"intermediate_size": 14336, "num_key_value_heads": 8},
+    "qwen2": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32},
 }
 SUB_CONFIGS: dict[str, dict[str, str]] = {
     "clip": {"text_config": "clip_text_model", "vision_config": "clip_vision_model"},

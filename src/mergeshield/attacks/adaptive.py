@@ -137,7 +137,8 @@ def perturb_update(
     entries of each matching float tensor set to 0, then Gaussian noise of relative size
     ``noise`` (``noise * ||delta|| / sqrt(numel)`` per entry) added.  Only tensors whose name
     and shape are in ``base`` change (a symmetry-protected release has its own layout, so this
-    is mostly useful on the *aligned* model)."""
+    is mostly useful on the *aligned* model).  Without noise the result is exact: each entry is
+    either ``theta``'s or ``theta_0``'s."""
     gen = torch.Generator().manual_seed(seed)
     out = dict(released)
     for name, t in released.items():
@@ -145,14 +146,17 @@ def perturb_update(
         if b is None or b.shape != t.shape or not t.is_floating_point():
             continue
         delta = t.float() - b.float()
+        keep = None
         if prune > 0 and delta.numel() > 1:
             k = max(1, int(prune * delta.numel()))
-            threshold = delta.abs().flatten().kthvalue(k).values
-            delta = delta * (delta.abs() > threshold)
+            keep = delta.abs() > delta.abs().flatten().kthvalue(k).values
         if noise > 0:
+            delta = delta if keep is None else delta * keep
             scale = noise * float(delta.norm()) / math.sqrt(delta.numel())
             delta = delta + scale * torch.randn(delta.shape, generator=gen)
-        out[name] = (b.float() + delta).to(t.dtype)
+            out[name] = (b.float() + delta).to(t.dtype)
+        elif keep is not None:
+            out[name] = torch.where(keep, t, b.to(t.dtype))
     return out
 
 

@@ -580,12 +580,11 @@ def _prune_update(
     model: torch.nn.Module, theta0: Tensors, names: dict[str, str], fraction: float
 ) -> None:
     """PaRaMS' pruning: in every backbone tensor, the ``fraction`` smallest ``|tau|`` entries
-    (ties at the threshold included) are reset to ``theta_0``."""
+    (ties at the threshold included) are reset to ``theta_0`` (the attack side's
+    :func:`mergeshield.attacks.adaptive.perturb_update`, applied by the owner)."""
+    from mergeshield.attacks.adaptive import perturb_update
+
     params = dict(model.named_parameters())
+    pruned = perturb_update({n: params[n].detach() for n in names}, theta0, prune=fraction)
     for n in names:
-        tau = params[n] - theta0[n]
-        if tau.numel() < 2 or fraction <= 0:
-            continue
-        k = max(1, int(fraction * tau.numel()))
-        threshold = tau.abs().flatten().kthvalue(k).values
-        params[n].copy_(torch.where(tau.abs() <= threshold, theta0[n], params[n]))
+        params[n].copy_(pruned[n])
