@@ -297,9 +297,11 @@ def test_allocator_settings_apply_on_glibc():
 
 @pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip"])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family, inverse):
-    """Permutations on bf16 data + float64 products on the touched tensors give exactly the
-    bytes of widening the whole block to float64, transforming and casting back."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family, inverse, dtype):
+    """Permutations and the power-of-two unit scale on the stored data + float64 products on
+    the touched tensors give exactly the bytes of widening the whole block to float64,
+    transforming and casting back."""
     from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext
     from mergeshield.symmetries.transform import (
@@ -310,15 +312,28 @@ def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family,
 
     ckpt = open_checkpoint(checkpoints[family][0])
     with reader(ckpt) as r:
-        stored = {k: v.to(torch.bfloat16) for k, v in r.block(ckpt.spec.blocks[0]).items()}
+        stored = {k: v.to(dtype) for k, v in r.block(ckpt.spec.blocks[0]).items()}
     block = ckpt.spec.blocks[0]
     ctx = BlockContext(block, Float64View(stored), None, np.random.default_rng(5), DefenseOptions())
     t = DEFENSES["all"].sample(ctx)
+    from mergeshield.symmetries.transform import is_power_of_two
+
+    assert block.mlp.gate is None or is_power_of_two(t.unit_scale)
     fast = {k: v.clone() for k, v in stored.items()}
     apply_in_stored_dtype(fast, block, t, inverse=inverse)
     wide = {k: v.double() for k, v in stored.items()}
     apply_transform(wide, block, t, inverse=inverse)
+    bits = {2: torch.int16, 4: torch.int32}[stored[block.mlp.up.weight].element_size()]
     for name, value in wide.items():
-        assert fast[name].dtype == torch.bfloat16
-        assert torch.equal(fast[name].view(torch.int16), value.to(torch.bfloat16).view(torch.int16))
+        assert fast[name].dtype == dtype
+        assert torch.equal(fast[name].view(bits), value.to(dtype).view(bits))
     assert any(not torch.equal(fast[n], stored[n]) for n in stored)
+
+
+def test_power_of_two_unit_scales_are_recognised():
+    """Only +-2^k scales may skip the float64 working copy (their products are exact)."""
+    from mergeshield.symmetries.transform import is_power_of_two
+
+    assert is_power_of_two(np.array([1.0, -2.0, 0.125, 8.0, -0.5]))
+    assert not is_power_of_two(np.array([1.0, 3.0]))
+    assert not is_power_of_two(np.array([0.1]))

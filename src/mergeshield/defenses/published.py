@@ -14,7 +14,8 @@
   reparameterization of the MLP is left out: it replaces the MLP by polynomial coefficient
   tensors, which stock transformers cannot load.
 - ``all``: heads permuted, MLP units permuted (far from the base when given) and, for gated
-  MLPs, rescaled; QK by MergeLock's ``A`` times MergeBarrier's flip; VO by an independent
+  MLPs, rescaled by ``+-2^k`` (``k`` uniform in -3..3: exact in every dtype, so the step
+  costs no rounding even in bf16); QK by MergeLock's ``A`` times MergeBarrier's flip; VO by an independent
   MergeLock ``B``.
 
 Rotary models (Llama family): only matrices that commute with every rotary position may act
@@ -54,7 +55,7 @@ from mergeshield.symmetries.transform import BlockTransform, view
 
 PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
 MERGELOCK_SCALE = (0.1, 10.0)
-GATED_UNIT_SCALE = (0.1, 10.0)
+GATED_UNIT_EXPONENTS = (-3, 3)  # unit scales +-2^k: exact in any float dtype
 
 
 def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
@@ -181,7 +182,8 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     scale = None
     if mlp.gate is not None:
         sign = ctx.rng.choice([-1.0, 1.0], mlp.n_units)
-        scale = sign * log_uniform(ctx.rng, *GATED_UNIT_SCALE, mlp.n_units)
+        low, high = GATED_UNIT_EXPONENTS
+        scale = sign * np.exp2(ctx.rng.integers(low, high + 1, mlp.n_units))
     return BlockTransform(
         kv_perm=kv_perm,
         q_perm=q_perm,

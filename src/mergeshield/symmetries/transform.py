@@ -16,7 +16,9 @@ A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
 :func:`apply_transform` runs on float64 working copies; the caller casts back to the stored
 dtype once.  :func:`apply_in_stored_dtype` gives the same bytes for less work: steps 1 and 4's
 permutation only move data, which is exact in any dtype (and commutes with exact widening), so
-they run on the stored tensors; only the tensors that steps 2-4's products touch are widened to
+they run on the stored tensors, and so does a unit scale made of powers of two (``x * 2^k`` is
+exact in every float format short of overflow and subnormals, where the stored dtype's one
+rounding is the float64 path's); only the tensors that the other products touch are widened to
 float64, and cast back once.
 """
 
@@ -180,6 +182,26 @@ def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
     _columns(tensors, att.o, _per_head(np.repeat(b_inv_t, r, axis=0), d))
 
 
+def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> None:
+    """In place on the ``[out, in]`` views: ``up`` row ``i`` (and its bias) times ``s_i``,
+    ``down`` column ``i`` divided by ``s_i`` (in the tensors' dtype when that is exact)."""
+    w, b = view(tensors, mlp.up)
+    s = torch.as_tensor(1.0 / scale if inverse else scale, dtype=torch.float64)
+    if is_power_of_two(scale):
+        s = s.to(w.dtype)
+    w.mul_(s[:, None])
+    if b is not None:
+        b.mul_(s)
+    view(tensors, mlp.down)[0].div_(s[None, :])
+
+
+def is_power_of_two(scale: np.ndarray) -> bool:
+    """Whether every entry is ``+-2^k``: multiplying by it is exact in any float dtype (short of
+    overflow), so a unit scale of that form needs no float64 working copy."""
+    mantissa, _ = np.frexp(np.asarray(scale, dtype=np.float64))
+    return bool(np.all(np.abs(mantissa) == 0.5))
+
+
 def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
     ins = [mlp.up] + ([mlp.gate] if mlp.gate is not None else [])
     perm, scale = t.unit_perm, t.unit_scale
@@ -188,14 +210,7 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
             _permute_rows(tensors, slot, perm, 1)
         _permute_columns(tensors, mlp.down, perm, 1)
     if scale is not None:
-        # In place on the [out, in] views: up row i times s_i (and its bias), down column i
-        # divided by s_i; the same elementwise products and quotients as out of place.
-        s = torch.as_tensor(1.0 / scale if inverse else scale, dtype=torch.float64)
-        w, b = view(tensors, mlp.up)
-        w.mul_(s[:, None])
-        if b is not None:
-            b.mul_(s)
-        view(tensors, mlp.down)[0].div_(s[None, :])
+        _scale_units(tensors, mlp, scale, inverse)
     if perm is not None and inverse:
         back = np.argsort(perm)
         for slot in ins:
@@ -207,9 +222,23 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
 
 
 def split_transform(t: BlockTransform) -> tuple[BlockTransform, BlockTransform]:
-    """``(moves, products)``: the head and unit permutations, and the QK/VO/scale maps."""
-    moves = BlockTransform(kv_perm=t.kv_perm, q_perm=t.q_perm, unit_perm=t.unit_perm)
-    return moves, replace(t, kv_perm=None, q_perm=None, unit_perm=None)
+    """``(exact, products)``: the head and unit permutations and a power-of-two unit scale
+    (exact in the stored dtype), and the QK/VO maps and any other unit scale."""
+    exact_scale = t.unit_scale is not None and is_power_of_two(t.unit_scale)
+    moves = BlockTransform(
+        kv_perm=t.kv_perm,
+        q_perm=t.q_perm,
+        unit_perm=t.unit_perm,
+        unit_scale=t.unit_scale if exact_scale else None,
+    )
+    products = replace(
+        t,
+        kv_perm=None,
+        q_perm=None,
+        unit_perm=None,
+        unit_scale=None if exact_scale else t.unit_scale,
+    )
+    return moves, products
 
 
 def product_tensors(block: BlockSpec, t: BlockTransform) -> list[str]:
@@ -227,9 +256,10 @@ def apply_in_stored_dtype(
     tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
 ) -> None:
     """:func:`apply_transform` on tensors in their stored dtype, in place, with the same result
-    as widening every tensor to float64, transforming and casting back: permutations run on
-    the stored data (forward: first; inverse: last), the products on float64 copies of only
-    the tensors they change, each cast back once."""
+    as widening every tensor to float64, transforming and casting back: the exact steps
+    (permutations, a power-of-two unit scale) run on the stored data (forward: first; inverse:
+    last), the products on float64 copies of only the tensors they change, each cast back
+    once."""
     moves, products = split_transform(t)
     if not inverse:
         apply_transform(tensors, block, moves)
