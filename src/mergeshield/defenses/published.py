@@ -15,8 +15,8 @@
   tensors, which stock transformers cannot load.
 - ``all``: heads permuted, MLP units permuted (far from the base when given) and, for gated
   MLPs, rescaled by ``+-2^k`` (``k`` uniform in -3..3: exact in every dtype, so the step
-  costs no rounding even in bf16); QK by MergeLock's ``A`` times MergeBarrier's flip; VO by an independent
-  MergeLock ``B``.
+  costs no rounding even in bf16); QK by MergeLock's ``A`` times MergeBarrier's flip; VO by
+  an independent MergeLock ``B``.
 
 Rotary models (Llama family): only matrices that commute with every rotary position may act
 on Q and K, i.e. ``c_j R(phi_j)`` on each rotary pair ``j``.  There the QK part becomes:
