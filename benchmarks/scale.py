@@ -13,9 +13,14 @@ separate subprocesses under ``/usr/bin/time`` (wall, user + system CPU, peak RSS
 - ``mergekit-linear``: ``mergekit-yaml`` linear merge (0.5/0.5) of MODEL with its copy, bf16;
 - ``mergekit-passthrough``: ``mergekit-yaml`` passthrough of MODEL alone (a pure rewrite).
 
-Outputs are deleted after each command.  Prints one JSON line per command and a Markdown
-table of medians; the 1-minute load average before each command is recorded too (the machine
-may be shared).
+Outputs are deleted after each command, then every command starts after the same pause
+(``--settle``, default 5 s).  Why: on this VM, memory freed a moment ago (the previous
+command's output pages) is still backed by the host, and writing into it is 3-8x cheaper than
+writing into memory the host has taken back a few seconds later (measured in BENCHMARKS.md,
+"Scale"); without the pause the command that happens to follow a deletion most closely
+(``cp``, whose first write comes milliseconds after it starts) wins by that alone.
+Prints one JSON line per command and a Markdown table of medians; the 1-minute load average
+before each command is recorded too (the machine may be shared).
 
     python benchmarks/scale.py 1b --runs 3 --workdir /work/bench
     python benchmarks/scale.py 8b-slice --layers 2 4 --runs 3 --workdir /work/bench
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,7 +94,7 @@ def mergekit_config(path: Path, models: list[Path], method: str) -> Path:
     return path
 
 
-def bench(model: Path, work: Path, runs: int, which: list[str]) -> list[dict]:
+def bench(model: Path, work: Path, runs: int, which: list[str], settle: float) -> list[dict]:
     rows = []
     copy = work / "copy-input"  # the second input of the linear merge
     if "mergekit-linear" in which and not copy.exists():
@@ -111,6 +117,7 @@ def bench(model: Path, work: Path, runs: int, which: list[str]) -> list[dict]:
                 inputs = [model, copy] if method == "linear" else [model]
                 cfg = mergekit_config(work / f"{method}.yml", inputs, method)
                 cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(out), "--quiet"]
+            time.sleep(settle)
             row = {"command": name, "run": run} | timed(cmd)
             shutil.rmtree(out, ignore_errors=True)
             print(json.dumps(row), flush=True)
@@ -162,6 +169,9 @@ def main() -> None:
     )
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds of pause before every command"
+    )
     args = parser.parse_args()
     for layers in args.layers:
         model = args.workdir / f"llama-{args.shape}-{layers or 'all'}"
@@ -170,7 +180,7 @@ def main() -> None:
         shard = max(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30
         print(f"# {model}", flush=True)
         try:
-            rows = bench(model, args.workdir, args.runs, args.commands)
+            rows = bench(model, args.workdir, args.runs, args.commands, args.settle)
         finally:
             if not args.keep:
                 shutil.rmtree(model, ignore_errors=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergeshield.arrays import code_of
 from mergeshield.checkpoint import ShardWriter, WriteBehind
 from mergeshield.symmetries.transform import take
 
@@ -28,7 +31,7 @@ def test_shard_writer_bytes_equal_save_file_in_any_write_order(tmp_path, order):
     tensors = _tensors()
     meta = {"format": "pt"}  # one key: save_file orders several from a hash map
     save_file(tensors, tmp_path / "ref.safetensors", metadata=meta)
-    layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    layout = {n: (code_of(t), tuple(t.shape)) for n, t in tensors.items()}
     writer = ShardWriter(tmp_path / "out.safetensors", layout, meta)
     names = list(writer.order)
     if order == "reversed":
@@ -37,7 +40,8 @@ def test_shard_writer_bytes_equal_save_file_in_any_write_order(tmp_path, order):
         names = [names[i] for i in np.random.default_rng(1).permutation(len(names))]
     with WriteBehind(max_bytes=64) as writes:  # tiny queue: writes wait for each other
         for name in names:
-            writes.submit(writer.write, name, tensors[name])
+            job = functools.partial(writer.write, name, tensors[name])
+            writes.submit(job, tensors[name].nbytes)
         writes.wait()
     writer.close()
     writer.check_complete()
@@ -59,3 +63,68 @@ def test_take_is_index_select(dtype, transposed):
         want = x.index_select(dim, torch.from_numpy(index))
         assert got.dtype == dtype and got.is_contiguous()
         assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("copy_file_range", ["kernel", "refused"])
+def test_shard_writer_copies_unchanged_tensors_byte_for_byte(
+    tmp_path, monkeypatch, copy_file_range
+):
+    """Tensors outside the blocks are copied file to file (``copy_file_range``), or written
+    from the map where the kernel refuses: the same bytes either way."""
+    import errno
+    import os
+
+    from mergeshield.checkpoint import ShardFile
+
+    tensors = _tensors()
+    meta = {"format": "pt"}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata=meta)
+    if copy_file_range == "refused":
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    source = ShardFile(tmp_path / "ref.safetensors")
+    layout = {n: (code_of(t), tuple(t.shape)) for n, t in tensors.items()}
+    writer = ShardWriter(tmp_path / "out.safetensors", layout, meta)
+    for name in writer.order:
+        writer.copy(name, source)
+    writer.close()
+    source.close()
+    writer.check_complete()
+    assert (tmp_path / "out.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """The integer-bit test agrees with ``torch.isfinite`` for each float format, wherever
+    the bad value sits (first element, across a chunk boundary, last element)."""
+    from mergeshield.arrays import all_finite, to_numpy
+
+    x = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[0, 0] = torch.finfo(dtype).max  # the largest finite value is finite
+    x[1, 1] = -torch.finfo(dtype).tiny / 4  # so is a subnormal
+    assert all_finite(to_numpy(x)) and all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for index in (0, 65_536, x.numel() - 1):
+            y = x.clone().reshape(-1)
+            y[index] = bad
+            assert not all_finite(to_numpy(y), chunk=4096)
+            assert not all_finite(to_numpy(y))
+
+
+def test_bf16_rounding_matches_torch():
+    """float64 -> bf16 in numpy (through float32, as torch does) gives torch's bytes."""
+    from mergeshield.arrays import bfloat16, stored, to_numpy, to_torch
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(100_000, generator=g, dtype=torch.float64) * torch.logspace(
+        -30, 30, 100_000, dtype=torch.float64
+    )
+    ours = stored(x.numpy(), "BF16")
+    assert ours.dtype == bfloat16
+    assert torch.equal(to_torch(ours).view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(to_torch(to_numpy(x.to(torch.bfloat16))), x.to(torch.bfloat16))

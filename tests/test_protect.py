@@ -337,3 +337,26 @@ def test_power_of_two_unit_scales_are_recognised():
     assert is_power_of_two(np.array([1.0, -2.0, 0.125, 8.0, -0.5]))
     assert not is_power_of_two(np.array([1.0, 3.0]))
     assert not is_power_of_two(np.array([0.1]))
+
+
+@pytest.mark.parametrize("command", ["protect", "unprotect"])
+def test_protect_and_unprotect_never_import_torch(checkpoints, tmp_path, command):
+    """The streaming core runs on numpy alone: the CLI's protect and unprotect leave torch
+    (2 s of imports), transformers and scipy unloaded."""
+    import subprocess
+    import sys
+
+    src = checkpoints["llama-gqa2"][0]
+    key = tmp_path / "key.safetensors"
+    protect(src, tmp_path / "prot", "all", seed=3, key_out=key)
+    args = ["protect", str(src), str(tmp_path / "out"), "--seed", "1", "--quiet"]
+    if command == "unprotect":
+        args = ["unprotect", str(tmp_path / "prot"), str(key), str(tmp_path / "out"), "--quiet"]
+    code = (
+        "import sys; from mergeshield.cli import main; rc = main(sys.argv[1:]); "
+        "loaded = [m for m in ('torch', 'transformers', 'scipy') if m in sys.modules]; "
+        "assert not loaded, loaded; raise SystemExit(rc)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "config.json").is_file()

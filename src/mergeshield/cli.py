@@ -218,7 +218,7 @@ def _run_unprotect(args) -> int:
 
 def _add_harden(sub) -> None:
     from mergeshield.defenses import DEFENSES
-    from mergeshield.defenses.harden import COMPONENTS, HardenConfig
+    from mergeshield.defenses.harden_config import COMPONENTS, HardenConfig
 
     defaults = HardenConfig()
     p = sub.add_parser(

@@ -9,12 +9,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mergeshield.errors import MergeShieldError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -66,6 +68,8 @@ def load_tensors(folder: Path, names: list[str] | None = None) -> dict[str, torc
 
 def save_tensors(tensors: dict[str, torch.Tensor], folder: Path) -> Path:
     """Write ``tensors`` as one ``model.safetensors`` (with the ``format: pt`` metadata)."""
+    from safetensors.torch import save_file
+
     path = Path(folder) / SINGLE_FILE
     contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
     save_file(contiguous, str(path), metadata={"format": "pt"})

@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from mergeshield import __version__
 from mergeshield.architectures.spec import BlockSpec
+from mergeshield.arrays import LOW_PRECISION_CODES
 from mergeshield.checkpoint import (
     Checkpoint,
     check_output_path,
@@ -67,7 +67,7 @@ def _check_key_path(key_out: Path, outputs: list[Path], overwrite: bool) -> None
 def is_low_precision(checkpoint: Checkpoint) -> bool:
     """Whether any transformed tensor is stored in bf16 or fp16 (eps 4e-3 / 5e-4)."""
     names = (n for b in checkpoint.spec.blocks for n in b.tensor_names())
-    return any(checkpoint.dtypes[n] in (torch.bfloat16, torch.float16) for n in names)
+    return any(checkpoint.codes[n] in LOW_PRECISION_CODES for n in names)
 
 
 def single_threaded_numpy_blas() -> AbstractContextManager:
@@ -76,6 +76,8 @@ def single_threaded_numpy_blas() -> AbstractContextManager:
     The defenses factor many small ``head_dim x head_dim`` matrices (SVDs of 64 x 64 to
     128 x 128); on 2 cores a threaded OpenBLAS SVD of that size takes 3-50 ms against 0.45 ms
     single-threaded (thread start-up and spin-waiting, far worse when the cores are busy).
+    The per-head products of a rewrite are small too, and the write-behind thread needs the
+    other core: a second BLAS thread spin-waits on it (measured: 8% of all CPU time).
     A no-op without ``threadpoolctl``.
     """
     try:
@@ -121,23 +123,23 @@ def protect(
     transforms: dict[int, BlockTransform] = {}
 
     with ExitStack() as stack:
+        stack.enter_context(single_threaded_numpy_blas())
         base_reader = stack.enter_context(reader(base_ckpt)) if base_ckpt else None
         bar = stack.enter_context(
             progress_bar(f"protect ({defense})", len(src.spec.blocks), progress)
         )
 
-        def transform_block(index: int, block: BlockSpec, tensors: dict[str, torch.Tensor]):
+        def transform_block(index: int, block: BlockSpec, tensors: dict[str, np.ndarray]):
             ctx = BlockContext(
                 block=block,
                 weights=Float64View(tensors),  # widened on first use
-                base=base_reader.block(base_ckpt.spec.blocks[index], like=block)
+                base=base_reader.block(base_ckpt.spec.blocks[index], like=block, arrays=True)
                 if base_reader
                 else None,
                 rng=np.random.default_rng([entropy, index]),
                 options=options,
             )
-            with single_threaded_numpy_blas():
-                t = spec_defense.sample(ctx)
+            t = spec_defense.sample(ctx)
             del ctx
             apply_in_stored_dtype(tensors, block, t)
             if key_out is not None:
@@ -145,7 +147,9 @@ def protect(
             return tensors
 
         metadata = {"mergeshield_version": __version__, "mergeshield_defense": defense}
-        rewrite(src, out, transform_block, metadata, overwrite, on_block=bar, working_dtype=None)
+        rewrite(
+            src, out, transform_block, metadata, overwrite, on_block=bar, wide=False, arrays=True
+        )
     if key_out is not None:
         save_key(key_out, transforms, defense, src)
     return ProtectResult(output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out)
@@ -156,7 +160,7 @@ def save_key(
 ) -> None:
     """Write the sampled transforms (a secret) to a safetensors file, atomically."""
     tensors = {
-        f"block.{i}.{name}": torch.from_numpy(np.ascontiguousarray(array))
+        f"block.{i}.{name}": np.ascontiguousarray(array)
         for i, t in transforms.items()
         for name, array in t.arrays().items()
     }
@@ -183,9 +187,9 @@ def load_key(path: str | os.PathLike) -> tuple[dict[str, str], dict[int, BlockTr
     if not path.is_file():
         raise MergeShieldError(f"{path}: no such key file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            arrays = {name: f.get_tensor(name).numpy() for name in f.keys()}
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:
         raise MergeShieldError(f"{path}: not a mergeshield key file ({err})") from None
     if meta.get("format") != KEY_FORMAT:
@@ -218,13 +222,18 @@ def unprotect(
             f"not this {len(src.spec.blocks)}-block {src.spec.model_type} model"
         )
 
-    with progress_bar("unprotect", len(src.spec.blocks), progress) as bar:
+    with (
+        single_threaded_numpy_blas(),
+        progress_bar("unprotect", len(src.spec.blocks), progress) as bar,
+    ):
 
-        def transform_block(index: int, block: BlockSpec, tensors: dict[str, torch.Tensor]):
+        def transform_block(index: int, block: BlockSpec, tensors: dict[str, np.ndarray]):
             t = transforms.get(index, BlockTransform())
             apply_in_stored_dtype(tensors, block, t, inverse=True)
             return tensors
 
         metadata = {"mergeshield_version": __version__, "mergeshield_restored": "true"}
-        rewrite(src, out, transform_block, metadata, overwrite, on_block=bar, working_dtype=None)
+        rewrite(
+            src, out, transform_block, metadata, overwrite, on_block=bar, wide=False, arrays=True
+        )
     return out

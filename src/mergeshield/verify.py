@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergeshield.checkpoint import Checkpoint, open_checkpoint, reader
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO_CLASSES = {  # architecture-name suffix -> transformers Auto class
     "ForCausalLM": "AutoModelForCausalLM",
@@ -59,6 +60,8 @@ def make_inputs(
     folder: Path, config: Any, texts: list[str] | None = None, seed: int = 0, batch: int = 4
 ) -> dict[str, torch.Tensor]:
     """Model inputs: tokenized ``texts``, else random token ids and/or pixels."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     text_cfg = getattr(config, "text_config", None) or config
     vision_cfg = getattr(config, "vision_config", None)
@@ -86,6 +89,8 @@ def make_inputs(
 
 
 def model_output(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    import torch
+
     with torch.inference_mode():
         out = model(**inputs)
     for name in OUTPUT_FIELDS:

@@ -8,16 +8,14 @@ the two sets of weights only, never from the key.  The maths of each method is i
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergeshield import __version__
 from mergeshield.architectures.spec import BlockSpec
-from mergeshield.attacks import align
 from mergeshield.checkpoint import (
     check_output_path,
     check_same_architecture,
@@ -28,16 +26,25 @@ from mergeshield.checkpoint import (
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
 
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+    Tensors = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Attack:
-    """``align_block(block, protected float64 tensors, base float64 tensors) -> tensors``."""
+    """``align_block(block, protected float64 tensors, base float64 tensors) -> tensors``: the
+    function ``function`` of :mod:`mergeshield.attacks.align` (imported on first use, so that
+    listing the attacks imports neither torch nor scipy)."""
 
     name: str
     summary: str
-    align_block: Callable[[BlockSpec, Tensors, Tensors], Tensors]
+    function: str
+
+    def align_block(self, block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
+        align = importlib.import_module("mergeshield.attacks.align")
+        return getattr(align, self.function)(block, prot, base)
 
 
 ATTACKS: dict[str, Attack] = {
@@ -46,17 +53,17 @@ ATTACKS: dict[str, Attack] = {
         Attack(
             "aga",
             "anchor alignment: per-head ridge least squares to the base, Hungarian on MLP units",
-            align.aga,
+            "aga",
         ),
         Attack(
             "rebasin",
             "Git Re-Basin weight matching: head and MLP unit permutations only",
-            align.rebasin,
+            "rebasin",
         ),
         Attack(
             "procrustes",
             "orthogonal Procrustes per head (jointly on QK and on VO, exact), Hungarian on MLP",
-            align.procrustes,
+            "procrustes",
         ),
     )
 }

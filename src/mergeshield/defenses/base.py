@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
+from mergeshield.arrays import Array, concat, float32, to_numpy
 from mergeshield.errors import MergeShieldError
 from mergeshield.symmetries.linalg import log_uniform, rope_commuting
 from mergeshield.symmetries.transform import BlockTransform, view
 
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, Array]
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def rope_safe_qk(
     return np.stack([random_rope_matrix(rng, att.head_dim, scale) for _ in range(att.n_kv_heads)])
 
 
-def unit_vectors(mlp: MLPSpec, weights: Tensors) -> torch.Tensor:
+def unit_vectors(mlp: MLPSpec, weights: Tensors) -> Array:
     """One row per hidden unit: its up row, up bias, gate row and down column, concatenated."""
     parts = []
     for slot in (mlp.up, mlp.gate):
@@ -121,7 +121,7 @@ def unit_vectors(mlp: MLPSpec, weights: Tensors) -> torch.Tensor:
         if b is not None:
             parts.append(b[:, None])
     parts.append(view(weights, mlp.down)[0].T)
-    return torch.cat(parts, dim=1)
+    return concat(parts, axis=1)
 
 
 def mismatch_permutation(
@@ -136,19 +136,19 @@ def mismatch_permutation(
     """
     cost = mismatch_cost(unit_vectors(mlp, base), unit_vectors(mlp, weights))
     if exact_max is not None and cost.shape[0] > exact_max:
-        return greedy_assignment(cost.numpy())
+        return greedy_assignment(cost)
     from scipy.optimize import linear_sum_assignment  # imported here: 0.5-1 s, rarely needed
 
-    _, perm = linear_sum_assignment(cost.numpy(), maximize=False)
+    _, perm = linear_sum_assignment(cost, maximize=False)
     return perm
 
 
-def mismatch_cost(base_units: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+def mismatch_cost(base_units: Array, units: Array) -> np.ndarray:
     """``C = U_base U^T`` in float32: the ``n x n x 3h`` product is the expensive part of
     mismatching (float64 doubled it), and only the permutation it selects is used, which
     float32's relative 6e-8 can change only between near-equal choices (any far permutation
     protects; the transform itself stays exact)."""
-    return base_units.float() @ units.float().T
+    return to_numpy(float32(base_units) @ float32(units).T)
 
 
 def greedy_assignment(cost: np.ndarray) -> np.ndarray:

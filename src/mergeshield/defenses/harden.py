@@ -66,7 +66,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ from torch.func import functional_call
 
 from mergeshield.architectures import AttentionSpec, describe
 from mergeshield.attacks.matching import head_rows, out_heads
+from mergeshield.defenses.harden_config import COMPONENTS, HardenConfig
 from mergeshield.defenses.training_data import (
     encode_examples,
     read_examples,
@@ -86,38 +87,6 @@ from mergeshield.evaluation.zoo import TOKENIZER_FILES
 from mergeshield.folders import atomic_dir
 
 Tensors = dict[str, torch.Tensor]
-COMPONENTS = ("trap2", "merge", "arf", "mergeguard", "prune")
-
-
-@dataclass(frozen=True)
-class HardenConfig:
-    """Hyper-parameters of :func:`harden` (all recorded in ``mergeshield_harden.json``)."""
-
-    steps: int = 120
-    batch_size: int = 16
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    lam: float = 1.0  # weight of every simulated-merge term D
-    s_min: float = 0.05
-    s_max: float = 2.0
-    delta: float = 0.05
-    weighting: str = "inv"  # w(s): "inv" (1/s), "inv_sqrt", "none"
-    proxies: tuple[str, ...] = ()  # folders of proxy fine-tunes of the same base
-    c_min: float = 0.25
-    c_max: float = 1.0
-    ties_density: float = 0.2
-    arf_heads: bool = True
-    guard_alpha: float = 0.01
-    guard_beta: float = 1.0
-    guard_fraction: float = 0.1  # share of least-important entries negated
-    guard_keep_layers: float = 0.1  # share of most-changed layers never negated
-    prune_fraction: float = 0.2  # share of each tensor's smallest |tau| entries reset
-    train_head: bool = False
-    train_embeddings: bool = False  # the embeddings are half of MiniLM; frozen by default
-    max_len: int = 32
-    seed: int = 0
-
-
 # ----------------------------------------------------------------------------- weights
 
 
@@ -150,10 +119,15 @@ def stored_to_module_names(module: torch.nn.Module, base: Path) -> dict[str, str
 
 def _stored_layout(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every floating tensor of a checkpoint folder (headers only)."""
-    from mergeshield.checkpoint import FLOAT_DTYPES, open_checkpoint
+    from mergeshield.arrays import FLOAT_CODES, torch_dtype
+    from mergeshield.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(folder)
-    return {n: (tuple(ckpt.shapes[n]), d) for n, d in ckpt.dtypes.items() if d in FLOAT_DTYPES}
+    return {
+        n: (tuple(ckpt.shapes[n]), torch_dtype(code))
+        for n, code in ckpt.codes.items()
+        if code in FLOAT_CODES
+    }
 
 
 @functools.lru_cache(maxsize=16)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mergeshield.arrays import einsum, to_numpy
 from mergeshield.defenses.base import (
     BlockContext,
     Defense,
@@ -153,15 +154,17 @@ def barrier_flips(ctx: BlockContext) -> np.ndarray:
     wk = view(ctx.weights, att.k)[0].reshape(g, d, -1)
     flips = np.repeat(np.eye(d)[None], g, axis=0)
     if att.rope:
-        diag = (wq.square().sum(-1).reshape(g, r, d).sum(1) + wk.square().sum(-1)).numpy()
+        diag = to_numpy(
+            einsum("hij,hij->hi", wq, wq).reshape(g, r, d).sum(1) + einsum("hij,hij->hi", wk, wk)
+        )
         first, second = rope_pairs(d)
         n_top = max(1, round(opt.flip_fraction * d / 2))
         for i, energy in enumerate(diag[:, first] + diag[:, second]):
             top = np.argsort(energy)[::-1][:n_top]
             flips[i, first[top], first[top]] = flips[i, second[top], second[top]] = -1.0
         return flips
-    gram = (wq @ wq.transpose(1, 2)).reshape(g, r, d, d).sum(1) + wk @ wk.transpose(1, 2)
-    _, vecs = np.linalg.eigh(gram.numpy())
+    gram = (wq @ wq.swapaxes(1, 2)).reshape(g, r, d, d).sum(1) + wk @ wk.swapaxes(1, 2)
+    _, vecs = np.linalg.eigh(to_numpy(gram))
     u = vecs[:, :, ::-1][:, :, : max(1, round(opt.flip_fraction * d))]
     return flips - 2 * u @ np.swapaxes(u, 1, 2)
 

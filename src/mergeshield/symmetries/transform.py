@@ -28,11 +28,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
-import torch
 
 from mergeshield.architectures.spec import BlockSpec, Slot
+from mergeshield.arrays import (
+    Array,
+    as_matrices,
+    cast,
+    float64,
+    is_torch,
+    scale_exactly,
+    to_numpy,
+    to_torch,
+    uint_view,
+)
 
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, Array]  # numpy arrays or torch tensors (all of one kind)
 
 
 @dataclass
@@ -52,7 +62,7 @@ class BlockTransform:
         }
 
 
-def view(tensors: Tensors, slot: Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+def view(tensors: Tensors, slot: Slot) -> tuple[Array, Array | None]:
     """``(W, b)`` of a slot as ``[out, in]`` / ``[out]`` views into ``tensors``."""
     w = tensors[slot.weight]
     if slot.transposed:
@@ -66,12 +76,12 @@ def view(tensors: Tensors, slot: Slot) -> tuple[torch.Tensor, torch.Tensor | Non
     return w, b
 
 
-def _set_weight(tensors: Tensors, slot: Slot, new: torch.Tensor) -> None:
+def _set_weight(tensors: Tensors, slot: Slot, new: Array) -> None:
     """Store ``new`` (the slot's ``[out, in]`` weight) in place of the old one: a plain
     slot's tensor is replaced, a transposed or fused (chunk) slot is written through its
     view."""
     if slot.transposed or slot.chunk is not None:
-        view(tensors, slot)[0].copy_(new)
+        view(tensors, slot)[0][...] = new
     else:
         tensors[slot.weight] = new
 
@@ -80,14 +90,14 @@ def _rows(tensors: Tensors, slot: Slot, fn) -> None:
     """Replace ``W`` and ``b`` of a slot by ``fn(W)`` and ``fn(b[:, None])`` (row maps)."""
     w, b = view(tensors, slot)
     if b is not None:
-        b.copy_(fn(b[:, None])[:, 0])
+        b[...] = fn(b[:, None])[:, 0]
     _set_weight(tensors, slot, fn(w))
 
 
 def _columns(tensors: Tensors, slot: Slot, fn) -> None:
     """Replace ``W`` of a slot by ``fn(W^T)^T`` (a column map; the bias is untouched)."""
     w, _ = view(tensors, slot)
-    w.copy_(fn(w.T).T)
+    w[...] = fn(w.T).T
 
 
 def _heads(n: int, d: int):
@@ -100,15 +110,13 @@ def _block_index(perm: np.ndarray, d: int) -> np.ndarray:
     return (np.asarray(perm, dtype=np.int64)[:, None] * d + np.arange(d)).reshape(-1)
 
 
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def take(x: torch.Tensor, index: np.ndarray, dim: int) -> torch.Tensor:
-    """``x.index_select(dim, index)`` as a new contiguous tensor: numpy's ``take`` on a
-    same-width integer view of ``x``.  A pure data movement, so bit-identical for any dtype
-    (bf16 included, which numpy lacks); ~4x faster than torch's gather along columns."""
-    raw = x.view(_SAME_WIDTH_INT[x.element_size()]).numpy()
-    return torch.from_numpy(np.take(raw, index, axis=dim)).view(x.dtype)
+def take(x: Array, index: np.ndarray, dim: int) -> Array:
+    """``x.index_select(dim, index)`` as a new contiguous array (or tensor, for a tensor):
+    numpy's ``take`` on a same-width integer view of ``x``.  A pure data movement, so
+    bit-identical for any dtype; ~4x faster than torch's gather along columns."""
+    if is_torch(x):
+        return to_torch(take(to_numpy(x), index, dim))
+    return np.take(uint_view(x), index, axis=dim).view(x.dtype)
 
 
 def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
@@ -120,7 +128,7 @@ def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> Non
     w, b = view(tensors, slot)
     index = _block_index(perm, d)
     if b is not None:
-        b.copy_(take(b, index, 0))
+        b[...] = take(b, index, 0)
     _set_weight(tensors, slot, take(w, index, 0))
 
 
@@ -132,10 +140,9 @@ def _permute_columns(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> 
 
 def _per_head(mats: np.ndarray, d: int):
     """Row map multiplying row block ``h`` (of size ``d``) by ``mats[h]``."""
-    m = torch.as_tensor(mats, dtype=torch.float64)
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("hij,hjk->hik", m, x.reshape(len(mats), d, -1)).reshape(x.shape)
+    def fn(x: Array) -> Array:
+        return (as_matrices(mats, x) @ x.reshape(len(mats), d, -1)).reshape(x.shape)
 
     return fn
 
@@ -185,14 +192,26 @@ def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
 def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> None:
     """In place on the ``[out, in]`` views: ``up`` row ``i`` (and its bias) times ``s_i``,
     ``down`` column ``i`` divided by ``s_i`` (in the tensors' dtype when that is exact)."""
-    w, b = view(tensors, mlp.up)
-    s = torch.as_tensor(1.0 / scale if inverse else scale, dtype=torch.float64)
-    if is_power_of_two(scale):
-        s = s.to(w.dtype)
-    w.mul_(s[:, None])
-    if b is not None:
-        b.mul_(s)
-    view(tensors, mlp.down)[0].div_(s[None, :])
+    (w, b), down = view(tensors, mlp.up), view(tensors, mlp.down)[0]
+    s = 1.0 / scale if inverse else scale
+    exact = is_power_of_two(scale)
+    if is_torch(w):
+        st = as_matrices(s, w)
+        st = st.to(w.dtype) if exact else st
+        w.mul_(st[:, None])
+        if b is not None:
+            b.mul_(st)
+        down.div_(st[None, :])
+    elif exact:
+        w[...] = scale_exactly(w, s[:, None])
+        if b is not None:
+            b[...] = scale_exactly(b, s)
+        down[...] = scale_exactly(down, 1.0 / s[None, :])
+    else:
+        w *= s[:, None]
+        if b is not None:
+            b *= s
+        down /= s[None, :]
 
 
 def is_power_of_two(scale: np.ndarray) -> bool:
@@ -265,10 +284,10 @@ def apply_in_stored_dtype(
         apply_transform(tensors, block, moves)
     names = product_tensors(block, products)
     if names:
-        wide = {n: tensors[n].to(torch.float64) for n in names}
+        wide = {n: float64(tensors[n]) for n in names}
         apply_transform(wide, block, products, inverse=inverse)
         for n in names:
-            tensors[n] = wide.pop(n).to(tensors[n].dtype)
+            tensors[n] = cast(wide.pop(n), tensors[n])
     if inverse:
         apply_transform(tensors, block, moves, inverse=True)
 
@@ -280,9 +299,9 @@ class Float64View(Mapping):
     def __init__(self, tensors: Tensors) -> None:
         self._tensors, self._wide = tensors, {}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str) -> Array:
         if name not in self._wide:
-            self._wide[name] = self._tensors[name].to(torch.float64)
+            self._wide[name] = float64(self._tensors[name])
         return self._wide[name]
 
     def __iter__(self):
