@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -298,10 +299,13 @@ def test_allocator_settings_apply_on_glibc():
 @pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip"])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family, inverse, dtype):
-    """Permutations and the power-of-two unit scale on the stored data + float64 products on
-    the touched tensors give exactly the bytes of widening the whole block to float64,
-    transforming and casting back."""
+@pytest.mark.parametrize("unit_scale", ["signs", "powers of two"])
+def test_stored_dtype_path_is_bit_identical_to_float64_path(
+    checkpoints, family, inverse, dtype, unit_scale
+):
+    """Permutations and a power-of-two unit scale (``all``'s signs, or magnitudes 2^k) on the
+    stored data + float64 products on the touched tensors give exactly the bytes of widening
+    the whole block to float64, transforming and casting back."""
     from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext
     from mergeshield.symmetries.transform import (
@@ -319,6 +323,9 @@ def test_stored_dtype_path_is_bit_identical_to_float64_path(checkpoints, family,
     from mergeshield.symmetries.transform import is_power_of_two
 
     assert block.mlp.gate is None or is_power_of_two(t.unit_scale)
+    if t.unit_scale is not None and unit_scale == "powers of two":
+        exponents = np.random.default_rng(6).integers(-3, 4, t.unit_scale.shape)
+        t = replace(t, unit_scale=t.unit_scale * np.exp2(exponents))
     fast = {k: v.clone() for k, v in stored.items()}
     apply_in_stored_dtype(fast, block, t, inverse=inverse)
     wide = {k: v.double() for k, v in stored.items()}

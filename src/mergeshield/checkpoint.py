@@ -395,14 +395,20 @@ class TensorReader:
         for shard in list(self._files):
             self.release(shard)
 
-    def get_array(self, name: str) -> np.ndarray:
+    def get_array(self, name: str, check: bool = True) -> np.ndarray:
+        """Tensor ``name`` as stored; ``check``: refuse NaN and Inf values."""
         try:
             array = self.file(name).get_array(name)
         except Exception as err:
             raise MergeShieldError(f"{self.checkpoint.path}: cannot read {name} ({err})") from None
-        if not all_finite(array):
+        if check and not all_finite(array):
             _fail(f"{self.checkpoint.path}: {name} contains NaN or Inf values")
         return array
+
+    def check_block(self, block: BlockSpec) -> None:
+        """Refuse a block with NaN or Inf values (one error line naming the tensor)."""
+        for name in block.tensor_names():
+            self.get_array(name)
 
     def get(self, name: str):
         """``name`` as a torch tensor (imports torch)."""
@@ -414,9 +420,10 @@ class TensorReader:
         like: BlockSpec | None = None,
         wide: bool = True,
         arrays: bool = False,
+        check: bool = True,
     ) -> dict[str, Array]:
         """The block's tensors: float64 working copies (``wide``) or as stored, as numpy
-        arrays (``arrays``) or torch tensors.
+        arrays (``arrays``) or torch tensors; ``check``: refuse NaN and Inf values.
 
         With ``like`` (the same block of another checkpoint of the same architecture, e.g. a
         ``BertForSequenceClassification`` whose names carry a ``bert.`` prefix), the tensors are
@@ -426,7 +433,7 @@ class TensorReader:
         keys = like.tensor_names() if like is not None else names
         out = {}
         for key, name in zip(keys, names, strict=True):
-            array = self.get_array(name)
+            array = self.get_array(name, check)
             array = float64(array) if wide else array
             out[key] = array if arrays else to_torch(array)
         return out
@@ -600,12 +607,19 @@ def rewrite(
                     if name not in pending:
                         index = block_of[name]
                         block = checkpoint.spec.blocks[index]
-                        tensors = src.block(block, wide=wide, arrays=arrays)
-                        new = transform_block(index, block, tensors)
+                        # The outputs are checked for NaN and Inf, and the inputs only when an
+                        # output fails (every input tensor is an output too): half the checks.
+                        tensors = src.block(block, wide=wide, arrays=arrays, check=False)
+                        try:
+                            new = transform_block(index, block, tensors)
+                        except Exception:
+                            src.check_block(block)  # bad input, not a bug: say so
+                            raise
                         del tensors
                         for key in list(new):
                             value = new.pop(key)
                             if not all_finite(value):
+                                src.check_block(block)
                                 _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
                             pending[key] = stored(value, checkpoint.codes[key])
                             del value

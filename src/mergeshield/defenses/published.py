@@ -14,9 +14,11 @@
   reparameterization of the MLP is left out: it replaces the MLP by polynomial coefficient
   tensors, which stock transformers cannot load.
 - ``all``: heads permuted, MLP units permuted (far from the base when given) and, for gated
-  MLPs, rescaled by ``+-2^k`` (``k`` uniform in -3..3: exact in every dtype, so the step
-  costs no rounding even in bf16); QK by MergeLock's ``A`` times MergeBarrier's flip; VO by
-  an independent MergeLock ``B``.
+  MLPs, half of them sign-flipped (``up`` row and ``down`` column negated: exact in every
+  dtype, one bit per weight; a flip moves a unit by ``2|w|``; magnitudes ``2^k`` would cost a
+  float pass per weight, 1.5 s on a 1B checkpoint, and AGA's per-unit fit undoes scales of
+  either kind); QK by MergeLock's ``A`` times MergeBarrier's flip; VO by an independent
+  MergeLock ``B``.
 
 Rotary models (Llama family): only matrices that commute with every rotary position may act
 on Q and K, i.e. ``c_j R(phi_j)`` on each rotary pair ``j``.  There the QK part becomes:
@@ -56,7 +58,6 @@ from mergeshield.symmetries.transform import BlockTransform, view
 
 PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
 MERGELOCK_SCALE = (0.1, 10.0)
-GATED_UNIT_EXPONENTS = (-3, 3)  # unit scales +-2^k: exact in any float dtype
 
 
 def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
@@ -184,9 +185,7 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     flips = barrier_flips(ctx)[kv_perm]
     scale = None
     if mlp.gate is not None:
-        sign = ctx.rng.choice([-1.0, 1.0], mlp.n_units)
-        low, high = GATED_UNIT_EXPONENTS
-        scale = sign * np.exp2(ctx.rng.integers(low, high + 1, mlp.n_units))
+        scale = ctx.rng.choice([-1.0, 1.0], mlp.n_units)  # sign flips: exact, one bit
     return BlockTransform(
         kv_perm=kv_perm,
         q_perm=q_perm,

@@ -34,6 +34,7 @@ from mergeshield.arrays import (
     Array,
     as_matrices,
     cast,
+    einsum,
     float64,
     is_torch,
     scale_exactly,
@@ -94,10 +95,13 @@ def _rows(tensors: Tensors, slot: Slot, fn) -> None:
     _set_weight(tensors, slot, fn(w))
 
 
-def _columns(tensors: Tensors, slot: Slot, fn) -> None:
-    """Replace ``W`` of a slot by ``fn(W^T)^T`` (a column map; the bias is untouched)."""
+def _columns(tensors: Tensors, slot: Slot, mats: np.ndarray, d: int) -> None:
+    """``W[:, h] <- W[:, h] mats[h]^T`` for every column block ``h`` (of size ``d``) of a slot's
+    ``W``; the bias is untouched.  One batched product, no transposed copies."""
     w, _ = view(tensors, slot)
-    w[...] = fn(w.T).T
+    blocks = w.reshape(w.shape[0], len(mats), d)
+    new = einsum("ohd,hed->ohe", blocks, as_matrices(mats, w))
+    _set_weight(tensors, slot, new.reshape(w.shape))
 
 
 def _heads(n: int, d: int):
@@ -186,7 +190,7 @@ def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
     b = np.linalg.inv(t.vo) if inverse else t.vo
     b_inv_t = np.swapaxes(np.linalg.inv(b), 1, 2)  # columns of W_O: W_O B^-1 = (B^-T W_O^T)^T
     _rows(tensors, att.v, _per_head(b, d))
-    _columns(tensors, att.o, _per_head(np.repeat(b_inv_t, r, axis=0), d))
+    _columns(tensors, att.o, np.repeat(b_inv_t, r, axis=0), d)
 
 
 def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> None:
