@@ -5,8 +5,9 @@ separate subprocesses under ``/usr/bin/time`` (wall, user + system CPU, peak RSS
 
 - ``copy``: ``cp -r MODEL OUT`` (no ``sync``: like the others it leaves dirty pages); GNU cp
   copies with ``copy_file_range``, one copy inside the kernel, no pass through user space;
-- ``user-copy``: the same files read into user memory and written back in 64 MiB chunks
-  (``read`` + ``write``): the floor of any tool that must see the bytes to transform them;
+- ``user-copy``: the same files read into user memory and written back in 1 MiB chunks
+  (``read`` + ``write``): the floor of any tool that must see the bytes to transform them
+  (1 MiB: larger writes are several times slower here, see ``checkpoint.WRITE_CHUNK``);
 - ``imports``: ``python -c "import mergeshield.protect"``: the interpreter and the libraries
   that any protect run loads first (torch, numpy, safetensors), no I/O;
 - ``protect``: ``mergeshield protect MODEL OUT --defense all --seed RUN --quiet``;
@@ -74,7 +75,7 @@ USER_COPY = """
 import os, sys
 src, dst = sys.argv[1:]
 os.makedirs(dst)
-buf = bytearray(64 << 20)
+buf = bytearray(1 << 20)
 for name in sorted(os.listdir(src)):
     with open(os.path.join(src, name), "rb", buffering=0) as f, open(
         os.path.join(dst, name), "wb", buffering=0

@@ -367,3 +367,17 @@ def test_protect_and_unprotect_never_import_torch(checkpoints, tmp_path, command
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_blocks_transformed_in_parallel_give_the_same_bytes(checkpoints, tmp_path, monkeypatch):
+    """protect transforms two blocks at once; with one at a time the output is byte-identical
+    (each block draws from its own generator, the writes keep their order)."""
+    from mergeshield import checkpoint as checkpoint_module
+
+    src = checkpoints["llama-gqa2"][0]
+    assert len(open_checkpoint(src).spec.blocks) > 1
+    protect(src, tmp_path / "parallel", "all", seed=11)
+    monkeypatch.setattr(checkpoint_module, "BLOCK_WORKERS", 1)
+    protect(src, tmp_path / "serial", "all", seed=11)
+    for file in sorted((tmp_path / "serial").iterdir()):
+        assert file.read_bytes() == (tmp_path / "parallel" / file.name).read_bytes(), file.name

@@ -119,11 +119,12 @@ def float32(x: Array) -> Array:
 
 
 def _round(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` rounded once to ``dtype``, C-contiguous (what gets written) in the same pass."""
     if x.dtype == dtype:
         return x
     if dtype == bfloat16 and x.dtype == np.float64:
-        x = x.astype(np.float32)  # as torch rounds float64 to bf16: through float32
-    return x.astype(dtype)
+        x = x.astype(np.float32, order="C")  # as torch rounds float64 to bf16: through float32
+    return x.astype(dtype, order="C")
 
 
 def cast(x: Array, like: Array) -> Array:

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -263,6 +264,14 @@ class ShardFile:
         os.close(self.fd)
 
 
+# Largest single ``pwrite``.  Measured on this project's VM (BENCHMARKS.md, "Scale"): 1 GB
+# written in 1 MiB pieces takes 0.23-0.29 s, in 8 MiB pieces 2.5-3.2 s (the page cache takes
+# folios as large as each write, and large free blocks are the memory the VM's host has taken
+# back, so every first touch of them faults in the host).  Small pieces cost syscalls: 16 KiB
+# pieces took 0.5-0.7 s.
+WRITE_CHUNK = 1 << 20
+
+
 class ShardWriter:
     """Write one safetensors file tensor by tensor, in any order, without holding the shard.
 
@@ -280,7 +289,7 @@ class ShardWriter:
         metadata: dict[str, str] | None,
     ) -> None:
         """``layout``: tensor name -> (safetensors dtype code, shape)."""
-        order = sorted(layout, key=lambda n: (-_ST_DTYPE_ORDER.index(layout[n][0]), n))
+        order = file_order(layout)
         header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
         self.order = order  # offset order: writing in it appends to the file
         self._offsets: dict[str, tuple[int, int]] = {}
@@ -309,10 +318,11 @@ class ShardWriter:
         # (measured: 2.5 GB in 3.6-8.9 s vs 1.1 s).
 
     def _pwrite(self, data: bytes | memoryview, at: int) -> None:
-        view_ = memoryview(data)
+        """``pwrite`` in chunks of at most ``WRITE_CHUNK`` bytes (see there)."""
+        view_ = memoryview(data).cast("B")
         done = 0
         while done < len(view_):
-            done += os.pwrite(self._fd, view_[done:], at + done)
+            done += os.pwrite(self._fd, view_[done : done + WRITE_CHUNK], at + done)
 
     def write(self, name: str, tensor: Array) -> None:
         """Write one tensor (a numpy array, or a CPU torch tensor) at its offset."""
@@ -357,6 +367,11 @@ class ShardWriter:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)}")
 
 
+def file_order(layout: dict[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """The order in which ``save_file`` lays tensors out (dtype, largest first, then name)."""
+    return sorted(layout, key=lambda n: (-_ST_DTYPE_ORDER.index(layout[n][0]), n))
+
+
 # errors of ``copy_file_range`` that mean "not here" (old kernel, file systems that differ)
 _NO_COPY_FILE_RANGE = (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
 
@@ -376,18 +391,21 @@ class TensorReader:
         self.checkpoint = checkpoint
         self._files: dict[str, ShardFile] = {}
         self._shard_of = checkpoint.shard_of
+        self._lock = threading.Lock()  # blocks may be read from several threads
         stack.callback(self.close)
 
     def file(self, name: str) -> ShardFile:
         """The open shard file holding tensor ``name`` (opened on first use)."""
         shard = self._shard_of[name]
-        if shard not in self._files:
-            self._files[shard] = ShardFile(self.checkpoint.path / shard)
-        return self._files[shard]
+        with self._lock:
+            if shard not in self._files:
+                self._files[shard] = ShardFile(self.checkpoint.path / shard)
+            return self._files[shard]
 
     def release(self, shard: str) -> None:
         """Close one shard (reopened if read again); its map goes with its last array."""
-        file = self._files.pop(shard, None)
+        with self._lock:
+            file = self._files.pop(shard, None)
         if file is not None:
             file.close()
 
@@ -557,6 +575,11 @@ def no_cyclic_gc() -> Iterator[None]:
 BlockFn = Callable[[int, BlockSpec, dict[str, Array]], dict[str, Array]]
 
 
+# Blocks transformed at once by a stored-dtype (numpy) rewrite: numpy's loops release the GIL,
+# so block i + 1 is transformed on the second core while block i is finished and written.
+BLOCK_WORKERS = 2
+
+
 def rewrite(
     checkpoint: Checkpoint,
     out: Path,
@@ -572,66 +595,96 @@ def rewrite(
     ``transform_block(index, block, tensors)`` gets the block's tensors as float64 working
     copies (``wide``; else in their stored dtype), as numpy arrays (``arrays``; else torch
     tensors), and returns the new tensors; they are cast back to the stored dtype here, once (a
-    no-op for tensors already in it).  Each output shard is
-    written tensor by tensor (:class:`ShardWriter`, on a background thread:
-    :class:`WriteBehind`) and the input is read with ``pread`` (:class:`ShardFile`), so memory
-    holds one block (working copies plus their cast) and at most ``WRITE_BEHIND_BYTES`` of
-    finished tensors waiting to be written, never a whole shard; a block whose tensors
-    straddle two shards is kept until its last tensor is written.
+    no-op for tensors already in it).  With ``arrays`` and not ``wide``, ``BLOCK_WORKERS``
+    blocks are transformed at once (``transform_block`` must be thread-safe); else one.
+    Each output shard is written tensor by tensor (:class:`ShardWriter`, on a background
+    thread: :class:`WriteBehind`) and the input is memory-mapped (:class:`ShardFile`), so
+    memory holds the blocks in flight (working copies plus their cast) and at most
+    ``WRITE_BEHIND_BYTES`` of finished tensors waiting to be written, never a whole shard; a
+    block whose tensors straddle two shards is kept until its last tensor is written.
     """
     check_output_path(checkpoint.path, out, overwrite)
-    block_of = {n: i for i, b in enumerate(checkpoint.spec.blocks) for n in b.tensor_names()}
+    blocks = checkpoint.spec.blocks
+    block_of = {n: i for i, b in enumerate(blocks) for n in b.tensor_names()}
+    layouts = {
+        shard: {n: (checkpoint.codes[n], checkpoint.shapes[n]) for n in names}
+        for shard, names in checkpoint.shards.items()
+    }
+    # blocks in the order the output first needs them
+    needed = [block_of[n] for lay in layouts.values() for n in file_order(lay) if n in block_of]
+    needed = list(dict.fromkeys(needed))
+    workers = BLOCK_WORKERS if arrays and not wide else 1
+
+    def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray]:
+        """Block ``index`` transformed and cast back to the stored dtypes, checked."""
+        block = blocks[index]
+        # The outputs are checked for NaN and Inf, and the inputs only when an output fails
+        # (every input tensor is an output too): half the checks.
+        tensors = src.block(block, wide=wide, arrays=arrays, check=False)
+        try:
+            new = transform_block(index, block, tensors)
+        except Exception:
+            src.check_block(block)  # bad input, not a bug: say so
+            raise
+        del tensors
+        done = {}
+        for key in list(new):
+            value = new.pop(key)
+            if not all_finite(value):
+                src.check_block(block)
+                _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
+            done[key] = stored(value, checkpoint.codes[key])
+        return done
+
     with (
         no_cyclic_gc(),
         reader(checkpoint) as src,
         atomic_folder(out, overwrite) as tmp,
         WriteBehind(WRITE_BEHIND_BYTES) as writes,
+        ThreadPoolExecutor(workers, thread_name_prefix="mergeshield-block") as pool,
     ):
         copy_side_files(checkpoint.path, tmp)
+        in_flight: dict[int, Future[dict[str, np.ndarray]]] = {}
+
+        def take_block(index: int) -> dict[str, np.ndarray]:
+            """Wait for block ``index``, with the next ``workers - 1`` blocks started."""
+            position = needed.index(index)
+            for ahead in needed[position : position + workers]:
+                if ahead not in in_flight:
+                    in_flight[ahead] = pool.submit(finished_block, src, ahead)
+            return in_flight.pop(index).result()
+
         pending: dict[str, np.ndarray] = {}
-        for shard, names in checkpoint.shards.items():
-            with safe_open(str(checkpoint.path / shard), framework="numpy") as f:
-                shard_meta = {
-                    k: v
-                    for k, v in (f.metadata() or {}).items()
-                    if not k.startswith("mergeshield_")
-                }
-            layout = {n: (checkpoint.codes[n], checkpoint.shapes[n]) for n in names}
-            writer = ShardWriter(tmp / shard, layout, shard_meta | metadata)
-            try:
-                for name in writer.order:
-                    if name not in block_of:
-                        src.get_array(name)  # checked for NaN and Inf through the map
-                        writes.submit(functools.partial(writer.copy, name, src.file(name)), 0)
-                        continue
-                    if name not in pending:
-                        index = block_of[name]
-                        block = checkpoint.spec.blocks[index]
-                        # The outputs are checked for NaN and Inf, and the inputs only when an
-                        # output fails (every input tensor is an output too): half the checks.
-                        tensors = src.block(block, wide=wide, arrays=arrays, check=False)
-                        try:
-                            new = transform_block(index, block, tensors)
-                        except Exception:
-                            src.check_block(block)  # bad input, not a bug: say so
-                            raise
-                        del tensors
-                        for key in list(new):
-                            value = new.pop(key)
-                            if not all_finite(value):
-                                src.check_block(block)
-                                _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
-                            pending[key] = stored(value, checkpoint.codes[key])
-                            del value
-                        del new
-                        if on_block is not None:
-                            on_block()
-                    array = pending.pop(name)
-                    writes.submit(functools.partial(writer.write, name, array), array.nbytes)
-                    del array
-                writes.wait()
-            finally:
-                writes.wait(reraise=False)  # nothing may write to a closed file
-                writer.close()
-            writer.check_complete()
-            src.release(shard)  # its pages leave this process's RSS
+        try:
+            for shard, layout in layouts.items():
+                with safe_open(str(checkpoint.path / shard), framework="numpy") as f:
+                    shard_meta = {
+                        k: v
+                        for k, v in (f.metadata() or {}).items()
+                        if not k.startswith("mergeshield_")
+                    }
+                writer = ShardWriter(tmp / shard, layout, shard_meta | metadata)
+                try:
+                    for name in writer.order:
+                        if name not in block_of:
+                            src.get_array(name)  # checked for NaN and Inf through the map
+                            job = functools.partial(writer.copy, name, src.file(name))
+                            writes.submit(job, 0)
+                            continue
+                        if name not in pending:
+                            pending |= take_block(block_of[name])
+                            if on_block is not None:
+                                on_block()
+                        array = pending.pop(name)
+                        job = functools.partial(writer.write, name, array)
+                        writes.submit(job, array.nbytes)
+                        del array, job
+                    writes.wait()
+                finally:
+                    writes.wait(reraise=False)  # nothing may write to a closed file
+                    writer.close()
+                writer.check_complete()
+                src.release(shard)  # its pages leave this process's RSS
+        finally:
+            for future in in_flight.values():
+                future.cancel()
