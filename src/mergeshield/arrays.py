@@ -1,6 +1,6 @@
 """Stored tensors as numpy arrays: the checkpoint streaming core runs on numpy alone.
 
-``protect`` and ``unprotect`` never import torch (0.1 s of imports instead of 2 s; see
+``protect`` and ``unprotect`` never import torch (0.2-0.3 s of imports instead of 2 s; see
 BENCHMARKS.md, "Scale"): tensors are numpy arrays in their safetensors dtype, bf16 through
 ``ml_dtypes.bfloat16``.  Every function here also takes torch tensors (and then imports torch),
 so the transforms in :mod:`mergeshield.symmetries.transform` are written once for both.

@@ -104,10 +104,6 @@ def _columns(tensors: Tensors, slot: Slot, mats: np.ndarray, d: int) -> None:
     _set_weight(tensors, slot, new.reshape(w.shape))
 
 
-def _heads(n: int, d: int):
-    return lambda x: x.reshape(n, d, -1)
-
-
 def _block_index(perm: np.ndarray, d: int) -> np.ndarray:
     """Row index taking row block ``perm[i]`` (of size ``d``) to position ``i``:
     ``index[i * d + j] = perm[i] * d + j``."""
