@@ -42,7 +42,6 @@ from mergeshield.arrays import (
     stored,
     to_numpy,
     to_torch,
-    torch_dtype,
 )
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_dir
@@ -66,11 +65,6 @@ class Checkpoint:
     @property
     def shard_of(self) -> dict[str, str]:
         return {name: shard for shard, names in self.shards.items() for name in names}
-
-    @property
-    def dtypes(self) -> dict[str, Any]:
-        """The torch dtype of every tensor (imports torch)."""
-        return {name: torch_dtype(code) for name, code in self.codes.items()}
 
 
 def _fail(message: str) -> None:
@@ -235,7 +229,7 @@ class ShardFile:
         except Exception:
             os.close(self.fd)
             raise
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict[str, Any]] = header
         self.data_start = 8 + header_len
 
@@ -346,6 +340,8 @@ class ShardWriter:
             raise AssertionError(f"{name}: {source_nbytes} bytes in {source.path}, not {nbytes}")
         done = 0
         try:
+            if not hasattr(os, "copy_file_range"):  # not Linux
+                raise OSError(errno.ENOSYS, "no copy_file_range")
             while done < nbytes:
                 n = os.copy_file_range(
                     source.fd, self._fd, nbytes - done, at + done, self._data_start + offset + done
@@ -353,8 +349,8 @@ class ShardWriter:
                 if n <= 0:
                     raise OSError(errno.EIO, f"{source.path} ends early")
                 done += n
-        except (OSError, AttributeError) as err:  # AttributeError: no os.copy_file_range
-            if getattr(err, "errno", errno.ENOSYS) not in _NO_COPY_FILE_RANGE:
+        except OSError as err:
+            if err.errno not in _NO_COPY_FILE_RANGE:
                 raise
             self.write(name, source.get_array(name))
         self._pending.discard(name)
@@ -396,7 +392,10 @@ class TensorReader:
 
     def file(self, name: str) -> ShardFile:
         """The open shard file holding tensor ``name`` (opened on first use)."""
-        shard = self._shard_of[name]
+        return self.shard(self._shard_of[name])
+
+    def shard(self, shard: str) -> ShardFile:
+        """The open shard file ``shard`` (opened on first use)."""
         with self._lock:
             if shard not in self._files:
                 self._files[shard] = ShardFile(self.checkpoint.path / shard)
@@ -657,12 +656,11 @@ def rewrite(
         pending: dict[str, np.ndarray] = {}
         try:
             for shard, layout in layouts.items():
-                with safe_open(str(checkpoint.path / shard), framework="numpy") as f:
-                    shard_meta = {
-                        k: v
-                        for k, v in (f.metadata() or {}).items()
-                        if not k.startswith("mergeshield_")
-                    }
+                shard_meta = {
+                    k: v
+                    for k, v in src.shard(shard).metadata.items()
+                    if not k.startswith("mergeshield_")
+                }
                 writer = ShardWriter(tmp / shard, layout, shard_meta | metadata)
                 try:
                     for name in writer.order:
