@@ -299,20 +299,18 @@ def test_allocator_settings_apply_on_glibc():
 @pytest.mark.parametrize("family", ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip"])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("unit_scale", ["signs", "powers of two"])
-def test_stored_dtype_path_is_bit_identical_to_float64_path(
-    checkpoints, family, inverse, dtype, unit_scale
+@pytest.mark.parametrize("unit_scale", ["signs", "powers of two", "other"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_stored_dtype_transform_is_bit_identical_to_float64_path(
+    checkpoints, family, inverse, dtype, unit_scale, backend
 ):
-    """Permutations and a power-of-two unit scale (``all``'s signs, or magnitudes 2^k) on the
-    stored data + float64 products on the touched tensors give exactly the bytes of widening
-    the whole block to float64, transforming and casting back."""
+    """The transform on the stored tensors (permutations and ``all``'s signs or 2^k scales in
+    place, chunked float64 products rounded once, what protect does with numpy arrays) gives
+    exactly the bytes of widening the whole block to float64, transforming and casting back."""
+    from mergeshield.arrays import to_numpy
     from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext
-    from mergeshield.symmetries.transform import (
-        Float64View,
-        apply_in_stored_dtype,
-        apply_transform,
-    )
+    from mergeshield.symmetries.transform import Float64View, apply_transform, is_power_of_two
 
     ckpt = open_checkpoint(checkpoints[family][0])
     with reader(ckpt) as r:
@@ -320,21 +318,27 @@ def test_stored_dtype_path_is_bit_identical_to_float64_path(
     block = ckpt.spec.blocks[0]
     ctx = BlockContext(block, Float64View(stored), None, np.random.default_rng(5), DefenseOptions())
     t = DEFENSES["all"].sample(ctx)
-    from mergeshield.symmetries.transform import is_power_of_two
-
     assert block.mlp.gate is None or is_power_of_two(t.unit_scale)
-    if t.unit_scale is not None and unit_scale == "powers of two":
-        exponents = np.random.default_rng(6).integers(-3, 4, t.unit_scale.shape)
-        t = replace(t, unit_scale=t.unit_scale * np.exp2(exponents))
+    if t.unit_scale is not None and unit_scale != "signs":
+        rng = np.random.default_rng(6)
+        factor = (
+            np.exp2(rng.integers(-3, 4, t.unit_scale.shape))
+            if unit_scale == "powers of two"
+            else rng.uniform(0.5, 2.0, t.unit_scale.shape)
+        )
+        t = replace(t, unit_scale=t.unit_scale * factor)
     fast = {k: v.clone() for k, v in stored.items()}
-    apply_in_stored_dtype(fast, block, t, inverse=inverse)
+    if backend == "numpy":
+        fast = {k: to_numpy(v) for k, v in fast.items()}
+    apply_transform(fast, block, t, inverse=inverse)
     wide = {k: v.double() for k, v in stored.items()}
     apply_transform(wide, block, t, inverse=inverse)
-    bits = {2: torch.int16, 4: torch.int32}[stored[block.mlp.up.weight].element_size()]
+    bits = {2: np.uint16, 4: np.uint32}[stored[block.mlp.up.weight].element_size()]
     for name, value in wide.items():
-        assert fast[name].dtype == dtype
-        assert torch.equal(fast[name].view(bits), value.to(dtype).view(bits))
-    assert any(not torch.equal(fast[n], stored[n]) for n in stored)
+        expected = to_numpy(value.to(dtype).contiguous()).view(bits)
+        assert np.array_equal(to_numpy(fast[name]).view(bits), expected), name
+    changed = [n for n in stored if not np.array_equal(to_numpy(fast[n]), to_numpy(stored[n]))]
+    assert changed
 
 
 def test_power_of_two_unit_scales_are_recognised():

@@ -5,7 +5,8 @@ BENCHMARKS.md, "Scale"): tensors are numpy arrays in their safetensors dtype, bf
 ``ml_dtypes.bfloat16``.  Every function here also takes torch tensors (and then imports torch),
 so the transforms in :mod:`mergeshield.symmetries.transform` are written once for both.
 
-Widening to float64 is exact; :func:`cast` rounds once (bf16 through float32, as torch does).
+Widening to float64 is exact; :func:`cast` rounds once (bf16 and fp16 through float32, as torch
+does).
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ def float64(x: Array) -> Array:
     return x.astype(np.float64)
 
 
+def empty(shape: tuple[int, ...], like: Array) -> Array:
+    """An uninitialized C-contiguous array (or tensor) of ``like``'s dtype and kind."""
+    if is_torch(like):
+        import torch
+
+        return torch.empty(tuple(shape), dtype=like.dtype)
+    return np.empty(shape, dtype=like.dtype)
+
+
 def float32(x: Array) -> Array:
     if is_torch(x):
         return x.float()
@@ -122,14 +132,14 @@ def _round(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``x`` rounded once to ``dtype``, C-contiguous (what gets written) in the same pass."""
     if x.dtype == dtype:
         return x
-    if dtype == bfloat16 and x.dtype == np.float64:
-        x = x.astype(np.float32, order="C")  # as torch rounds float64 to bf16: through float32
+    if dtype.itemsize == 2 and x.dtype == np.float64:
+        x = x.astype(np.float32, order="C")  # as torch rounds float64 to bf16/fp16: via float32
     return x.astype(dtype, order="C")
 
 
 def cast(x: Array, like: Array) -> Array:
-    """``x`` rounded once to ``like``'s dtype (float64 to bf16 goes through float32, as in
-    torch, so both give the same bytes)."""
+    """``x`` rounded once to ``like``'s dtype (float64 to bf16 or fp16 goes through float32, as
+    in torch, so both give the same bytes)."""
     if is_torch(x):
         return x.to(like.dtype)
     return _round(x, like.dtype)
@@ -188,17 +198,19 @@ def all_finite(x: Array, chunk: int = 1 << 16) -> bool:
     return True
 
 
-def scale_exactly(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``x * scale`` (broadcast) for a scale of powers of two, in ``x``'s dtype.
+def scale_exactly(x: np.ndarray, scale: np.ndarray) -> None:
+    """``x *= scale`` (broadcast) in place, in ``x``'s dtype, for a scale of powers of two.
 
-    bf16 and fp16 go through float32, where both the widening and the product are exact
-    (short of overflow and fp16 subnormals, which float32 then rounds once, as float64 would);
-    the result is exactly representable again, so narrowing adds nothing.
+    Signs only: the sign bit flipped, one pass, any format.  Otherwise bf16 and fp16 go through
+    float32, where both the widening and the product are exact (short of overflow and fp16
+    subnormals, which float32 then rounds once, as float64 would); the result is exactly
+    representable again, so narrowing adds nothing.
     """
-    if np.all(np.abs(scale) == 1):  # signs only: flip the sign bit, one pass, any format
+    if np.all(np.abs(scale) == 1):
         bits = uint_view(x)
         sign = bits.dtype.type(1 << (8 * x.dtype.itemsize - 1))
-        return (bits ^ np.where(scale < 0, sign, bits.dtype.type(0))).view(x.dtype)
-    if x.dtype in (np.float32, np.float64):
-        return x * scale.astype(x.dtype)
-    return (x.astype(np.float32) * scale.astype(np.float32)).astype(x.dtype)
+        np.bitwise_xor(bits, np.where(scale < 0, sign, bits.dtype.type(0)), out=bits)
+    elif x.dtype in (np.float32, np.float64):
+        np.multiply(x, scale.astype(x.dtype), out=x)
+    else:
+        x[...] = (x.astype(np.float32) * scale.astype(np.float32)).astype(x.dtype)

@@ -13,19 +13,20 @@ A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
    ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
    (exact only for gated MLPs, where ``up`` enters linearly).
 
-:func:`apply_transform` runs on float64 working copies; the caller casts back to the stored
-dtype once.  :func:`apply_in_stored_dtype` gives the same bytes for less work: steps 1 and 4's
-permutation only move data, which is exact in any dtype (and commutes with exact widening), so
-they run on the stored tensors, and so does a unit scale made of powers of two (``x * 2^k`` is
-exact in every float format short of overflow and subnormals, where the stored dtype's one
-rounding is the float64 path's); only the tensors that the other products touch are widened to
-float64, and cast back once.
+:func:`apply_transform` runs on tensors of any float dtype and rounds every element at most once:
+the permutations (steps 1 and 4) only move data and a unit scale of powers of two (``all``'s
+sign flips) is exact in every format, so both run on the tensors as they are; the QK and VO
+products widen a cache-sized chunk (one head, or 64 rows) to float64, multiply, and round it
+straight into the output (:func:`map_row_blocks`, :func:`map_column_blocks`), and any other unit
+scale is computed in float64 and rounded once.  On float64 tensors that is the reference
+computation; on stored bf16/fp16/fp32 tensors it gives exactly the bytes of widening the whole
+block, transforming and casting back (tested), without a float64 copy of any tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from mergeshield.arrays import (
     as_matrices,
     cast,
     einsum,
+    empty,
     float64,
     is_torch,
     scale_exactly,
@@ -95,13 +97,46 @@ def _rows(tensors: Tensors, slot: Slot, fn) -> None:
     _set_weight(tensors, slot, fn(w))
 
 
+# float64 elements per chunk of :func:`map_row_blocks` / :func:`map_column_blocks`: 1 MiB, so a
+# chunk's widened copy, product and rounding stay in cache (a whole-tensor float64 copy,
+# product and cast cost 2x the time at Llama-3.2-1B shapes, and the memory; BENCHMARKS.md)
+CHUNK_ELEMENTS = 1 << 17
+
+
+def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
+    """``out[h] = mats[h] @ x[h]`` for every row block ``h`` (``d`` rows) of ``x`` (``[out, in]``),
+    as a new array of ``x``'s dtype: each chunk of whole blocks is widened to float64,
+    multiplied and rounded once (float64 ``x``: no rounding)."""
+    n, cols = len(mats), x.shape[1]
+    m = as_matrices(mats, x)
+    out = empty(x.shape, like=x)
+    step = max(1, CHUNK_ELEMENTS // (d * cols))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = slice(start * d, stop * d)
+        product = m[start:stop] @ float64(x[rows]).reshape(stop - start, d, cols)
+        out[rows] = cast(product.reshape(-1, cols), x)
+    return out
+
+
+def map_column_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
+    """``out[:, h] = x[:, h] @ mats[h]^T`` for every column block ``h`` (``d`` columns) of ``x``,
+    as a new array of ``x``'s dtype, computed in float64 a few rows at a time and rounded once."""
+    n, cols = len(mats), x.shape[1]
+    m = as_matrices(mats, x)
+    out = empty(x.shape, like=x)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        product = einsum("ohd,hed->ohe", float64(x[rows]).reshape(-1, n, d), m)
+        out[rows] = cast(product.reshape(-1, cols), x)
+    return out
+
+
 def _columns(tensors: Tensors, slot: Slot, mats: np.ndarray, d: int) -> None:
     """``W[:, h] <- W[:, h] mats[h]^T`` for every column block ``h`` (of size ``d``) of a slot's
-    ``W``; the bias is untouched.  One batched product, no transposed copies."""
-    w, _ = view(tensors, slot)
-    blocks = w.reshape(w.shape[0], len(mats), d)
-    new = einsum("ohd,hed->ohe", blocks, as_matrices(mats, w))
-    _set_weight(tensors, slot, new.reshape(w.shape))
+    ``W``; the bias is untouched."""
+    _set_weight(tensors, slot, map_column_blocks(view(tensors, slot)[0], mats, d))
 
 
 def _block_index(perm: np.ndarray, d: int) -> np.ndarray:
@@ -140,17 +175,13 @@ def _permute_columns(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> 
 
 def _per_head(mats: np.ndarray, d: int):
     """Row map multiplying row block ``h`` (of size ``d``) by ``mats[h]``."""
-
-    def fn(x: Array) -> Array:
-        return (as_matrices(mats, x) @ x.reshape(len(mats), d, -1)).reshape(x.shape)
-
-    return fn
+    return lambda x: map_row_blocks(x, mats, d)
 
 
 def apply_transform(
     tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
 ) -> None:
-    """Apply ``t`` (or its inverse) in place to the float64 block ``tensors``."""
+    """Apply ``t`` (or its inverse) to the block ``tensors`` (any float dtype; see above)."""
     att, mlp = block.attention, block.mlp
     d, r = att.head_dim, att.group_size
     steps = [_head_step, _qk_step, _vo_step, _mlp_step]
@@ -191,27 +222,27 @@ def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
 
 def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> None:
     """In place on the ``[out, in]`` views: ``up`` row ``i`` (and its bias) times ``s_i``,
-    ``down`` column ``i`` divided by ``s_i`` (in the tensors' dtype when that is exact)."""
+    ``down`` column ``i`` divided by ``s_i``: in the tensors' dtype when that is exact (powers of
+    two), else in float64, rounded once."""
     (w, b), down = view(tensors, mlp.up), view(tensors, mlp.down)[0]
     s = 1.0 / scale if inverse else scale
-    exact = is_power_of_two(scale)
-    if is_torch(w):
+    if not is_power_of_two(scale):
         st = as_matrices(s, w)
-        st = st.to(w.dtype) if exact else st
+        w[...] = cast(float64(w) * st[:, None], w)
+        if b is not None:
+            b[...] = cast(float64(b) * st, b)
+        down[...] = cast(float64(down) / st[None, :], down)
+    elif is_torch(w):
+        st = as_matrices(s, w).to(w.dtype)
         w.mul_(st[:, None])
         if b is not None:
             b.mul_(st)
         down.div_(st[None, :])
-    elif exact:
-        w[...] = scale_exactly(w, s[:, None])
-        if b is not None:
-            b[...] = scale_exactly(b, s)
-        down[...] = scale_exactly(down, 1.0 / s[None, :])
     else:
-        w *= s[:, None]
+        scale_exactly(w, s[:, None])
         if b is not None:
-            b *= s
-        down /= s[None, :]
+            scale_exactly(b, s)
+        scale_exactly(down, 1.0 / s[None, :])
 
 
 def is_power_of_two(scale: np.ndarray) -> bool:
@@ -235,61 +266,6 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
         for slot in ins:
             _permute_rows(tensors, slot, back, 1)
         _permute_columns(tensors, mlp.down, back, 1)
-
-
-# --- the same transform with permutations in the stored dtype ------------------------------
-
-
-def split_transform(t: BlockTransform) -> tuple[BlockTransform, BlockTransform]:
-    """``(exact, products)``: the head and unit permutations and a power-of-two unit scale
-    (exact in the stored dtype), and the QK/VO maps and any other unit scale."""
-    exact_scale = t.unit_scale is not None and is_power_of_two(t.unit_scale)
-    moves = BlockTransform(
-        kv_perm=t.kv_perm,
-        q_perm=t.q_perm,
-        unit_perm=t.unit_perm,
-        unit_scale=t.unit_scale if exact_scale else None,
-    )
-    products = replace(
-        t,
-        kv_perm=None,
-        q_perm=None,
-        unit_perm=None,
-        unit_scale=None if exact_scale else t.unit_scale,
-    )
-    return moves, products
-
-
-def product_tensors(block: BlockSpec, t: BlockTransform) -> list[str]:
-    """Names of the tensors that ``t``'s QK, VO and unit-scale steps change."""
-    att, mlp = block.attention, block.mlp
-    slots = ([att.q, att.k] if t.qk is not None else []) + (
-        [att.v, att.o] if t.vo is not None else []
-    )
-    if t.unit_scale is not None:
-        slots += [mlp.up, mlp.down]
-    return list(dict.fromkeys(n for slot in slots for n in slot.names()))
-
-
-def apply_in_stored_dtype(
-    tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
-) -> None:
-    """:func:`apply_transform` on tensors in their stored dtype, in place, with the same result
-    as widening every tensor to float64, transforming and casting back: the exact steps
-    (permutations, a power-of-two unit scale) run on the stored data (forward: first; inverse:
-    last), the products on float64 copies of only the tensors they change, each cast back
-    once."""
-    moves, products = split_transform(t)
-    if not inverse:
-        apply_transform(tensors, block, moves)
-    names = product_tensors(block, products)
-    if names:
-        wide = {n: float64(tensors[n]) for n in names}
-        apply_transform(wide, block, products, inverse=inverse)
-        for n in names:
-            tensors[n] = cast(wide.pop(n), tensors[n])
-    if inverse:
-        apply_transform(tensors, block, moves, inverse=True)
 
 
 class Float64View(Mapping):
