@@ -341,6 +341,36 @@ def test_stored_dtype_transform_is_bit_identical_to_float64_path(
     assert changed
 
 
+def test_rotary_pair_maps_are_recognised_and_applied_exactly():
+    """QK maps of rotary models (``c_j R(phi_j)`` per pair, times a flip, inverted) take the
+    4-products-per-weight path; its result is the dense product's up to float64 rounding,
+    and the same in chunks as whole (chunking never changes a bit)."""
+    import unittest.mock
+
+    from mergeshield.symmetries import transform
+    from mergeshield.symmetries.linalg import rope_commuting
+
+    rng = np.random.default_rng(0)
+    d, n = 8, 6
+    a = np.stack([rope_commuting(rng.uniform(0.5, 2, d // 2), rng.uniform(0, 6, d // 2))])
+    a = np.repeat(a, n, axis=0) @ np.diag([1, -1, 1, 1, 1, -1, 1, 1.0])
+    for mats in (a, np.linalg.inv(a), np.swapaxes(np.linalg.inv(a), 1, 2)):
+        pairs = transform.rotary_pairs(mats)
+        assert pairs is not None and pairs.shape == (n, 2, 2, d // 2)
+        x = rng.standard_normal((n * d, 5))
+        dense = (mats @ x.reshape(n, d, 5)).reshape(x.shape)
+        np.testing.assert_allclose(transform.map_row_blocks(x, mats, d), dense, atol=1e-14)
+    dense_mats = a.copy()
+    dense_mats[2, 0, 1] = 1e-300  # one entry outside the pairs: the general product
+    assert transform.rotary_pairs(dense_mats) is None
+    assert transform.rotary_pairs(rng.standard_normal((2, 7, 7))) is None
+    x = rng.standard_normal((n * d, 3)).astype(np.float32)
+    rows, columns = transform.map_row_blocks(x, a, d), transform.map_column_blocks(x.T, a, d)
+    with unittest.mock.patch.object(transform, "CHUNK_ELEMENTS", 1):  # one head / row a chunk
+        assert np.array_equal(transform.map_row_blocks(x, a, d), rows)
+        assert np.array_equal(transform.map_column_blocks(x.T, a, d), columns)
+
+
 def test_power_of_two_unit_scales_are_recognised():
     """Only +-2^k scales may skip the float64 working copy (their products are exact)."""
     from mergeshield.symmetries.transform import is_power_of_two

@@ -456,7 +456,7 @@ class TensorReader:
         return out
 
 
-WRITE_BEHIND_BYTES = 256 * 2**20
+WRITE_BEHIND_BYTES = 64 * 2**20
 
 
 class WriteBehind:

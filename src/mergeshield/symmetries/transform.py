@@ -103,18 +103,44 @@ def _rows(tensors: Tensors, slot: Slot, fn) -> None:
 CHUNK_ELEMENTS = 1 << 17
 
 
+def rotary_pairs(mats: np.ndarray) -> np.ndarray | None:
+    """``mats`` (``n x d x d``) as ``(n, 2, 2, d/2)`` coefficients when every matrix acts on each
+    ``rotate_half`` pair ``(j, j + d/2)`` alone (all other entries exactly zero: the QK maps of
+    rotary models), else None."""
+    n, d, _ = mats.shape
+    if d % 2:
+        return None
+    half = d // 2
+    same_pair = np.arange(d)[:, None] % half == np.arange(d)[None, :] % half
+    if np.any(mats[:, ~same_pair]):
+        return None
+    # entry [g, a, b, j] = mats[g, a * half + j, b * half + j]: out side a, in side b
+    pairs = mats.reshape(n, 2, half, 2, half)
+    return np.ascontiguousarray(np.diagonal(pairs, axis1=2, axis2=4))
+
+
 def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
     """``out[h] = mats[h] @ x[h]`` for every row block ``h`` (``d`` rows) of ``x`` (``[out, in]``),
     as a new array of ``x``'s dtype: each chunk of whole blocks is widened to float64,
-    multiplied and rounded once (float64 ``x``: no rounding)."""
+    multiplied and rounded once (float64 ``x``: no rounding).  Matrices that only mix rotary
+    pairs (:func:`rotary_pairs`) are applied as ``y_j = c_00 x_j + c_01 x_{j+d/2}``,
+    ``y_{j+d/2} = c_10 x_j + c_11 x_{j+d/2}``: 4 products per weight instead of ``d``."""
     n, cols = len(mats), x.shape[1]
-    m = as_matrices(mats, x)
+    pairs = rotary_pairs(np.asarray(mats, dtype=np.float64))
+    m = as_matrices(mats if pairs is None else pairs[..., None], x)
     out = empty(x.shape, like=x)
     step = max(1, CHUNK_ELEMENTS // (d * cols))
     for start in range(0, n, step):
         stop = min(n, start + step)
         rows = slice(start * d, stop * d)
-        product = m[start:stop] @ float64(x[rows]).reshape(stop - start, d, cols)
+        if pairs is None:
+            product = m[start:stop] @ float64(x[rows]).reshape(stop - start, d, cols)
+        else:
+            xs = float64(x[rows]).reshape(stop - start, 2, d // 2, cols)
+            c = m[start:stop]  # (heads, out side, in side, d/2, 1)
+            first = c[:, :, 0] * xs[:, None, 0]
+            first += c[:, :, 1] * xs[:, None, 1]
+            product = first
         out[rows] = cast(product.reshape(-1, cols), x)
     return out
 
