@@ -6,8 +6,11 @@ on free, so every block pays the kernel's page faults again (half of protect's C
 system time at 1B parameters).  :func:`keep_freed_memory` turns that off for the process:
 ``M_MMAP_MAX = 0`` (no mmap'd chunks: everything comes from the heap), a high
 ``M_TRIM_THRESHOLD`` (freed heap memory is not handed back) and a ``M_TOP_PAD`` (the heap grows
-in large steps).  Freed blocks are then reused without new page faults; the cost is a peak RSS
-that stays at its high-water mark.  Measured in BENCHMARKS.md ("Scale").
+in large steps) and ``M_ARENA_MAX = 1`` (threads allocate from that heap too: a thread's own
+arena lives in 64 MiB mmap'd heaps that glibc unmaps as soon as one is empty, whatever the trim
+threshold, so the block workers' arrays were faulted in afresh every block).  Freed blocks are
+then reused without new page faults; the cost is a peak RSS that stays at its high-water mark.
+Measured in BENCHMARKS.md ("Scale").
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
 INT_MAX = 2**31 - 1
 
 
@@ -30,5 +33,10 @@ def keep_freed_memory(top_pad: int = 256 * 2**20) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(
         mallopt(param, value) == 1
-        for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, INT_MAX), (M_TOP_PAD, top_pad))
+        for param, value in (
+            (M_MMAP_MAX, 0),
+            (M_TRIM_THRESHOLD, INT_MAX),
+            (M_TOP_PAD, top_pad),
+            (M_ARENA_MAX, 1),
+        )
     )
