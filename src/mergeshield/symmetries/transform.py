@@ -98,8 +98,9 @@ def _rows(tensors: Tensors, slot: Slot, fn) -> None:
 
 
 # float64 elements per chunk of :func:`map_row_blocks` / :func:`map_column_blocks`: 1 MiB, so a
-# chunk's widened copy, product and rounding stay in cache (a whole-tensor float64 copy,
-# product and cast cost 2x the time at Llama-3.2-1B shapes, and the memory; BENCHMARKS.md)
+# chunk's widened copy, product and rounding stay in cache (at Llama-3.2-1B shapes a
+# whole-tensor float64 copy, product and cast took 1.5x (W_Q) to 2.6x (W_O) the time, and the
+# memory; BENCHMARKS.md, "Scale")
 CHUNK_ELEMENTS = 1 << 17
 
 
@@ -129,7 +130,7 @@ def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
     pairs = rotary_pairs(np.asarray(mats, dtype=np.float64))
     m = as_matrices(mats if pairs is None else pairs[..., None], x)
     out = empty(x.shape, like=x)
-    step = max(1, CHUNK_ELEMENTS // (d * cols))
+    step = max(1, CHUNK_ELEMENTS // max(1, d * cols))
     for start in range(0, n, step):
         stop = min(n, start + step)
         rows = slice(start * d, stop * d)
@@ -151,7 +152,7 @@ def map_column_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
     n, cols = len(mats), x.shape[1]
     m = as_matrices(mats, x)
     out = empty(x.shape, like=x)
-    step = max(1, CHUNK_ELEMENTS // cols)
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
     for start in range(0, x.shape[0], step):
         rows = slice(start, start + step)
         product = einsum("ohd,hed->ohe", float64(x[rows]).reshape(-1, n, d), m)
