@@ -83,68 +83,42 @@ def main() -> None:
     perm, signs = rng.permutation(UNITS), rng.choice([-1.0, 1.0], UNITS)
     rows: list[dict[str, object]] = []
 
-    def record(step: str, variant: str, ms: float, differ: int | None = None) -> None:
+    def measure(step: str, variant: str, fn: Callable[[], object], first=None) -> np.ndarray:
+        """Time ``fn``; with ``first`` (the step's first result), count the elements whose
+        bytes differ from it."""
+        ms = best_ms(fn, args.repeat)
+        result = fn()
+        differ = None
+        if first is not None:
+            differ = int(np.count_nonzero(uint_view(first) != uint_view(result)))
         rows.append({"step": step, "variant": variant, "ms": round(ms, 1), "differ": differ})
+        return result
 
-    def differ(a: np.ndarray, b: np.ndarray) -> int:
-        """Elements whose bytes differ."""
-        return int(np.count_nonzero(uint_view(a) != uint_view(b)))
+    flipped = take(up, perm, 0)
+
+    def copy_back() -> None:  # the previous way: a flipped copy, written back
+        bits = uint_view(flipped)
+        mask = np.where(signs < 0, np.uint16(0x8000), np.uint16(0))[:, None]
+        bits[...] = bits ^ mask
 
     with threadpool_limits(1, user_api="blas"):
-        r = args.repeat
-        ours = map_row_blocks(q, q_maps, D)
-        record(
-            "W_Q (rotary)",
-            "chunked, 4 products/weight",
-            best_ms(lambda: map_row_blocks(q, q_maps, D), r),
+        first = measure(
+            "W_Q (rotary)", "chunked, 4 products/weight", lambda: map_row_blocks(q, q_maps, D)
         )
-        record(
-            "W_Q (rotary)",
-            "chunked, dense product",
-            best_ms(lambda: map_row_blocks(q, dense_qk, D), r),
-            differ(ours, map_row_blocks(q, dense_qk, D)),
+        measure(
+            "W_Q (rotary)", "chunked, dense product", lambda: map_row_blocks(q, dense_qk, D), first
         )
-        record(
-            "W_Q (rotary)",
-            "whole tensor, dense product",
-            best_ms(lambda: whole_rows(q, q_maps), r),
-            differ(ours, whole_rows(q, q_maps)),
-        )
-        record(
-            "W_K (rotary)",
-            "chunked, 4 products/weight",
-            best_ms(lambda: map_row_blocks(k, qk, D), r),
-        )
-        ours = map_row_blocks(v, vo, D)
-        record("W_V", "chunked", best_ms(lambda: map_row_blocks(v, vo, D), r))
-        record(
-            "W_V",
-            "whole tensor",
-            best_ms(lambda: whole_rows(v, vo), r),
-            differ(ours, whole_rows(v, vo)),
-        )
-        ours = map_column_blocks(o, o_maps, D)
-        record("W_O", "chunked (64 rows)", best_ms(lambda: map_column_blocks(o, o_maps, D), r))
-        record(
-            "W_O",
-            "whole tensor",
-            best_ms(lambda: whole_columns(o, o_maps), r),
-            differ(ours, whole_columns(o, o_maps)),
-        )
-        record("up (or gate)", "row gather", best_ms(lambda: take(up, perm, 0), r))
-        record("down", "column gather", best_ms(lambda: take(down, perm, 1), r))
-        flipped = take(up, perm, 0)
-
-        def copy_back() -> None:  # the previous way: a flipped copy, written back
-            bits = uint_view(flipped)
-            mask = np.where(signs < 0, np.uint16(0x8000), np.uint16(0))[:, None]
-            bits[...] = bits ^ mask
-
-        record(
-            "up sign flips", "in place", best_ms(lambda: scale_exactly(flipped, signs[:, None]), r)
-        )
-        record("up sign flips", "copy written back", best_ms(copy_back, r))
-        record("any MLP output", "NaN/Inf check", best_ms(lambda: all_finite(flipped), r))
+        measure("W_Q (rotary)", "whole tensor, dense product", lambda: whole_rows(q, q_maps), first)
+        measure("W_K (rotary)", "chunked, 4 products/weight", lambda: map_row_blocks(k, qk, D))
+        first = measure("W_V", "chunked", lambda: map_row_blocks(v, vo, D))
+        measure("W_V", "whole tensor", lambda: whole_rows(v, vo), first)
+        first = measure("W_O", "chunked (64 rows)", lambda: map_column_blocks(o, o_maps, D))
+        measure("W_O", "whole tensor", lambda: whole_columns(o, o_maps), first)
+        measure("up (or gate)", "row gather", lambda: take(up, perm, 0))
+        measure("down", "column gather", lambda: take(down, perm, 1))
+        measure("up sign flips", "in place", lambda: scale_exactly(flipped, signs[:, None]))
+        measure("up sign flips", "copy written back", copy_back)
+        measure("any MLP output", "NaN/Inf check", lambda: all_finite(flipped))
     for row in rows:
         print(json.dumps(row))
     print(
