@@ -5,17 +5,22 @@ permutation), an in-place XOR of the sign bits (``all``'s sign flips) and the Na
 the result. This script times those passes against one numba kernel per tensor that does all
 three, on one bf16 Llama-3.2-1B layer (up 8192 x 2048 by rows, down 2048 x 8192 by columns),
 and the price of numba itself: its import and the first call (a compile, or a load from its
-on-disk cache on later runs). numba is not a mergeshield dependency:
+on-disk cache on later runs). numba is not a mergeshield dependency; install it beside
+mergeshield:
 
     pip install numba && python benchmarks/fused_kernel.py
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from products import best_ms  # noqa: E402
 
 start = time.perf_counter()
 import numba  # noqa: E402
@@ -50,15 +55,6 @@ def rows_fused(src, perm, mask, out):
     return bad != 0
 
 
-def best_ms(fn: Callable[[], object], repeat: int = 7) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
-
-
 def numpy_passes(x: np.ndarray, perm: np.ndarray, mask: np.ndarray, axis: int) -> bool:
     """What protect does: gather, XOR in place, check (bits as uint16)."""
     out = np.take(x, perm, axis=axis)
@@ -86,8 +82,8 @@ def main() -> None:
         ("up (rows)", up, 0, lambda: rows_fused(up, perm, mask, out_up)),
         ("down (columns)", down, 1, lambda: columns_fused(down, perm, mask, out_down)),
     ):
-        ours = best_ms(lambda x=x, axis=axis: numpy_passes(x, perm, mask, axis))
-        print(f"| {name} | {ours:.1f} | {best_ms(fused):.1f} |")
+        ours = best_ms(lambda x=x, axis=axis: numpy_passes(x, perm, mask, axis), 7)
+        print(f"| {name} | {ours:.1f} | {best_ms(fused, 7):.1f} |")
 
 
 if __name__ == "__main__":

@@ -139,9 +139,8 @@ def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
         else:
             xs = float64(x[rows]).reshape(stop - start, 2, d // 2, cols)
             c = m[start:stop]  # (heads, out side, in side, d/2, 1)
-            first = c[:, :, 0] * xs[:, None, 0]
-            first += c[:, :, 1] * xs[:, None, 1]
-            product = first
+            product = c[:, :, 0] * xs[:, None, 0]
+            product += c[:, :, 1] * xs[:, None, 1]
         out[rows] = cast(product.reshape(-1, cols), x)
     return out
 
