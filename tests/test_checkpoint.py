@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeshield.arrays import code_of
+from mergeshield import checkpoint as checkpoint_module
+from mergeshield.arrays import Gathered, code_of, to_numpy
 from mergeshield.checkpoint import ShardWriter, WriteBehind
+from mergeshield.errors import MergeShieldError
 from mergeshield.symmetries.transform import take
 
 
@@ -96,6 +98,71 @@ def test_shard_writer_copies_unchanged_tensors_byte_for_byte(
     assert (tmp_path / "out.safetensors").read_bytes() == (
         tmp_path / "ref.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gathered_is_take_with_sign_flips_in_any_chunks(dtype, axis, strided):
+    """``Gathered`` filled a few rows at a time gives the bytes of ``take`` then negating,
+    for a permutation, the identity (no index) and a repeated index, on a contiguous or a
+    transposed (GPT-2 ``Conv1D``) source."""
+    x = to_numpy(torch.randn(9, 7, generator=torch.Generator().manual_seed(5)).to(dtype))
+    x = x.T.copy().T if strided else x
+    n, rng = x.shape[axis], np.random.default_rng(6)
+    flips = rng.random(n) < 0.5
+    for index in (rng.permutation(n), None, rng.integers(0, n, n)):
+        g = Gathered(x, axis, index, flips)
+        expected = np.take(x, np.arange(n) if index is None else index, axis=axis).astype(
+            np.float64
+        )
+        expected *= np.expand_dims(np.where(flips, -1.0, 1.0), 1 - axis)
+        whole = g.materialize()
+        assert np.array_equal(whole.astype(np.float64), expected)
+        for step in (1, 2, 4):
+            parts = np.empty_like(whole)
+            for start in range(0, len(parts), step):
+                g.fill(start, min(len(parts), start + step), parts[start : start + step])
+            assert np.array_equal(parts.view(np.uint8), whole.view(np.uint8))
+    with pytest.raises(ValueError, match="index"):
+        Gathered(x, axis, np.arange(n) + 1)
+    with pytest.raises(ValueError, match="flips"):
+        Gathered(x, axis, None, flips[:-1])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 19])
+def test_gathered_tensors_are_written_chunk_by_chunk_exactly(tmp_path, monkeypatch, chunk_bytes):
+    """A :class:`Gathered` tensor written in chunks (one row, a few rows, whole) gives the bytes
+    of writing it made whole, next to plain tensors; a NaN reaching the output raises, after
+    ``bad_input`` had its say."""
+    monkeypatch.setattr(checkpoint_module, "GATHER_CHUNK_BYTES", chunk_bytes)
+    tensors = {k: to_numpy(v) for k, v in _tensors().items()}
+    rng = np.random.default_rng(7)
+    lazy = {
+        "a.weight": Gathered(tensors["a.weight"], 0, rng.permutation(7), rng.random(7) < 0.5),
+        "c.weight": Gathered(tensors["c.weight"], 1, rng.permutation(4), rng.random(4) < 0.5),
+    }
+    layout = {n: (code_of(t), tuple(t.shape)) for n, t in tensors.items()}
+    for kind in ("lazy", "whole"):
+        writer = ShardWriter(tmp_path / f"{kind}.safetensors", layout, {"format": "pt"})
+        for name in writer.order:
+            if name in lazy and kind == "lazy":
+                writer.write_gathered(name, lazy[name], lambda: None)
+            else:
+                writer.write(name, lazy[name].materialize() if name in lazy else tensors[name])
+        writer.close()
+        writer.check_complete()
+    assert (tmp_path / "lazy.safetensors").read_bytes() == (
+        tmp_path / "whole.safetensors"
+    ).read_bytes()
+    bad = tensors["a.weight"].copy()
+    bad[5, 3] = np.nan
+    called = []
+    writer = ShardWriter(tmp_path / "bad.safetensors", layout, None)
+    with pytest.raises(MergeShieldError, match="NaN or Inf"):
+        writer.write_gathered("a.weight", Gathered(bad, 0, np.arange(7)), lambda: called.append(1))
+    writer.close()
+    assert called == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

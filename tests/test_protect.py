@@ -300,14 +300,15 @@ def test_allocator_settings_apply_on_glibc():
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("unit_scale", ["signs", "powers of two", "other"])
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "numpy-streamed", "torch"])
 def test_stored_dtype_transform_is_bit_identical_to_float64_path(
     checkpoints, family, inverse, dtype, unit_scale, backend
 ):
     """The transform on the stored tensors (permutations and ``all``'s signs or 2^k scales in
     place, chunked float64 products rounded once, what protect does with numpy arrays) gives
-    exactly the bytes of widening the whole block to float64, transforming and casting back."""
-    from mergeshield.arrays import to_numpy
+    exactly the bytes of widening the whole block to float64, transforming and casting back;
+    so do MLP weights left as :class:`Gathered` maps to be streamed (``numpy-streamed``)."""
+    from mergeshield.arrays import Gathered, to_numpy
     from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext
     from mergeshield.symmetries.transform import Float64View, apply_transform, is_power_of_two
@@ -328,9 +329,13 @@ def test_stored_dtype_transform_is_bit_identical_to_float64_path(
         )
         t = replace(t, unit_scale=t.unit_scale * factor)
     fast = {k: v.clone() for k, v in stored.items()}
-    if backend == "numpy":
+    if backend != "torch":
         fast = {k: to_numpy(v) for k, v in fast.items()}
-    apply_transform(fast, block, t, inverse=inverse)
+    apply_transform(fast, block, t, inverse=inverse, stream_mlp=backend == "numpy-streamed")
+    gathered = [k for k, v in fast.items() if isinstance(v, Gathered)]
+    streams = backend == "numpy-streamed" and (unit_scale == "signs" or t.unit_scale is None)
+    assert bool(gathered) == (streams and t.unit_perm is not None)
+    fast = {k: v.materialize() if isinstance(v, Gathered) else v for k, v in fast.items()}
     wide = {k: v.double() for k, v in stored.items()}
     apply_transform(wide, block, t, inverse=inverse)
     bits = {2: np.uint16, 4: np.uint32}[stored[block.mlp.up.weight].element_size()]
@@ -404,14 +409,16 @@ def test_protect_and_unprotect_never_import_torch(checkpoints, tmp_path, command
 
 
 def test_blocks_transformed_in_parallel_give_the_same_bytes(checkpoints, tmp_path, monkeypatch):
-    """protect transforms two blocks at once; with one at a time the output is byte-identical
-    (each block draws from its own generator, the writes keep their order)."""
+    """protect transforms two blocks at once and writes two tensors at once; with one of each
+    at a time the output is byte-identical (each block draws from its own generator, and each
+    tensor is written at its own offset)."""
     from mergeshield import checkpoint as checkpoint_module
 
     src = checkpoints["llama-gqa2"][0]
     assert len(open_checkpoint(src).spec.blocks) > 1
     protect(src, tmp_path / "parallel", "all", seed=11)
     monkeypatch.setattr(checkpoint_module, "BLOCK_WORKERS", 1)
+    monkeypatch.setattr(checkpoint_module, "WRITE_THREADS", 1)
     protect(src, tmp_path / "serial", "all", seed=11)
     for file in sorted((tmp_path / "serial").iterdir()):
         assert file.read_bytes() == (tmp_path / "parallel" / file.name).read_bytes(), file.name

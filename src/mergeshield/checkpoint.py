@@ -33,9 +33,11 @@ from safetensors import safe_open
 from mergeshield.architectures import SUPPORTED_MODEL_TYPES, BlockSpec, ModelSpec, describe
 from mergeshield.architectures.config import read_config
 from mergeshield.arrays import (
+    CODE_OF,
     DTYPES,
     FLOAT_CODES,
     Array,
+    Gathered,
     all_finite,
     code_of,
     float64,
@@ -265,6 +267,10 @@ class ShardFile:
 # pieces took 0.5-0.7 s.
 WRITE_CHUNK = 1 << 20
 
+# Bytes of a :class:`Gathered` tensor made and written at a time: a cache-sized chunk (its
+# gather, sign flips, NaN check and write-copy then read it from cache).
+GATHER_CHUNK_BYTES = 1 << 19
+
 
 class ShardWriter:
     """Write one safetensors file tensor by tensor, in any order, without holding the shard.
@@ -329,6 +335,28 @@ class ShardWriter:
         if nbytes:
             data = np.ascontiguousarray(to_numpy(tensor)).reshape(-1).view(np.uint8)
             self._pwrite(data.data, self._data_start + offset)
+        self._pending.discard(name)
+
+    def write_gathered(self, name: str, tensor: Gathered, bad_input: Callable[[], None]) -> None:
+        """Write a :class:`Gathered` tensor ``GATHER_CHUNK_BYTES`` at a time: each chunk is
+        computed, checked for NaN and Inf and written while it is in cache.  ``bad_input`` runs
+        when a chunk is not finite, to raise the error that names a bad input tensor."""
+        code, shape = self._layout[name]
+        if CODE_OF.get(tensor.dtype) != code or tuple(tensor.shape) != tuple(shape):
+            raise AssertionError(f"{name}: {tensor.dtype} {tensor.shape}, not {code} {shape}")
+        offset, nbytes = self._offsets[name]
+        row_bytes = nbytes // shape[0] if shape[0] else 0
+        step = max(1, GATHER_CHUNK_BYTES // max(1, row_bytes))
+        buf = np.empty((min(step, shape[0]), shape[1]), dtype=tensor.dtype)
+        for start in range(0, shape[0], step):
+            part = buf[: min(step, shape[0] - start)]
+            tensor.fill(start, start + len(part), part)
+            if not all_finite(part):
+                bad_input()
+                _fail(f"{name}: transform produced NaN or Inf")
+            self._pwrite(
+                part.reshape(-1).view(np.uint8).data, self._data_start + offset + start * row_bytes
+            )
         self._pending.discard(name)
 
     def copy(self, name: str, source: ShardFile) -> None:
@@ -457,17 +485,21 @@ class TensorReader:
 
 
 WRITE_BEHIND_BYTES = 64 * 2**20
+# Tensors written at once: a streamed (:class:`Gathered`) tensor is computed as it is written,
+# so a second writer keeps both cores busy; tensors start in file order and each is written at
+# its own offset.
+WRITE_THREADS = 2
 
 
 class WriteBehind:
-    """Tensor writes run in order on one background thread, so that the next block is read
-    and transformed while this one is written: ``pwrite`` and numpy's loops release the
-    GIL, and the page-cache copy of a write costs as much CPU as a block's transform.  At most
-    ``max_bytes`` of tensors wait (one larger tensor waits alone); :meth:`wait` blocks until
-    all are written and re-raises the first error."""
+    """Tensor writes run on ``threads`` background threads, started in order, so that the next
+    block is read and transformed while this one is written: ``pwrite`` and numpy's loops
+    release the GIL, and the page-cache copy of a write costs as much CPU as a block's
+    transform.  At most ``max_bytes`` of tensors wait (one larger tensor waits alone);
+    :meth:`wait` blocks until all are written and re-raises the first error."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeshield-write")
+    def __init__(self, max_bytes: int, threads: int = 1) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mergeshield-write")
         self._queued: deque[tuple[Future[None], int]] = deque()
         self._bytes, self._max = 0, max_bytes
 
@@ -614,7 +646,7 @@ def rewrite(
     needed = list(dict.fromkeys(needed))
     workers = BLOCK_WORKERS if arrays and not wide else 1
 
-    def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray]:
+    def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray | Gathered]:
         """Block ``index`` transformed and cast back to the stored dtypes, checked."""
         block = blocks[index]
         # The outputs are checked for NaN and Inf, and the inputs only when an output fails
@@ -626,9 +658,14 @@ def rewrite(
             src.check_block(block)  # bad input, not a bug: say so
             raise
         del tensors
-        done = {}
+        done: dict[str, np.ndarray | Gathered] = {}
         for key in list(new):
             value = new.pop(key)
+            if isinstance(value, Gathered):
+                if CODE_OF.get(value.dtype) == checkpoint.codes[key]:
+                    done[key] = value  # made, checked and written in chunks by the writer
+                    continue
+                value = value.materialize()
             if not all_finite(value):
                 src.check_block(block)
                 _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
@@ -639,13 +676,13 @@ def rewrite(
         no_cyclic_gc(),
         reader(checkpoint) as src,
         atomic_folder(out, overwrite) as tmp,
-        WriteBehind(WRITE_BEHIND_BYTES) as writes,
+        WriteBehind(WRITE_BEHIND_BYTES, WRITE_THREADS) as writes,
         ThreadPoolExecutor(workers, thread_name_prefix="mergeshield-block") as pool,
     ):
         copy_side_files(checkpoint.path, tmp)
-        in_flight: dict[int, Future[dict[str, np.ndarray]]] = {}
+        in_flight: dict[int, Future[dict[str, np.ndarray | Gathered]]] = {}
 
-        def take_block(index: int) -> dict[str, np.ndarray]:
+        def take_block(index: int) -> dict[str, np.ndarray | Gathered]:
             """Wait for block ``index``, with the next ``workers - 1`` blocks started."""
             position = needed.index(index)
             for ahead in needed[position : position + workers]:
@@ -653,7 +690,7 @@ def rewrite(
                     in_flight[ahead] = pool.submit(finished_block, src, ahead)
             return in_flight.pop(index).result()
 
-        pending: dict[str, np.ndarray] = {}
+        pending: dict[str, np.ndarray | Gathered] = {}
         try:
             for shard, layout in layouts.items():
                 shard_meta = {
@@ -674,8 +711,13 @@ def rewrite(
                             if on_block is not None:
                                 on_block()
                         array = pending.pop(name)
-                        job = functools.partial(writer.write, name, array)
-                        writes.submit(job, array.nbytes)
+                        if isinstance(array, Gathered):
+                            bad_input = functools.partial(src.check_block, blocks[block_of[name]])
+                            job = functools.partial(writer.write_gathered, name, array, bad_input)
+                            writes.submit(job, GATHER_CHUNK_BYTES)
+                        else:
+                            job = functools.partial(writer.write, name, array)
+                            writes.submit(job, array.nbytes)
                         del array, job
                     writes.wait()
                 finally:

@@ -141,7 +141,7 @@ def protect(
             )
             t = spec_defense.sample(ctx)
             del ctx
-            apply_transform(tensors, block, t)  # in the stored dtype
+            apply_transform(tensors, block, t, stream_mlp=True)  # in the stored dtype
             if key_out is not None:
                 transforms[index] = t
             return tensors
@@ -229,7 +229,7 @@ def unprotect(
 
         def transform_block(index: int, block: BlockSpec, tensors: dict[str, np.ndarray]):
             t = transforms.get(index, BlockTransform())
-            apply_transform(tensors, block, t, inverse=True)
+            apply_transform(tensors, block, t, inverse=True, stream_mlp=True)
             return tensors
 
         metadata = {"mergeshield_version": __version__, "mergeshield_restored": "true"}

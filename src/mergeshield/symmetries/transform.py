@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 
 from mergeshield.architectures.spec import BlockSpec, Slot
 from mergeshield.arrays import (
     Array,
+    Gathered,
     as_matrices,
     cast,
     einsum,
@@ -205,12 +207,21 @@ def _per_head(mats: np.ndarray, d: int):
 
 
 def apply_transform(
-    tensors: Tensors, block: BlockSpec, t: BlockTransform, inverse: bool = False
+    tensors: Tensors,
+    block: BlockSpec,
+    t: BlockTransform,
+    inverse: bool = False,
+    stream_mlp: bool = False,
 ) -> None:
-    """Apply ``t`` (or its inverse) to the block ``tensors`` (any float dtype; see above)."""
+    """Apply ``t`` (or its inverse) to the block ``tensors`` (any float dtype; see above).
+
+    ``stream_mlp``: where the MLP step is a permutation with sign flips of numpy arrays (always
+    so for ``all``, ``params`` and ``mergelock``), its weights become :class:`Gathered` maps of
+    the input, to be computed as they are written (:func:`mergeshield.checkpoint.rewrite`).
+    """
     att, mlp = block.attention, block.mlp
     d, r = att.head_dim, att.group_size
-    steps = [_head_step, _qk_step, _vo_step, _mlp_step]
+    steps = [_head_step, _qk_step, _vo_step, partial(_mlp_step, stream=stream_mlp)]
     for step in reversed(steps) if inverse else steps:
         step(tensors, att, mlp, d, r, t, inverse)
 
@@ -278,9 +289,12 @@ def is_power_of_two(scale: np.ndarray) -> bool:
     return bool(np.all(np.abs(mantissa) == 0.5))
 
 
-def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
+def _mlp_step(tensors, att, mlp, d, r, t, inverse, stream=False) -> None:
     ins = [mlp.up] + ([mlp.gate] if mlp.gate is not None else [])
     perm, scale = t.unit_perm, t.unit_scale
+    if stream and _streamable(tensors, mlp, scale):
+        _gather_units(tensors, mlp, perm, scale, inverse)
+        return
     if perm is not None and not inverse:
         for slot in ins:
             _permute_rows(tensors, slot, perm, 1)
@@ -292,6 +306,54 @@ def _mlp_step(tensors, att, mlp, d, r, t, inverse) -> None:
         for slot in ins:
             _permute_rows(tensors, slot, back, 1)
         _permute_columns(tensors, mlp.down, back, 1)
+
+
+def _streamable(tensors: Tensors, mlp, scale: np.ndarray | None) -> bool:
+    """Whether the MLP step is pure data movement on whole numpy tensors: a unit scale of signs
+    only, and no fused (chunk) slot, whose tensor holds other maps too."""
+    slots = mlp.slots().values()
+    return all(
+        slot.chunk is None and isinstance(tensors[slot.weight], np.ndarray) for slot in slots
+    ) and (scale is None or bool(np.all(np.abs(scale) == 1)))
+
+
+def _gather_units(
+    tensors: Tensors, mlp, perm: np.ndarray | None, scale: np.ndarray | None, inverse: bool
+) -> None:
+    """The MLP step (see the module docstring) as :class:`Gathered` maps: unit ``i`` of the
+    result is unit ``index[i]`` of the input, negated where ``flips[i]``.  Forward: ``index =
+    unit_perm`` and ``flips = unit_scale < 0`` (the scale acts after the permutation); inverse:
+    the scale acts first, so ``index = unit_perm^-1`` and ``flips = (unit_scale < 0)[index]``."""
+    index, flips = perm, None if scale is None else np.asarray(scale) < 0
+    if inverse and perm is not None:
+        index = np.argsort(perm)
+        flips = None if flips is None else flips[index]
+    _gather_slot(tensors, mlp.up, index, flips, units_are_rows=True)
+    if mlp.gate is not None:
+        _gather_slot(tensors, mlp.gate, index, None, units_are_rows=True)
+    _gather_slot(tensors, mlp.down, index, flips, units_are_rows=False)
+
+
+def _gather_slot(
+    tensors: Tensors,
+    slot: Slot,
+    index: np.ndarray | None,
+    flips: np.ndarray | None,
+    units_are_rows: bool,
+) -> None:
+    """A slot's weight as a :class:`Gathered` map whose units (rows of the ``[out, in]`` view
+    for ``units_are_rows``, else columns) are picked by ``index`` and negated by ``flips``; a
+    bias along the units is gathered here (it is small)."""
+    if index is None and flips is None:
+        return
+    axis = 0 if units_are_rows != slot.transposed else 1
+    tensors[slot.weight] = Gathered(tensors[slot.weight], axis, index, flips)
+    if units_are_rows and slot.bias is not None:
+        b = tensors[slot.bias]
+        b = take(b, index, 0) if index is not None else b.copy()
+        if flips is not None:
+            scale_exactly(b, np.where(flips, -1.0, 1.0))
+        tensors[slot.bias] = b
 
 
 class Float64View(Mapping):
