@@ -149,15 +149,24 @@ def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
 
 def map_column_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
     """``out[:, h] = x[:, h] @ mats[h]^T`` for every column block ``h`` (``d`` columns) of ``x``,
-    as a new array of ``x``'s dtype, computed in float64 a few rows at a time and rounded once."""
+    as a new array of ``x``'s dtype, computed in float64 a few rows at a time and rounded once.
+
+    numpy arrays take one batched ``matmul`` per chunk (BLAS): ``einsum`` has no BLAS path for
+    a batch index shared by both operands, and took twice the time (a 4096 x 4096 W_O at
+    ``d = 128``: 270 ms against 136 ms; BENCHMARKS.md, "Scale")."""
     n, cols = len(mats), x.shape[1]
     m = as_matrices(mats, x)
+    m_t = None if is_torch(x) else np.ascontiguousarray(np.swapaxes(m, 1, 2))
     out = empty(x.shape, like=x)
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
     for start in range(0, x.shape[0], step):
         rows = slice(start, start + step)
-        product = einsum("ohd,hed->ohe", float64(x[rows]).reshape(-1, n, d), m)
-        out[rows] = cast(product.reshape(-1, cols), x)
+        xs = float64(x[rows]).reshape(-1, n, d)
+        if m_t is None:
+            out[rows] = cast(einsum("ohd,hed->ohe", xs, m).reshape(-1, cols), x)
+        else:  # (heads, rows, d) @ (heads, d, d), back to (rows, heads, d)
+            product = np.matmul(xs.transpose(1, 0, 2), m_t).transpose(1, 0, 2)
+            out[rows] = cast(product, x).reshape(-1, cols)
     return out
 
 
