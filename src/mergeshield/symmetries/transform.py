@@ -224,10 +224,9 @@ def apply_transform(
 ) -> None:
     """Apply ``t`` (or its inverse) to the block ``tensors`` (any float dtype; see above).
 
-    ``stream_mlp``: where the MLP step is a permutation with sign flips of numpy arrays (always
-    so for ``all``, ``params`` and ``mergelock``), its weights become :class:`Gathered` maps of
-    the input, to be computed as they are written (:func:`mergeshield.checkpoint.rewrite`).
-    """
+    ``stream_mlp``: where the MLP step is a permutation, with or without sign flips, of numpy
+    arrays (``all``'s and ``params``'s), its weights become :class:`Gathered` maps of the input,
+    computed as they are written (:func:`mergeshield.checkpoint.rewrite`)."""
     att, mlp = block.attention, block.mlp
     d, r = att.head_dim, att.group_size
     steps = [_head_step, _qk_step, _vo_step, partial(_mlp_step, stream=stream_mlp)]
