@@ -2,9 +2,10 @@
 
 One table per merge group (the victim with one free-rider, or with all of them): a row per
 victim variant (unprotected, each defense, each defense + attack), a column per merge method,
-each cell ``victim kept / free-rider kept`` (share of the fine-tuning gain surviving the merge
-at the attacker's best coefficient; several free-riders: their minimum), bold where a
-protection holds (both <= 5%).
+each cell ``victim kept / free-rider kept (joint score) @ coefficient`` at the attacker's best
+joint setting (several free-riders: their minimum), then the victim-only view (what the
+victim-only objective picks, at its coefficient); bold where a protection holds (the weakest
+task keeps <= 5%).  Then the papers' fixed-protocol table.
 
     python benchmarks/audit_tables.py reports/full-text-*/report.json
 """
@@ -15,13 +16,48 @@ import argparse
 import json
 from pathlib import Path
 
-HOLDS = 0.05
-
 
 def cell(row: dict) -> str:
     partner = min(row["partner_kept"].values())
-    text = f"{row['victim_kept']:.0%} / {partner:.0%}"
-    return f"**{text}**" if row["holds"] and row["defense"] != "none" else text
+    text = f"{row['victim_kept']:.0%} / {partner:.0%} ({row['joint']:.0%}) @{row['coefficient']:g}"
+    text = f"**{text}**" if row["holds"] and row["defense"] != "none" else text
+    view = row.get("victim_view")
+    if view:
+        vp = min(view["partner_kept"].values())
+        text += f"; victim view {view['victim_kept']:.0%} / {vp:.0%} @{view['coefficient']:g}"
+    return text
+
+
+def protocol_table(reports: list[dict]) -> list[str]:
+    rows = [r for rep in reports for r in rep.get("protocol", [])]
+    if not rows:
+        return []
+    settings = list(dict.fromkeys((r["method"], r["coefficient"]) for r in rows))
+    groups = list(dict.fromkeys("+".join(r["partners"]) for r in rows))
+    out = []
+    for group in groups:
+        sel = {
+            (r["variant"], r["method"], r["coefficient"]): r
+            for r in rows
+            if "+".join(r["partners"]) == group
+        }
+        out += [
+            f"Papers' protocol, victim merged with `{group}` (cells: mean test accuracy over the "
+            "merged tasks, relative degradation against the unprotected merge):",
+            "",
+            "| victim model | " + " | ".join(f"{m} {c:g}" for m, c in settings) + " |",
+            "|---|" + "---|" * len(settings),
+        ]
+        for v in dict.fromkeys(k[0] for k in sel):
+            cells = [
+                f"{sel[(v, m, c)]['mean_accuracy']:.3f} ({sel[(v, m, c)]['degradation']:.0%})"
+                if (v, m, c) in sel
+                else "-"
+                for m, c in settings
+            ]
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def tables(reports: list[dict]) -> str:
@@ -34,7 +70,8 @@ def tables(reports: list[dict]) -> str:
         sel = {(r["variant"], r["method"]): r for r in rows if "+".join(r["partners"]) == group}
         used = [m for m in methods if any(k[1] == m for k in sel)]
         out += [
-            f"Victim merged with `{group}` (cells: victim kept / free-rider kept):",
+            f"Victim merged with `{group}`, objective `{reports[0].get('objective', 'victim')}` "
+            "(cells: victim kept / free-rider kept (joint) @coef; victim-only view):",
             "",
             "| victim model | " + " | ".join(used) + " |",
             "|---|" + "---|" * len(used),
@@ -44,6 +81,7 @@ def tables(reports: list[dict]) -> str:
                 cells = [cell(sel[(v, m)]) if (v, m) in sel else "-" for m in used]
                 out.append(f"| {v} | " + " | ".join(cells) + " |")
         out.append("")
+    out += protocol_table(reports)
     standalone = {k: a for rep in reports for k, a in rep["standalone"].items()}
     out.append(
         "Standalone victim test accuracy: "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mergeshield import __version__
 from mergeshield.errors import MergeShieldError
+from mergeshield.objective import OBJECTIVES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mergeshield never downloads anything
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -491,6 +492,18 @@ def _audit_arguments(p, defaults) -> None:
         action="store_true",
         help="also merge the victim with all free-riders at once",
     )
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default="min",
+        help="the attacker's score of a merge: min (default: the weakest merged task's share "
+        "of gain kept), mean (the papers' average), victim (the victim's share alone)",
+    )
+    p.add_argument(
+        "--no-protocol",
+        action="store_true",
+        help="skip the papers' fixed merges (task arithmetic 0.3 and 0.8, TIES, averaging)",
+    )
     p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
@@ -532,7 +545,7 @@ def _add_demo(sub) -> None:
             "defenses": ["params", "mergelock", "mergebarrier"],
             "methods": ["task_arithmetic"],
             "attacks": ["aga"],
-            "grid": [0.5, 1.0],
+            "grid": [0.3, 0.5, 0.7, 1.0],
         },
     )
     p.set_defaults(run=_run_audit, demo=True)
@@ -635,7 +648,13 @@ def _run_audit(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from mergeshield.evaluation.audit import HEADER, AuditPlan, run_audit, summary_table
+    from mergeshield.evaluation.audit import (
+        HEADER,
+        PAPER_SETTINGS,
+        AuditPlan,
+        run_audit,
+        summary_table,
+    )
 
     if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
         raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
@@ -657,12 +676,15 @@ def _run_audit(args) -> int:
         pairs=tuple(args.pairs) if args.pairs is not None else None,
         merge_all=args.merge_all,
         attacked_only=args.attacked_only,
+        objective=args.objective,
+        protocol=() if args.no_protocol else PAPER_SETTINGS,
         seed=args.seed,
     )
     result = run_audit(plan, args.out)
     console = Console(width=None if sys.stdout.isatty() else 180)
     table = Table(
-        title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the merge"
+        title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the "
+        f"merge; attacker's objective: {plan.objective}"
     )
     for column in HEADER:
         table.add_column(column)

@@ -7,21 +7,24 @@ victim task and its free-riders:
    public base) by each attack;
 2. every variant's backbone is merged with each free-rider's backbone (and optionally with all
    of them) by each mergekit method; the attacker sweeps the merge coefficient and keeps the
-   best one on held-out victim-task data (the validation split);
+   one with the best *joint* validation score over all merged tasks
+   (:mod:`mergeshield.objective`: by default the smallest share of gain kept, since a
+   free-rider wants one model that keeps every task);
 3. at that coefficient the merged backbone is scored on the test split of the victim task and
-   of the free-rider task, each with its own fine-tuned head.
+   of each free-rider task, each with its own fine-tuned head.  The coefficient that the
+   victim-only view (``objective="victim"``) would pick is scored too, for comparison.
 
-The headline number is the share of the fine-tuning gain that survives the merge,
-``kept = (acc_merged - acc_base) / (acc_finetuned - acc_base)``: a protection holds when
-``kept <= 5%`` for the victim and the free-rider; the unprotected merge should keep much more
-(otherwise the audit could not tell a defense from a broken merge).  Also measured: the
-accuracy along the straight path ``theta_base + alpha (theta_variant - theta_base)`` (the
-linear-mode-connectivity picture).
+Each merged task's share of its fine-tuning gain that survives is
+``kept = (acc_merged - acc_base) / (acc_finetuned - acc_base)``; the verdicts are those of
+:func:`mergeshield.objective.verdict`.  Also measured: the papers' fixed protocol
+(:data:`PAPER_SETTINGS`, relative degradation against the unprotected merge) and the accuracy
+along the straight path ``theta_base + alpha (theta_variant - theta_base)``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -35,14 +38,31 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import evaluate
 from mergeshield.evaluation.zoo import Family, build_family
 from mergeshield.folders import atomic_dir, load_tensors
-from mergeshield.merging import extract_backbone, get_method, sweep
+from mergeshield.merging import extract_backbone, get_method, merge, sweep
+from mergeshield.objective import (
+    HOLDS,
+    INSERTED_TEXT,
+    UNPROTECTED_MIN,
+    USEFUL_TEXT,
+    check_objective,
+    joint_score,
+    kept,
+    unprotected_verdict,
+    verdict,
+    weakest,
+)
 from mergeshield.progress import console
 from mergeshield.protect import protect
 
-HOLDS = 0.05  # a protection holds when at most this share of the gain survives the merge
-UNPROTECTED_MIN = 0.60  # an unprotected merge must keep at least this share (sanity check)
-# methods whose coefficient-1 merge adds every task vector unscaled to the base
-INSERTING_METHODS = ("task_arithmetic", "dare_linear", "breadcrumbs")
+# The published papers' fixed merges (papers.md): task arithmetic at the task-vectors paper's
+# 0.3 and PaRaMS' headline 0.8, TIES with top-20% density (mergekit's TIES is a disjoint
+# mean, so lambda 1 is its plain setting), and weight averaging of the models.
+PAPER_SETTINGS: tuple[tuple[str, float], ...] = (
+    ("task_arithmetic", 0.3),
+    ("task_arithmetic", 0.8),
+    ("ties", 1.0),
+    ("linear", 1.0),
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +71,9 @@ class AuditPlan:
     all other tasks; ``grid`` ``None`` means each method's own coefficient grid, thinned to
     every ``grid_stride``-th value counted from the largest (which is always tried).  The victim
     is merged with each free-rider in ``pairs`` (``None``: all of them) and, with
-    ``merge_all``, with all free-riders at once."""
+    ``merge_all``, with all free-riders at once.  ``objective`` is the attacker's score of a
+    merge (:data:`mergeshield.objective.OBJECTIVES`); ``protocol`` the papers' fixed
+    merges to run as well (:data:`PAPER_SETTINGS`; empty: none)."""
 
     kind: str = "text"
     setting: str = "small"
@@ -66,27 +88,64 @@ class AuditPlan:
     pairs: tuple[str, ...] | None = None  # free-riders merged pairwise (None: all of them)
     merge_all: bool = False
     attacked_only: bool = False  # merge only the attacked variants (e.g. to add an attack)
+    objective: str = "min"
+    protocol: tuple[tuple[str, float], ...] = PAPER_SETTINGS
     interpolation: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
 
 
 @dataclass
 class MergeRow:
+    """The attacker's best merge of one variant with one group of free-riders by one method.
+
+    ``sweep``: ``(coefficient, joint validation score)`` for each coefficient tried;
+    ``val_kept``: ``(coefficient, victim kept, {free-rider: kept})`` on validation data.
+    Test accuracies and shares kept are at ``coefficient``; ``victim_view`` holds the same
+    test figures at the coefficient the victim-only objective picks.
+    """
+
     variant: str  # "unprotected", a defense, or "defense+attack"
     defense: str
     attack: str
     method: str
     partners: list[str]
+    objective: str
     coefficient: float
     sweep: list[tuple[float, float]]
+    val_kept: list[tuple[float, float, dict[str, float]]]
     victim_accuracy: float
     victim_kept: float
     partner_accuracy: dict[str, float]
     partner_kept: dict[str, float]
+    victim_view: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def joint(self) -> float:
+        """The test score of this merge under the plan's objective."""
+        return joint_score(self.victim_kept, self.partner_kept, self.objective)
+
+    @property
+    def weakest(self) -> float:
+        """The smallest share of gain kept over the merged tasks (test split)."""
+        return weakest(self.victim_kept, self.partner_kept)
 
     @property
     def holds(self) -> bool:
-        return self.victim_kept <= HOLDS and all(k <= HOLDS for k in self.partner_kept.values())
+        """No merged model a free-rider can use: the weakest task keeps at most HOLDS."""
+        return self.weakest <= HOLDS
+
+
+@dataclass
+class ProtocolRow:
+    """One of the papers' fixed merges (no coefficient search) of one variant and group."""
+
+    variant: str
+    method: str
+    coefficient: float
+    partners: list[str]
+    accuracy: dict[str, float]  # task -> test accuracy of the merged model
+    mean_accuracy: float
+    degradation: float  # 1 - mean_accuracy / the unprotected merge's mean_accuracy
 
 
 @dataclass
@@ -97,15 +156,10 @@ class AuditResult:
     free_riders: list[str]
     standalone: dict[str, float] = field(default_factory=dict)  # variant -> victim test accuracy
     merges: list[MergeRow] = field(default_factory=list)
+    protocol: list[ProtocolRow] = field(default_factory=list)
     interpolation: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # method/group pairs a method cannot merge
     seconds: float = 0.0
-
-
-def kept(acc: float, base: float, finetuned: float) -> float:
-    """Share of the fine-tuning gain present in ``acc`` (0: base level, 1: fine-tuned level)."""
-    gap = finetuned - base
-    return (acc - base) / gap if gap > 0 else float("nan")
 
 
 def run_audit(
@@ -117,6 +171,9 @@ def run_audit(
 ) -> AuditResult:
     """Run ``plan`` and write the report (``report.md``, ``report.json``, PNG plots) to ``out``."""
     start = time.perf_counter()
+    check_objective(plan.objective)
+    for method, _ in plan.protocol:
+        get_method(method)
     if family is None:
         tasks = list(plan.tasks) if plan.tasks else None
         family = build_family(plan.kind, plan.setting, tasks=tasks, progress=progress)
@@ -186,12 +243,29 @@ def run_audit(
                 result.merges.append(row)
                 with partial.open("a") as log:  # progress survives a crash of a long run
                     log.write(json.dumps(asdict(row)) + "\n")
+            for method, coefficient in plan.protocol:
+                for partners in groups:
+                    if _takes(method, 1 + len(partners)):
+                        result.protocol.append(
+                            _protocol_row(
+                                plan,
+                                family,
+                                victim,
+                                name,
+                                method,
+                                coefficient,
+                                partners,
+                                [backbone, *(backbones[p] for p in partners)],
+                                work,
+                            )
+                        )
             if attack == "":
                 result.interpolation[name] = _interpolate(
                     plan, family, victim, backbone, result.standalone[name], work
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _relative_degradation(result.protocol)
     result.seconds = time.perf_counter() - start
     write_report(result, out)
     partial.unlink(missing_ok=True)
@@ -247,40 +321,141 @@ def _merge_row(
     partner_backbones: list[Path],
     work: Path,
 ) -> MergeRow:
+    """Sweep ``method``'s grid, keep the coefficient with the best joint validation score, and
+    score the merge at it (and at the victim-only view's choice) on the test split."""
+    shares: list[tuple[float, dict[str, float]]] = []
+
     def score(path: Path) -> float:
-        return evaluate(family.tasks[victim], victim, family=family, split="val", backbone=path)
+        values = [_kept_on(family, t, "val", path) for t in (victim, *partners)]
+        v, p = values[0], dict(zip(partners, values[1:], strict=True))
+        shares.append((v, p))
+        return joint_score(v, p, plan.objective)
 
     best = work / "best"
-    grid = coefficient_grid(plan, method)
+    models = [backbone, *partner_backbones]
     result = sweep(
         method,
         family.base,
-        [backbone, *partner_backbones],
+        models,
         score,
-        grid=grid,
+        grid=coefficient_grid(plan, method),
         workdir=work / "sweep",
         keep_best=best,
         seed=plan.seed,
     )
-    acc = evaluate(family.tasks[victim], victim, family=family, backbone=best)
-    partner_acc = {p: evaluate(family.tasks[p], p, family=family, backbone=best) for p in partners}
+    val_kept = [(c, v, p) for (c, _), (v, p) in zip(result.scores, shares, strict=True)]
+    test = _test_scores(family, victim, partners, best)
     shutil.rmtree(best, ignore_errors=True)
-    return MergeRow(
+    row = MergeRow(
         variant=name,
         defense=defense,
         attack=attack,
         method=method,
         partners=partners,
+        objective=plan.objective,
         coefficient=result.best_coefficient,
         sweep=list(result.scores),
-        victim_accuracy=acc,
-        victim_kept=kept(acc, family.base_accuracy[victim], family.finetuned_accuracy[victim]),
-        partner_accuracy=partner_acc,
-        partner_kept={
-            p: kept(a, family.base_accuracy[p], family.finetuned_accuracy[p])
-            for p, a in partner_acc.items()
-        },
+        val_kept=val_kept,
+        victim_accuracy=test[victim][0],
+        victim_kept=test[victim][1],
+        partner_accuracy={p: test[p][0] for p in partners},
+        partner_kept={p: test[p][1] for p in partners},
     )
+    victim_choice = choose(val_kept, "victim")
+    if victim_choice == row.coefficient:
+        test_view = test
+    else:
+        folder = work / "victim-view"
+        merge(method, family.base, models, folder, coefficient=victim_choice, seed=plan.seed)
+        test_view = _test_scores(family, victim, partners, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    row.victim_view = {
+        "coefficient": victim_choice,
+        "victim_kept": test_view[victim][1],
+        "partner_kept": {p: test_view[p][1] for p in partners},
+    }
+    return row
+
+
+def choose(val_kept: list[tuple[float, float, dict[str, float]]], objective: str) -> float:
+    """The coefficient ``objective`` picks from a validation curve ``(c, victim kept,
+    {free-rider: kept})``: the first argmax, NaN never wins (as in
+    :func:`mergeshield.merging.sweep`)."""
+    best_c, best = math.nan, -math.inf
+    for c, v, p in val_kept:
+        value = joint_score(v, p, objective)
+        if not math.isnan(value) and value > best:
+            best_c, best = c, value
+    return best_c
+
+
+def _kept_on(family: Family, task: str, split: str, backbone: Path) -> float:
+    """Share of ``task``'s gain kept by ``backbone`` (with the task's own head) on ``split``."""
+    acc = evaluate(family.tasks[task], task, family=family, split=split, backbone=backbone)
+    return kept(acc, *_references(family, task, split))
+
+
+def _references(family: Family, task: str, split: str) -> tuple[float, float]:
+    """(base backbone + task head, fine-tuned) accuracy of ``task`` on ``split``."""
+    if split == "test":
+        return family.base_accuracy[task], family.finetuned_accuracy[task]
+    entry = family.manifest["tasks"][task]
+    return entry[f"base_{split}_accuracy"], entry[f"finetuned_{split}_accuracy"]
+
+
+def _test_scores(
+    family: Family, victim: str, partners: list[str], backbone: Path
+) -> dict[str, tuple[float, float]]:
+    """task -> (test accuracy, share of gain kept) of a merged backbone."""
+    out = {}
+    for task in (victim, *partners):
+        acc = evaluate(family.tasks[task], task, family=family, backbone=backbone)
+        out[task] = (acc, kept(acc, *_references(family, task, "test")))
+    return out
+
+
+def _protocol_row(
+    plan: AuditPlan,
+    family: Family,
+    victim: str,
+    name: str,
+    method: str,
+    coefficient: float,
+    partners: list[str],
+    models: list[Path],
+    work: Path,
+) -> ProtocolRow:
+    """The papers' fixed merge: no search, mean test accuracy over the merged tasks."""
+    folder = work / "protocol"
+    params = {"density": 0.2} if method == "ties" else None
+    merge(
+        method, family.base, models, folder, coefficient=coefficient, params=params, seed=plan.seed
+    )
+    accuracy = {t: a for t, (a, _) in _test_scores(family, victim, partners, folder).items()}
+    shutil.rmtree(folder, ignore_errors=True)
+    return ProtocolRow(
+        variant=name,
+        method=method,
+        coefficient=coefficient,
+        partners=partners,
+        accuracy=accuracy,
+        mean_accuracy=sum(accuracy.values()) / len(accuracy),
+        degradation=math.nan,
+    )
+
+
+def _relative_degradation(rows: list[ProtocolRow]) -> None:
+    """Fill ``degradation = 1 - mean_accuracy / mean_accuracy(unprotected)`` (the papers'
+    relative drop of the merged model) for every row that has an unprotected counterpart."""
+    reference = {
+        (r.method, r.coefficient, tuple(r.partners)): r.mean_accuracy
+        for r in rows
+        if r.variant == "unprotected"
+    }
+    for r in rows:
+        ref = reference.get((r.method, r.coefficient, tuple(r.partners)))
+        if ref:
+            r.degradation = 1.0 - r.mean_accuracy / ref
 
 
 def coefficient_grid(plan: AuditPlan, method: str) -> tuple[float, ...]:
@@ -326,13 +501,11 @@ def _interpolate(
 # --- report ------------------------------------------------------------------------------
 
 
-def _verdict(row: MergeRow) -> str:
+def row_verdict(row: MergeRow) -> str:
+    """The verdict on one merge row (unprotected rows get the sanity verdict)."""
     if row.defense == "none":
-        ok = min(row.victim_kept, *row.partner_kept.values()) >= UNPROTECTED_MIN
-        return "merge works" if ok else f"merge itself weak (a task keeps <{UNPROTECTED_MIN:.0%})"
-    if row.attack:
-        return f"attack recovers {row.victim_kept:.0%} of the victim's gain"
-    return "protection holds" if row.holds else "PROTECTION FAILS"
+        return unprotected_verdict(row.victim_kept, row.partner_kept)
+    return verdict(row.victim_kept, row.partner_kept)
 
 
 def summary_table(result: AuditResult) -> list[list[str]]:
@@ -342,6 +515,7 @@ def summary_table(result: AuditResult) -> list[list[str]]:
         partner = ", ".join(
             f"{p} {a:.3f} ({r.partner_kept[p]:.0%})" for p, a in r.partner_accuracy.items()
         )
+        view = r.victim_view
         rows.append(
             [
                 r.variant,
@@ -351,7 +525,12 @@ def summary_table(result: AuditResult) -> list[list[str]]:
                 " ".join(f"{c:g}:{v:.2f}" for c, v in r.sweep),
                 f"{r.victim_accuracy:.3f} ({r.victim_kept:.0%})",
                 partner,
-                _verdict(r),
+                f"{r.joint:.0%}",
+                row_verdict(r),
+                f"{view['coefficient']:g}: {view['victim_kept']:.0%} / "
+                + ", ".join(f"{k:.0%}" for k in view["partner_kept"].values())
+                if view
+                else "",
             ]
         )
     return rows
@@ -361,11 +540,13 @@ HEADER = [
     "victim model",
     "merge",
     "with",
-    "best coef",
-    "sweep (coef: victim val acc)",
+    "coef",
+    "sweep (coef: joint val score)",
     "victim acc (gain kept)",
     "free-rider acc (gain kept)",
+    "joint",
     "verdict",
+    "victim-only view (coef: victim / free-rider kept)",
 ]
 
 
@@ -378,11 +559,17 @@ def write_report(result: AuditResult, out: Path) -> None:
 def _write_report(result: AuditResult, out: Path) -> None:
     data = {
         "plan": asdict(result.plan),
+        "objective": result.plan.objective,
         "family": result.family,
         "victim": result.victim,
         "free_riders": result.free_riders,
         "standalone": result.standalone,
-        "merges": [asdict(r) | {"holds": r.holds, "verdict": _verdict(r)} for r in result.merges],
+        "merges": [
+            asdict(r)
+            | {"joint": r.joint, "weakest": r.weakest, "holds": r.holds, "verdict": row_verdict(r)}
+            for r in result.merges
+        ],
+        "protocol": [asdict(r) for r in result.protocol],
         "interpolation": result.interpolation,
         "skipped": result.skipped,
         "seconds": result.seconds,
@@ -392,21 +579,35 @@ def _write_report(result: AuditResult, out: Path) -> None:
     (out / "report.md").write_text(_markdown(result, plots))
 
 
+OBJECTIVE_TEXT = {
+    "min": "the smallest share of gain kept over the merged tasks (the weakest task decides)",
+    "mean": "the mean share of gain kept over the merged tasks (the papers' average)",
+    "victim": "the victim's share of gain kept alone (the strictest view of insertion)",
+}
+
+
 def _markdown(result: AuditResult, plots: list[str]) -> str:
-    f, v = result.family, result.victim
+    f, v, plan = result.family, result.victim, result.plan
     lines = [
         f"# mergeshield audit: victim `{v}`",
         "",
         f"Family: {f['kind']} ({f['setting']}), tasks {', '.join(f['tasks'])}. "
         f"Run time {result.seconds:.0f} s.",
         "",
-        f"Merge methods: {', '.join(result.plan.methods)}; coefficient grids: "
-        + "; ".join(f"{m} {list(coefficient_grid(result.plan, m))}" for m in result.plan.methods)
+        f"Merge methods: {', '.join(plan.methods)}; coefficient grids: "
+        + "; ".join(f"{m} {list(coefficient_grid(plan, m))}" for m in plan.methods)
         + ".",
         "",
-        "Gain kept = (merged accuracy - base accuracy) / (fine-tuned accuracy - base accuracy); "
-        f"a protection holds when at most {HOLDS:.0%} of the gain survives, for the victim and "
-        "the free-rider, at the attacker's best coefficient (chosen on held-out victim data).",
+        "Gain kept = (merged accuracy - base accuracy) / (fine-tuned accuracy - base accuracy), "
+        "per merged task. A free-rider wants one merged model that keeps every merged task, so "
+        f"the attacker picks the coefficient that maximizes **objective `{plan.objective}`**: "
+        f"{OBJECTIVE_TEXT[plan.objective]}, on held-out validation data. Verdicts: "
+        f"*protection holds* when the best merge keeps at most {HOLDS:.0%} of the weakest "
+        f"task's gain; *{INSERTED_TEXT}* when the victim keeps more but a free-rider task keeps "
+        f"at most {HOLDS:.0%} (the merged model is the release itself); *{USEFUL_TEXT}* when "
+        f"every merged task keeps more than {HOLDS:.0%}. An unprotected merge should keep at "
+        f"least {UNPROTECTED_MIN:.0%} of every task's gain. The last column is what the "
+        "victim-only objective would have chosen (test shares kept at its coefficient).",
         "",
         "## Tasks",
         "",
@@ -423,7 +624,7 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         "|---|---|",
         *[f"| {k} | {a:.4f} |" for k, a in result.standalone.items()],
         "",
-        "## Merges",
+        "## Merges at the attacker's best joint setting",
         "",
         *(
             [
@@ -438,39 +639,83 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         *["| " + " | ".join(row) + " |" for row in summary_table(result)],
         "",
     ]
-    failures = [r for r in result.merges if r.defense != "none" and not r.attack and not r.holds]
-    attacked = [r for r in result.merges if r.attack]
-    lines += ["## Findings", ""]
-    if failures:
-        lines.append(
-            "- Without any attack, these merges still keep more than "
-            f"{HOLDS:.0%} of a gain: "
-            + "; ".join(f"{r.variant}/{r.method} (victim {r.victim_kept:.0%})" for r in failures)
-        )
-    elif any(r.defense != "none" and not r.attack for r in result.merges):
-        lines.append(
-            "- Without an adaptive attack every defense held for every merge method "
-            f"({HOLDS:.0%} bound)."
-        )
-    inserted = [r for r in failures if r.coefficient == 1.0 and r.method in INSERTING_METHODS]
-    if inserted:
-        lines.append(
-            "- Why: at coefficient 1, "
-            + "/".join(sorted({r.method for r in inserted}))
-            + " computes theta_protected + (free-rider task vector): the protected model is "
-            "inserted whole, so a function-preserving defense cannot stop its task from "
-            "surviving; only the free-rider's own task degrades. Coefficients below 1 "
-            "interpolate toward the base and collapse (see the sweep column and the "
-            "interpolation plot)."
-        )
-    if attacked:
-        best = max(attacked, key=lambda r: r.victim_kept)
-        lines.append(
-            f"- Strongest adaptive result: {best.variant} merged by {best.method} keeps "
-            f"{best.victim_kept:.0%} of the victim's gain (accuracy {best.victim_accuracy:.3f})."
-        )
-    lines += ["", *[f"![{p}]({p})" for p in plots], ""]
+    if result.protocol:
+        lines += [
+            "## The papers' protocol (fixed settings, no search)",
+            "",
+            "Mean test accuracy over the merged tasks, and the relative degradation against the "
+            'unprotected merge, 1 - mean / mean(unprotected), as PaRaMS ("over 40% on '
+            'average") and MergeLock (">95%") report it. TIES: density 0.2, mergekit\'s '
+            "disjoint mean at lambda 1; linear 1: the plain average of the models.",
+            "",
+            "| victim model | merge | with | mean accuracy | degradation | per task |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {r.variant} | {r.method} {r.coefficient:g} | {'+'.join(r.partners)} | "
+                f"{r.mean_accuracy:.3f} | {r.degradation:.0%} | "
+                + ", ".join(f"{t} {a:.3f}" for t, a in r.accuracy.items())
+                + " |"
+                for r in result.protocol
+            ],
+            "",
+        ]
+    lines += ["## Findings", "", *_findings(result), "", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)
+
+
+def _findings(result: AuditResult) -> list[str]:
+    """Plain statements of what the merges show, in the free-rider's terms."""
+    lines = []
+    protected = [r for r in result.merges if r.defense != "none"]
+    weak = [r for r in result.merges if r.defense == "none" and r.weakest < UNPROTECTED_MIN]
+    if weak:
+        lines.append(
+            "- The unprotected merge itself keeps less than "
+            f"{UNPROTECTED_MIN:.0%} of some task's gain for "
+            + "; ".join(f"{r.method} with {'+'.join(r.partners)}" for r in weak)
+            + ": there the audit cannot tell a defense from a weak merge."
+        )
+    for attacked, what in ((False, "Without an attack"), (True, "After an alignment attack")):
+        rows = [r for r in protected if bool(r.attack) == attacked]
+        if not rows:
+            continue
+        useful = [r for r in rows if row_verdict(r) == USEFUL_TEXT]
+        inserted = [r for r in rows if row_verdict(r) == INSERTED_TEXT]
+        if useful:
+            lines.append(
+                f"- {what}, these merges are useful to the free-rider (every task keeps more "
+                f"than {HOLDS:.0%}): "
+                + "; ".join(
+                    f"{r.variant}/{r.method}@{r.coefficient:g} (weakest {r.weakest:.0%})"
+                    for r in useful
+                )
+            )
+        else:
+            lines.append(
+                f"- {what}, no merge the attacker found serves both tasks: every protected "
+                f"variant's best merge keeps at most {HOLDS:.0%} of the weakest task's gain."
+            )
+        if inserted:
+            lines.append(
+                f"- {what}, the best merge keeps the victim only because it is the release "
+                "inserted whole (the free-rider's own task keeps at most "
+                f"{HOLDS:.0%}): "
+                + "; ".join(
+                    f"{r.variant}/{r.method}@{r.coefficient:g} (victim {r.victim_kept:.0%})"
+                    for r in inserted
+                )
+            )
+    if protected:
+        best = max(protected, key=lambda r: (r.weakest, r.victim_kept))
+        lines.append(
+            f"- Strongest result for the free-rider: {best.variant} merged by {best.method} "
+            f"at {best.coefficient:g} keeps {best.weakest:.0%} of the weakest task's gain "
+            f"(victim {best.victim_kept:.0%})."
+        )
+    return lines
+
+
+MARKERS = {"none": "o", "": "s"}  # unprotected: circle, defense: square, attacked: triangle
 
 
 def _plots(result: AuditResult, out: Path) -> list[str]:
@@ -480,33 +725,44 @@ def _plots(result: AuditResult, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    f, v = result.family, result.victim
+    v = result.victim
     methods = list(dict.fromkeys(r.method for r in result.merges))
-    variants = list(dict.fromkeys(r.variant for r in result.merges))
     if result.merges:
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(variants) * len(methods)), 4))
-        width = 0.8 / max(1, len(methods))
-        for j, method in enumerate(methods):
-            accs = []
-            for variant in variants:
-                rows = [r for r in result.merges if r.variant == variant and r.method == method]
-                accs.append(max((r.victim_accuracy for r in rows), default=float("nan")))
-            ax.bar([i + j * width for i in range(len(variants))], accs, width, label=method)
-        ax.axhline(f["base_accuracy"][v], color="k", ls="--", lw=1, label="base backbone")
-        ax.axhline(f["finetuned_accuracy"][v], color="g", ls=":", lw=1, label="fine-tuned")
-        ax.set_xticks(
-            [i + width * (len(methods) - 1) / 2 for i in range(len(variants))],
-            variants,
-            rotation=20,
-            ha="right",
-        )
-        ax.set_ylabel(f"merged accuracy on {v}")
-        ax.set_title("victim-task accuracy after merging (attacker's best coefficient)")
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 5), squeeze=False)
+        variants = list(dict.fromkeys(r.variant for r in result.merges))
+        colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(variants)}
+        for ax, method in zip(axes[0], methods, strict=True):
+            rows = [r for r in result.merges if r.method == method]
+            xs = [r.victim_kept for r in rows]
+            ys = [min(r.partner_kept.values()) for r in rows]
+            low = min(-0.1, *xs, *ys) - 0.05
+            high = max(1.1, *xs, *ys) + 0.05
+            ax.axvspan(HOLDS, high, ymin=(HOLDS - low) / (high - low), color="tab:red", alpha=0.12)
+            ax.text(
+                high - 0.02,
+                high - 0.04,
+                "merge serves both tasks:\nuseful to the free-rider",
+                ha="right",
+                va="top",
+                fontsize=8,
+                color="tab:red",
+            )
+            for r, x, y in zip(rows, xs, ys, strict=True):
+                marker = MARKERS.get(r.defense, "s") if not r.attack else "^"
+                label = f"{r.variant} + {'+'.join(r.partners)} @{r.coefficient:g}"
+                ax.scatter(x, y, s=70, marker=marker, color=colors[r.variant], label=label)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.axvline(0, color="k", lw=0.5)
+            ax.set_xlim(low, high)
+            ax.set_ylim(low, high)
+            ax.set_xlabel(f"victim ({v}) gain kept")
+            ax.set_ylabel("free-rider gain kept (weakest free-rider task)")
+            ax.set_title(f"{method}: attacker's best merge ({result.plan.objective} objective)")
+            ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
-        fig.savefig(out / "merged_accuracy.png", dpi=110)
+        fig.savefig(out / "merge_map.png", dpi=110)
         plt.close(fig)
-        names.append("merged_accuracy.png")
+        names.append("merge_map.png")
     if result.interpolation:
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant, points in result.interpolation.items():
