@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mergeshield.evaluation.audit import HOLDS, UNPROTECTED_MIN, AuditPlan, run_audit
+from mergeshield.evaluation.audit import AuditPlan, run_audit
 from mergeshield.evaluation.zoo import build_family
 
 pytestmark = pytest.mark.slow
@@ -21,18 +21,24 @@ def audit(tmp_path_factory):
         defenses=("params", "mergelock", "mergebarrier"),
         methods=("task_arithmetic",),
         attacks=("aga",),
-        grid=(0.5, 1.0),
+        grid=(0.3, 0.5, 0.7, 1.0),
         interpolation=(0.0, 0.5, 1.0),
+        protocol=(("task_arithmetic", 0.8),),
     )
     out = tmp_path_factory.mktemp("audit")
     return run_audit(plan, out, family=family, progress=False), out, family
 
 
-def test_unprotected_merge_keeps_most_of_the_gain(audit):
+# A merge that any free-rider could use keeps a clear majority of every merged task's gain; the
+# bound is the one the issue states for a family fit to judge defenses (60%).
+USABLE = 0.60
+
+
+def test_unprotected_merge_keeps_most_of_every_task(audit):
     result, _, _ = audit
     row = next(r for r in result.merges if r.variant == "unprotected")
-    assert row.victim_kept >= UNPROTECTED_MIN
-    assert row.partner_kept["wordnet_verb"] >= UNPROTECTED_MIN
+    assert row.victim_kept >= USABLE
+    assert row.partner_kept["wordnet_verb"] >= USABLE
 
 
 def test_protected_standalone_accuracy_is_identical(audit):
@@ -41,23 +47,76 @@ def test_protected_standalone_accuracy_is_identical(audit):
         assert result.standalone[defense] == result.standalone["unprotected"]
 
 
-def test_verdicts_follow_the_measurements(audit):
-    """Whatever the outcome, the report states it as measured."""
+def test_reported_merges_are_scored_independently(audit, tmp_path):
+    """Re-merge every reported row (attacked ones included) with mergekit at its coefficient,
+    score it outside the audit, and compare with report.json."""
+    from mergeshield.evaluation.accuracy import evaluate
+    from mergeshield.merging import extract_backbone, merge
+
     result, out, family = audit
     data = json.loads((out / "report.json").read_text())
+    assert data["objective"] == "min"
     assert len(data["merges"]) == 7  # unprotected + 3 defenses + 3 attacked
+    rider = extract_backbone(family.tasks["wordnet_verb"], family.base, tmp_path / "rider")
     for row in data["merges"]:
-        holds = row["victim_kept"] <= HOLDS and all(
-            k <= HOLDS for k in row["partner_kept"].values()
+        if row["variant"] not in ("unprotected", "mergelock", "mergelock+aga"):
+            continue  # three rows cover the three kinds (the same code scores all)
+        variant = _variant_folder(row, family, tmp_path)
+        merged = merge(
+            "task_arithmetic",
+            family.base,
+            [variant, rider],
+            tmp_path / "merged",
+            coefficient=row["coefficient"],
         )
-        assert row["holds"] == holds
-        if row["defense"] != "none" and not row["attack"]:
-            assert row["verdict"] == ("protection holds" if holds else "PROTECTION FAILS")
-        base, ft = family.base_accuracy["wordnet_noun"], family.finetuned_accuracy["wordnet_noun"]
-        assert row["victim_kept"] == pytest.approx((row["victim_accuracy"] - base) / (ft - base))
+        for task, acc in (
+            ("wordnet_noun", row["victim_accuracy"]),
+            ("wordnet_verb", row["partner_accuracy"]["wordnet_verb"]),
+        ):
+            assert evaluate(family.tasks[task], task, family=family, backbone=merged) == acc
+        # the chosen coefficient maximizes the weakest validation share (first on ties)
+        scores = [min(v, *p.values()) for _, v, p in row["val_kept"]]
+        assert row["coefficient"] == row["val_kept"][scores.index(max(scores))][0]
+        weakest = min(row["victim_kept"], row["partner_kept"]["wordnet_verb"])
+        if row["defense"] == "none":
+            continue
+        expected = (
+            "MERGE USEFUL TO THE FREE-RIDER"
+            if weakest > 0.05
+            else "release inserted, free-rider's task lost"
+            if row["victim_kept"] > 0.05
+            else "protection holds"
+        )
+        assert row["verdict"] == expected
+
+
+def _variant_folder(row, family, tmp_path):
+    """The victim variant of a report row, rebuilt outside the audit (same seed)."""
+    from mergeshield.attacks import attack
+    from mergeshield.protect import protect
+
+    original = family.tasks["wordnet_noun"]
+    if row["defense"] == "none":
+        return original
+    protected = tmp_path / row["defense"]
+    if not protected.exists():
+        protect(original, protected, row["defense"], base=family.base, seed=0, progress=False)
+    if not row["attack"]:
+        return protected
+    attacked = tmp_path / row["variant"].replace("+", "-then-")
+    attack(protected, family.base, attacked, row["attack"])
+    return attacked
+
+
+def test_report_states_the_objective_and_the_protocol(audit):
+    result, out, _ = audit
     report = (out / "report.md").read_text()
-    assert "PROTECTION FAILS" in report or "protection holds" in report
-    assert (out / "merged_accuracy.png").stat().st_size > 0
+    assert "objective `min`" in report
+    protocol = {(r.variant, r.method, r.coefficient): r for r in result.protocol}
+    assert protocol[("unprotected", "task_arithmetic", 0.8)].degradation == 0.0
+    for r in result.protocol:
+        assert r.mean_accuracy == pytest.approx(sum(r.accuracy.values()) / 2)
+    assert (out / "merge_map.png").stat().st_size > 0
     assert (out / "interpolation.png").stat().st_size > 0
 
 

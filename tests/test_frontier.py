@@ -35,5 +35,14 @@ def test_frontier_command_measures_each_candidate_and_attack(tmp_path, capsys):
         # formula predicted
         assert math.isfinite(best["test_victim_mergekit"])
         assert abs(best["test_victim_mergekit"] - best["test_victim"]) < 0.02
+        assert abs(best["test_partner_mergekit"] - best["test_partner"]) < 0.02
+        # the best attack is the one with the best joint (weakest-task) validation score
+        assert best["val_joint"] == max(r["val_joint"] for r in res["rows"])
+    rider = data["plan"]["free_riders"][0]
+    for summary in data["summary"]:
+        cell = summary["task_arithmetic"]
+        gap = family.finetuned_accuracy[rider] - family.base_accuracy[rider]
+        rider_kept = (cell["partner"] - family.base_accuracy[rider]) / gap
+        assert abs(cell["weakest"] - min(cell["kept"], rider_kept)) < 1e-9
     assert "aga+prune" in (out / "frontier.md").read_text()
     assert (out / "frontier.png").stat().st_size > 0

@@ -586,6 +586,12 @@ def _add_frontier(sub) -> None:
         "or +noise (=fraction): the aligned update is then pruned or noised",
     )
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune attack")
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default="min",
+        help="the attacker's score of a merge (as in audit)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_frontier)
@@ -629,6 +635,7 @@ def _run_frontier(args) -> int:
         grids={m: defaults.grids[m] for m in args.methods},
         attacks=tuple(args.attacks),
         finetune=None if args.no_finetune else defaults.finetune,
+        objective=args.objective,
         seed=args.seed,
     )
     candidates = [
@@ -638,8 +645,12 @@ def _run_frontier(args) -> int:
     results = run_frontier(plan, candidates, args.out, family=family)
     for r in results:
         s = r.summary()
-        kept = ", ".join(f"{m} {s[m]['kept']:.0%} ({s[m]['attack']})" for m in plan.methods)
-        print(f"{r.name}: standalone {r.standalone:.3f}; kept after best attack: {kept}")
+        kept = ", ".join(
+            f"{m} victim {s[m]['kept']:.0%} / free-rider {s[m]['partner_kept']:.0%} "
+            f"({s[m]['attack']})"
+            for m in plan.methods
+        )
+        print(f"{r.name}: standalone {r.standalone:.3f}; best joint attack keeps: {kept}")
     print(f"report: {args.out / 'frontier.md'}")
     return 0
 

@@ -27,11 +27,15 @@ Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per
   the task vector (task arithmetic: lambda; averaging: 1/n), so the release works only at s = 1.
 * ``merge`` (merge-aware; ours): ``Delta = s tau + c tau_p`` with ``tau_p`` the task vector of a
   *proxy* fine-tune of the same base (the owner's own other fine-tunes, or public ones; in the
-  study never the evaluated free-riders), ``s = 1`` with probability 1/2 (the coefficient-1
-  insertion attack ``theta_0 + tau + c tau_p``) else ``s ~ U(0.3, 1.5)``, ``c ~ U(c_min, c_max)``;
-  with probability 1/2 both task vectors are first cut to their top ``ties_density`` magnitudes
-  per tensor (what TIES keeps).  Without proxies, ``tau_p`` is a random Gaussian direction with
-  the per-tensor norm of ``tau``.
+  study never the evaluated free-riders).  Only merges that would serve *both* tasks are
+  simulated, since those are what a free-rider wants (:mod:`mergeshield.objective`): with
+  probability 1/2 the coefficient-1 insertion ``theta_0 + tau + c tau_p`` with
+  ``c ~ U(c_min, c_max)`` (default ``U(0.5, 1)``: below about 0.5 the proxy's task is mostly
+  lost and the merge is the release itself, which must keep working), else a symmetric merge
+  ``s = c ~ U(c_min, c_max)`` (task arithmetic / TIES at the coefficients where both task
+  vectors count); with probability 1/2 both task vectors are first cut to their top
+  ``ties_density`` magnitudes per tensor (what TIES keeps).  Without proxies, ``tau_p`` is a
+  random Gaussian direction with the per-tensor norm of ``tau``.
 * ``arf`` (anchor-repulsive; AGA paper's proposed fix, our differentiable version):
   ``Delta = s (rec(theta_1) - theta_0)``, ``s`` from {1} U the TRAP2 set, where ``rec`` is the AGA
   recovery simulated in closed form.  For one head, with ``X = [W_h | b_h]`` the ``d_h x (d+1)``
@@ -420,11 +424,9 @@ def harden(
             record["trap2"] = float(d.detach())
 
         if "merge" in parts:
-            if float(torch.rand((), generator=gen)) < 0.5:
-                s = 1.0
-            else:
-                s = 0.3 + 1.2 * float(torch.rand((), generator=gen))
+            insertion = float(torch.rand((), generator=gen)) < 0.5
             c = cfg.c_min + (cfg.c_max - cfg.c_min) * float(torch.rand((), generator=gen))
+            s = 1.0 if insertion else c  # both tasks kept: insertion or a symmetric merge
             trim = float(torch.rand((), generator=gen)) < 0.5
             if proxies:
                 j = int(torch.randint(0, len(proxies), (), generator=gen))

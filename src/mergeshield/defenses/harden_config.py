@@ -22,7 +22,7 @@ class HardenConfig:
     delta: float = 0.05
     weighting: str = "inv"  # w(s): "inv" (1/s), "inv_sqrt", "none"
     proxies: tuple[str, ...] = ()  # folders of proxy fine-tunes of the same base
-    c_min: float = 0.25
+    c_min: float = 0.5  # merge-aware: the proxy's smallest coefficient (its task kept)
     c_max: float = 1.0
     ties_density: float = 0.2
     arf_heads: bool = True

@@ -715,7 +715,6 @@ def _findings(result: AuditResult) -> list[str]:
     return lines
 
 
-MARKERS = {"none": "o", "": "s"}  # unprotected: circle, defense: square, attacked: triangle
 
 
 def _plots(result: AuditResult, out: Path) -> list[str]:
@@ -728,7 +727,7 @@ def _plots(result: AuditResult, out: Path) -> list[str]:
     v = result.victim
     methods = list(dict.fromkeys(r.method for r in result.merges))
     if result.merges:
-        fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 5), squeeze=False)
+        fig, axes = plt.subplots(1, len(methods), figsize=(8 * len(methods), 5), squeeze=False)
         variants = list(dict.fromkeys(r.variant for r in result.merges))
         colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(variants)}
         for ax, method in zip(axes[0], methods, strict=True):
@@ -737,28 +736,45 @@ def _plots(result: AuditResult, out: Path) -> list[str]:
             ys = [min(r.partner_kept.values()) for r in rows]
             low = min(-0.1, *xs, *ys) - 0.05
             high = max(1.1, *xs, *ys) + 0.05
-            ax.axvspan(HOLDS, high, ymin=(HOLDS - low) / (high - low), color="tab:red", alpha=0.12)
+            ax.fill_between([HOLDS, high], HOLDS, high, color="tab:red", alpha=0.12, lw=0)
+            ax.fill_between([low, high], low, HOLDS, color="tab:green", alpha=0.12, lw=0)
+            ax.fill_between([low, HOLDS], HOLDS, high, color="tab:green", alpha=0.12, lw=0)
             ax.text(
                 high - 0.02,
-                high - 0.04,
+                high - 0.03,
                 "merge serves both tasks:\nuseful to the free-rider",
                 ha="right",
                 va="top",
                 fontsize=8,
                 color="tab:red",
             )
+            ax.text(
+                high - 0.02,
+                low + 0.02,
+                f"a task keeps <= {HOLDS:.0%}: protection holds",
+                ha="right",
+                va="bottom",
+                fontsize=8,
+                color="tab:green",
+            )
             for r, x, y in zip(rows, xs, ys, strict=True):
-                marker = MARKERS.get(r.defense, "s") if not r.attack else "^"
-                label = f"{r.variant} + {'+'.join(r.partners)} @{r.coefficient:g}"
-                ax.scatter(x, y, s=70, marker=marker, color=colors[r.variant], label=label)
-            ax.axhline(0, color="k", lw=0.5)
-            ax.axvline(0, color="k", lw=0.5)
+                attacked = bool(r.attack)
+                ax.scatter(
+                    x,
+                    y,
+                    s=160 if attacked else 60,
+                    marker="^" if attacked else ("o" if r.defense == "none" else "s"),
+                    facecolors="none" if attacked else colors[r.variant],
+                    edgecolors=colors[r.variant],
+                    linewidths=1.8,
+                    label=f"{r.variant} + {'+'.join(r.partners)} @{r.coefficient:g}",
+                )
             ax.set_xlim(low, high)
             ax.set_ylim(low, high)
             ax.set_xlabel(f"victim ({v}) gain kept")
             ax.set_ylabel("free-rider gain kept (weakest free-rider task)")
             ax.set_title(f"{method}: attacker's best merge ({result.plan.objective} objective)")
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         fig.savefig(out / "merge_map.png", dpi=110)
         plt.close(fig)

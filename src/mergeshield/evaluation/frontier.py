@@ -11,13 +11,12 @@ model from :mod:`mergeshield.defenses.harden`, or hardened then symmetry-protect
    ``merge(theta_0; variant, free-rider; c)`` over the method's grid, plus the
    **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider`` over
    ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
-4. the attacker's choice on the *validation* split: for the ordinary sweep the coefficient
-   with the best victim accuracy (the audit's rule); for insertion the best victim accuracy
-   among the ``lam`` whose merge keeps at least ``partner_floor`` of the free-rider's gain
-   (otherwise ``lam -> 0`` returns the victim alone, which is no merge); if no ``lam``
-   qualifies, the one keeping most of the free-rider's gain;
-5. **best attack** per method = the variant/search with the highest validation victim
-   accuracy; its *test* accuracy is reported, re-merged by real mergekit when
+4. the attacker's choice on the *validation* split, for the sweep and for insertion alike:
+   the coefficient with the best joint score over the merged tasks under ``plan.objective``
+   (:mod:`mergeshield.objective`; by default the weakest task's share of gain kept, so a
+   ``lam -> 0`` insertion, which is the release alone, scores as what it is);
+5. **best attack** per method = the variant/search with the best validation joint score;
+   its *test* accuracies are reported, re-merged by real mergekit when
    ``verify_mergekit`` (the sweeps themselves run the same formulas in memory, see
    :func:`merge_in_memory`, because mergekit takes 8 to 26 s per MiniLM merge on 2 cores);
 6. optionally the **short fine-tune** attack from the best task-arithmetic merge
@@ -25,9 +24,9 @@ model from :mod:`mergeshield.defenses.harden`, or hardened then symmetry-protect
    ``theta_0 + lam tau_free-rider`` (a merge without the victim).
 
 The victim is scored with the *release's* head (what a free-rider has), free-riders with their
-own heads; ``kept = (acc - acc_base) / (acc_ft - acc_base)`` as in the audit.  Target of
-issue 4: standalone within 0.5 points of the fine-tune and ``kept <= 0.10`` after the best attack
-for every method.
+own heads; ``kept = (acc - acc_base) / (acc_ft - acc_base)`` as in the audit.  Target (issues
+4 and 19): standalone within 0.5 points of the fine-tune and, after the best attack, at most
+10% of the *weakest* merged task's gain kept, for every method.
 
 Entry points: :func:`evaluate_release` (one release; what the audit can call) and
 :func:`run_frontier` (all candidates, JSON + PNG).
@@ -53,6 +52,7 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import accuracy, load_classifier
 from mergeshield.evaluation.zoo import Family
 from mergeshield.merging import extract_backbone, merge
+from mergeshield.objective import check_objective, joint_score, kept, weakest
 
 Tensors = dict[str, torch.Tensor]
 TARGET_KEPT = 0.10
@@ -84,7 +84,7 @@ class FrontierPlan:
     )
     insertion_grid: tuple[float, ...] = (0.3, 0.5, 1.0)
     attacks: tuple[str, ...] = ("none", "aga", "rebasin", "procrustes")
-    partner_floor: float = 0.5
+    objective: str = "min"
     verify_mergekit: bool = True
     finetune: tuple[int, int] | None = (64, 24)  # (examples, steps) or None
     seed: int = 0
@@ -99,9 +99,11 @@ class MergeResult:
     coefficient: float
     val_victim: float
     val_partner: float
+    val_joint: float = float("nan")
     test_victim: float = float("nan")
     test_partner: float = float("nan")
     test_victim_mergekit: float = float("nan")
+    test_partner_mergekit: float = float("nan")
     curve: list[tuple[float, float, float]] = field(default_factory=list)
 
 
@@ -116,30 +118,41 @@ class ReleaseResult:
     finetune: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
+    partner_refs: dict[str, tuple[float, float]] = field(default_factory=dict)  # test
+
     def kept(self, acc: float) -> float:
-        gap = self.finetuned - self.base
-        return (acc - self.base) / gap if gap > 0 else float("nan")
+        return kept(acc, self.base, self.finetuned)
 
     def summary(self) -> dict[str, Any]:
+        """Per method: test accuracies and shares kept of the best attack (mergekit's figures
+        where re-merged), the weakest share, the attack; and whether the target is met."""
         out: dict[str, Any] = {
             "name": self.name,
             "standalone": self.standalone,
             "cost": self.finetuned - self.standalone,
         }
         for m, r in self.best.items():
-            acc = (
-                r.test_victim_mergekit if not math.isnan(r.test_victim_mergekit) else r.test_victim
-            )
+            acc = _prefer(r.test_victim_mergekit, r.test_victim)
+            partner = _prefer(r.test_partner_mergekit, r.test_partner)
+            victim_kept = self.kept(acc)
+            partner_kept = kept(partner, *self.partner_refs[r.partner])
             out[m] = {
                 "victim": acc,
-                "kept": self.kept(acc),
-                "partner": r.test_partner,
+                "kept": victim_kept,
+                "partner": partner,
+                "partner_kept": partner_kept,
+                "weakest": weakest(victim_kept, {r.partner: partner_kept}),
                 "attack": f"{r.variant}/{r.search}@{r.coefficient:g}",
             }
         out["meets_target"] = (self.finetuned - self.standalone) <= TARGET_COST and all(
-            out[m]["kept"] <= TARGET_KEPT for m in self.best
+            out[m]["weakest"] <= TARGET_KEPT for m in self.best
         )
         return out
+
+
+def _prefer(mergekit_value: float, in_memory: float) -> float:
+    """mergekit's figure where the merge was re-run by mergekit, else the in-memory one."""
+    return in_memory if math.isnan(mergekit_value) else mergekit_value
 
 
 # ----------------------------------------------------------------------------- merging
@@ -233,6 +246,7 @@ def evaluate_release(
     from mergeshield.attacks import attack as run_attack
 
     plan = plan or FrontierPlan(victim=victim)
+    check_objective(plan.objective)
     start = time.perf_counter()
     own_work = work is None
     work = Path(work or tempfile.mkdtemp(prefix="mergeshield-frontier-"))
@@ -245,6 +259,9 @@ def evaluate_release(
             standalone=accuracy(victim_scorer.model, victim_scorer.data["test"]),
             base=family.base_accuracy[victim],
             finetuned=family.finetuned_accuracy[victim],
+            partner_refs={
+                p: (family.base_accuracy[p], family.finetuned_accuracy[p]) for p in plan.free_riders
+            },
         )
         partner_scorers = {p: Scorer(family, p, family.tasks[p]) for p in plan.free_riders}
         partner_folders = {
@@ -291,12 +308,12 @@ def evaluate_release(
                             print(
                                 f"  {name} {variant:10s} {method:15s} {search:9s} "
                                 f"c={row.coefficient:<5g} val victim {row.val_victim:.3f} "
-                                f"partner {row.val_partner:.3f}",
+                                f"partner {row.val_partner:.3f} joint {row.val_joint:.2f}",
                                 flush=True,
                             )
         for method in plan.methods:
             rows = [r for r in result.rows if r.method == method]
-            best = max(rows, key=lambda r: r.val_victim)
+            best = max(rows, key=lambda r: -math.inf if math.isnan(r.val_joint) else r.val_joint)
             deltas_best = _delta(backbone_tensors(variant_folders[best.variant]), base)
             pd = partner_deltas[best.partner]
             if method == "ties":
@@ -326,7 +343,11 @@ def evaluate_release(
                         coefficient=best.coefficient,
                         seed=plan.seed,
                     )
-                best.test_victim_mergekit = victim_scorer(backbone_tensors(folder), "test")
+                merged_by_mergekit = backbone_tensors(folder)
+                best.test_victim_mergekit = victim_scorer(merged_by_mergekit, "test")
+                best.test_partner_mergekit = partner_scorers[best.partner](
+                    merged_by_mergekit, "test"
+                )
                 shutil.rmtree(folder, ignore_errors=True)
             result.best[method] = best
             if progress:
@@ -377,21 +398,28 @@ def _search(
     victim_scorer: Scorer,
     partner_scorer: Scorer,
 ) -> MergeResult:
+    """Try every coefficient of the search; keep the one with the best joint validation score
+    under ``plan.objective`` (first on ties, NaN never wins)."""
     grid = plan.grids[method] if search == "sweep" else plan.insertion_grid
-    curve = []
+    refs = {
+        t: (
+            family.manifest["tasks"][t]["base_val_accuracy"],
+            family.manifest["tasks"][t]["finetuned_val_accuracy"],
+        )
+        for t in (plan.victim, partner)
+    }
+    curve, best = [], None
     for c in grid:
         merged = _merged(method, search, base, deltas, c)
-        curve.append((c, victim_scorer(merged, "val"), partner_scorer(merged, "val")))
-    if search == "sweep":
-        c, v, p = max(curve, key=lambda t: t[1])
-    else:
-        pb, pf = (
-            family.manifest["tasks"][partner]["base_val_accuracy"],
-            family.manifest["tasks"][partner]["finetuned_val_accuracy"],
+        v, p = victim_scorer(merged, "val"), partner_scorer(merged, "val")
+        curve.append((c, v, p))
+        score = joint_score(
+            kept(v, *refs[plan.victim]), {partner: kept(p, *refs[partner])}, plan.objective
         )
-        ok = [t for t in curve if (t[2] - pb) >= plan.partner_floor * (pf - pb)]
-        c, v, p = max(ok, key=lambda t: t[1]) if ok else max(curve, key=lambda t: t[2])
-    return MergeResult(method, partner, variant, search, c, v, p, curve=curve)
+        if not math.isnan(score) and (best is None or score > best[3]):
+            best = (c, v, p, score)
+    c, v, p, score = best if best is not None else (grid[0], *curve[0][1:], float("nan"))
+    return MergeResult(method, partner, variant, search, c, v, p, score, curve=curve)
 
 
 def _finetune_attack(
@@ -601,15 +629,18 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         f"Attacker per method: the best (on validation data) of {{{', '.join(plan.attacks)}}} x "
         "{coefficient sweep, coefficient-1 insertion}; test accuracy of that choice"
         + (" re-merged by mergekit." if plan.verify_mergekit else " (in-memory merge)."),
-        f"Target: cost <= {100 * TARGET_COST:.1f} points and kept <= {TARGET_KEPT:.0%} for "
-        "every method.",
+        f"The attacker's objective: `{plan.objective}` (a free-rider wants one merged model "
+        "that keeps every merged task). "
+        f"Target: cost <= {100 * TARGET_COST:.1f} points and at most {TARGET_KEPT:.0%} of the "
+        "weakest merged task's gain kept, for every method.",
         "",
         "Each cell: victim accuracy (share of its gain kept); the free-rider's accuracy in the "
-        "same merge (share of *its* gain kept: near or below 0% the merge carries no "
-        "free-rider, and the attacker has only the release itself); the attack.",
+        "same merge (share of *its* gain kept); the weakest share; the attack.",
         "",
         "| candidate | standalone (cost) | "
-        + " | ".join(f"{m}: victim (kept); free-rider (kept); attack" for m in plan.methods)
+        + " | ".join(
+            f"{m}: victim (kept); free-rider (kept); weakest; attack" for m in plan.methods
+        )
         + " | meets target |",
         "|---|---|" + "---|" * len(plan.methods) + "---|",
     ]
@@ -621,12 +652,9 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
             if c is None or best is None:
                 cells.append("-")
                 continue
-            p = best.partner
-            gap = family.finetuned_accuracy[p] - family.base_accuracy[p]
-            p_kept = (c["partner"] - family.base_accuracy[p]) / gap if gap > 0 else float("nan")
             cells.append(
-                f"{c['victim']:.3f} ({c['kept']:.0%}); {p} {c['partner']:.3f} ({p_kept:.0%}); "
-                f"{c['attack']}"
+                f"{c['victim']:.3f} ({c['kept']:.0%}); {best.partner} {c['partner']:.3f} "
+                f"({c['partner_kept']:.0%}); {c['weakest']:.0%}; {c['attack']}"
             )
         cells.append("yes" if s["meets_target"] else "**no**")
         lines.append("| " + " | ".join(cells) + " |")
@@ -648,8 +676,8 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
 def plot_frontier(
     results: Sequence[ReleaseResult], plan: FrontierPlan, family: Family, path: Path
 ) -> None:
-    """x: standalone accuracy cost (points); y: share of the gain kept after the best attack;
-    one marker per candidate and method, the target box shaded."""
+    """x: standalone accuracy cost (points); y: the weakest merged task's share of gain kept
+    after the best attack; one marker per candidate and method, the target box shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -659,19 +687,16 @@ def plot_frontier(
     markers = {"task_arithmetic": "o", "ties": "s"}
     for r in results:
         cost = 100 * (r.finetuned - r.standalone)
-        for m, best in r.best.items():
-            acc = (
-                best.test_victim_mergekit
-                if not math.isnan(best.test_victim_mergekit)
-                else best.test_victim
-            )
-            ax.scatter(cost, r.kept(acc), marker=markers.get(m, "^"))
-            ax.annotate(f"{r.name} ({m[:4]})", (cost, r.kept(acc)), fontsize=7)
+        summary = r.summary()
+        for m in r.best:
+            y = summary[m]["weakest"]
+            ax.scatter(cost, y, marker=markers.get(m, "^"))
+            ax.annotate(f"{r.name} ({m[:4]})", (cost, y), fontsize=7)
     ax.axvspan(-100, 100 * TARGET_COST, ymax=1, alpha=0.05, color="g")
-    ax.axhline(TARGET_KEPT, color="g", ls="--", lw=1, label=f"target kept <= {TARGET_KEPT:.0%}")
+    ax.axhline(TARGET_KEPT, color="g", ls="--", lw=1, label=f"target weakest <= {TARGET_KEPT:.0%}")
     ax.axvline(100 * TARGET_COST, color="g", ls=":", lw=1, label="target cost <= 0.5 pt")
     ax.set_xlabel("standalone accuracy cost (points below the fine-tune)")
-    ax.set_ylabel(f"gain kept by the best attack ({plan.victim})")
+    ax.set_ylabel("weakest merged task's gain kept, best attack")
     ax.set_title("protection frontier (lower left is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
