@@ -715,8 +715,6 @@ def _findings(result: AuditResult) -> list[str]:
     return lines
 
 
-
-
 def _plots(result: AuditResult, out: Path) -> list[str]:
     import matplotlib
 
