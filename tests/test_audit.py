@@ -9,8 +9,6 @@ import pytest
 from mergeshield.evaluation.audit import AuditPlan, run_audit
 from mergeshield.evaluation.zoo import build_family
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory):
@@ -21,7 +19,7 @@ def audit(tmp_path_factory):
         defenses=("params", "mergelock", "mergebarrier"),
         methods=("task_arithmetic",),
         attacks=("aga",),
-        grid=(0.3, 0.5, 0.7, 1.0),
+        grid=(0.5, 1.0),
         interpolation=(0.0, 0.5, 1.0),
         protocol=(("task_arithmetic", 0.8),),
     )
@@ -34,6 +32,7 @@ def audit(tmp_path_factory):
 USABLE = 0.60
 
 
+@pytest.mark.slow
 def test_unprotected_merge_keeps_most_of_every_task(audit):
     result, _, _ = audit
     row = next(r for r in result.merges if r.variant == "unprotected")
@@ -41,12 +40,14 @@ def test_unprotected_merge_keeps_most_of_every_task(audit):
     assert row.partner_kept["wordnet_verb"] >= USABLE
 
 
+@pytest.mark.slow
 def test_protected_standalone_accuracy_is_identical(audit):
     result, _, _ = audit
     for defense in ("params", "mergelock", "mergebarrier"):
         assert result.standalone[defense] == result.standalone["unprotected"]
 
 
+@pytest.mark.slow
 def test_reported_merges_are_scored_independently(audit, tmp_path):
     """Re-merge every reported row (attacked ones included) with mergekit at its coefficient,
     score it outside the audit, and compare with report.json."""
@@ -108,6 +109,7 @@ def _variant_folder(row, family, tmp_path):
     return attacked
 
 
+@pytest.mark.slow
 def test_report_states_the_objective_and_the_protocol(audit):
     result, out, _ = audit
     report = (out / "report.md").read_text()
@@ -120,6 +122,7 @@ def test_report_states_the_objective_and_the_protocol(audit):
     assert (out / "interpolation.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_interpolation_path_is_measured(audit):
     """The midpoint is measured; the unprotected model's path stays far above the base (it is
     linearly connected to it), which is what the defenses set out to break."""
@@ -147,6 +150,7 @@ def test_grid_stride_thins_each_method_grid_keeping_the_largest(stride):
     assert coefficient_grid(AuditPlan(grid=(0.3,), grid_stride=stride), "ties") == (0.3,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

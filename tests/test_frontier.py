@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from mergeshield.cli import main
 from mergeshield.evaluation.zoo import build_family
+
+pytestmark = pytest.mark.slow  # fine-tunes and merges the real MiniLM
 
 
 def test_frontier_command_measures_each_candidate_and_attack(tmp_path, capsys):

