@@ -147,7 +147,7 @@ def test_sample_scale_avoids_the_band_around_one() -> None:
 
 def test_parse_method_and_data_formats(tmp_path: Path) -> None:
     assert parse_method("trap2+merge") == ["trap2", "merge"]
-    with pytest.raises(MergeShieldError):
+    with pytest.raises(MergeShieldError, match="unknown harden method 'trap3'"):
         parse_method("trap3")
     csv_file = tmp_path / "d.csv"
     csv_file.write_text("text,label\nhello world,good\nbye,1\n")
@@ -157,7 +157,10 @@ def test_parse_method_and_data_formats(tmp_path: Path) -> None:
         ["hello world", "bye"],
         ["good", "1"],
     )
-    with pytest.raises(MergeShieldError):
+    with pytest.raises(MergeShieldError, match="d.txt not found"):
+        read_examples(tmp_path / "d.txt")
+    (tmp_path / "d.txt").write_text("hello world\n")
+    with pytest.raises(MergeShieldError, match="must be .jsonl, .csv"):
         read_examples(tmp_path / "d.txt")
 
 
@@ -206,7 +209,7 @@ def test_insertion_config_weights() -> None:
     assert cfg["merge_method"] == "ties"
     assert [m["parameters"]["weight"] for m in cfg["models"]] == [1.0, 0.4, 0.4]
     assert cfg["parameters"]["lambda"] == 1.0 and cfg["parameters"]["density"] == 0.2
-    with pytest.raises(MergeShieldError):
+    with pytest.raises(MergeShieldError, match="at least one other model"):
         insertion_config(Path("/b"), Path("/v"), [], 0.4)
 
 
@@ -479,8 +482,11 @@ def test_frontier_candidates_parse() -> None:
     assert (c.harden, c.defense) == (None, "mergelock")
     c = parse_candidate("trap2+merge/params")
     assert (c.harden, c.defense) == ("trap2+merge", "params")
-    for bad in ("trap3", "trap2/nodefense"):
-        with pytest.raises(MergeShieldError):
+    for bad, message in (
+        ("trap3", "unknown harden method 'trap3'"),
+        ("trap2/nodefense", "unknown defense 'nodefense'"),
+    ):
+        with pytest.raises(MergeShieldError, match=message):
             parse_candidate(bad)
 
 
@@ -494,8 +500,14 @@ def test_frontier_attacks_parse() -> None:
         "procrustes",
         {"prune": 0.5, "noise": 0.05},
     )
-    for bad in ("agaa", "none+prune", "aga+shrink", "aga+prune=x", "aga+noise=1.5"):
-        with pytest.raises(MergeShieldError):
+    for bad, message in (
+        ("agaa", "unknown attack 'agaa'"),
+        ("none+prune", "after an alignment attack, add"),
+        ("aga+shrink", "after an alignment attack, add"),
+        ("aga+prune=x", "'x' is not a number"),
+        ("aga+noise=1.5", r"noise must lie in \[0, 1\)"),
+    ):
+        with pytest.raises(MergeShieldError, match=message):
             parse_attack(bad)
 
 
@@ -553,9 +565,17 @@ def test_finetune_recovery_on_an_image_classifier_with_stored_names(tmp_path: Pa
     stored = load_folder_tensors(tmp_path / "base")
     backbone = {names.get(k, k): v for k, v in stored.items()}
     train = {"pixel_values": torch.randn(8, 1, 8, 8), "labels": torch.randint(0, 2, (8,))}
+
+    def training_loss(m: torch.nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return float(m(**train).loss)
+
     curve = finetune_recovery(
-        model, backbone, train, n_examples=8, steps=2, evaluate=lambda m: 0.5, batch_size=4
+        model, backbone, train, n_examples=8, steps=20, evaluate=training_loss, lr=1e-3
     )
-    assert [s for s, _ in curve] == [0, 1, 2]
+    assert [s for s, _ in curve] == [0, 10, 20]
+    # the fine-tune really trains: the loss falls at each checkpoint, by a quarter in all
+    assert curve[2][1] < curve[1][1] < curve[0][1] and curve[2][1] < 0.75 * curve[0][1]
     module = model.base_model.state_dict()
     assert len(backbone) == len(stored) and set(backbone) <= set(module)

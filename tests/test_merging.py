@@ -160,7 +160,7 @@ def test_backbone_prefix_is_found_from_names_alone() -> None:
     assert backbone_prefix(task, base) == "bert."
     assert backbone_prefix(base, base) == ""
     assert backbone_prefix(["model.layers.0.w", "score.weight"], ["layers.0.w"]) == "model."
-    with pytest.raises(MergeShieldError):
+    with pytest.raises(MergeShieldError, match="no tensor of the task model matches"):
         backbone_prefix(["classifier.weight"], base)
 
 
@@ -203,7 +203,7 @@ def test_extract_backbone_of_a_base_layout_model_is_a_copy(bert, tmp_path) -> No
 
 
 def test_extract_backbone_rejects_an_unrelated_model(bert, vit, tmp_path) -> None:
-    with pytest.raises(MergeShieldError):
+    with pytest.raises(MergeShieldError, match="is it a fine-tune of that base"):
         extract_backbone(vit["tasks"][0], bert["base"], tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
 
@@ -528,16 +528,16 @@ def test_sweep_cleans_up_when_the_score_fails(bert, tmp_path) -> None:
 def test_bad_inputs_are_refused_before_mergekit_runs(bert, tmp_path) -> None:
     base, backbones = bert["base"], bert["backbones"]
     bad = [
-        ("nope", [backbones[0]], 0.5, None),
-        ("model_stock", [backbones[0]], 1.0, None),
-        ("model_stock", backbones, 0.5, None),
-        ("slerp", backbones, 0.5, None),
-        ("ties", [backbones[0], backbones[0]], 0.5, None),
-        ("ties", [backbones[0]], 0.5, {"densty": 0.5}),
-        ("task_arithmetic", [bert["root"]], 0.5, None),
+        ("nope", [backbones[0]], 0.5, None, "unknown merge method 'nope'"),
+        ("model_stock", [backbones[0]], 1.0, None, "needs at least 2 models"),
+        ("model_stock", backbones, 0.5, None, "has no coefficient"),
+        ("slerp", backbones, 0.5, None, "takes at most 2 models"),
+        ("ties", [backbones[0], backbones[0]], 0.5, None, "must be distinct folders"),
+        ("ties", [backbones[0]], 0.5, {"densty": 0.5}, r"not \['densty'\]"),
+        ("task_arithmetic", [bert["root"]], 0.5, None, "is not a checkpoint folder"),
     ]
-    for method, models, coefficient, params in bad:
-        with pytest.raises(MergeShieldError):
+    for method, models, coefficient, params, message in bad:
+        with pytest.raises(MergeShieldError, match=message):
             merge(method, base, models, tmp_path / "m", coefficient=coefficient, params=params)
     assert not (tmp_path / "m").exists()
 
@@ -620,7 +620,10 @@ def test_workarounds_are_restored_and_idempotent() -> None:
         auto.get_transformers_info,
         sparsify.della_magprune,
     ) == originals
-    with pytest.raises(MergeShieldError), mergekit_workarounds(disable=("no_such_fix",)):
+    with (
+        pytest.raises(MergeShieldError, match="unknown workarounds"),
+        mergekit_workarounds(disable=("no_such_fix",)),
+    ):
         pass
 
 
