@@ -62,12 +62,16 @@ def test_reported_merges_are_scored_independently(audit, tmp_path):
     for row in data["merges"]:
         if row["variant"] not in ("unprotected", "mergelock", "mergelock+aga"):
             continue  # three rows cover the three kinds (the same code scores all)
-        variant = _variant_folder(row, family, tmp_path)
+        variant = extract_backbone(
+            _variant_folder(row, family, tmp_path),
+            family.base,
+            tmp_path / "bb" / row["variant"].replace("+", "-then-"),
+        )
         merged = merge(
             "task_arithmetic",
             family.base,
             [variant, rider],
-            tmp_path / "merged",
+            tmp_path / "merged" / row["variant"].replace("+", "-then-"),
             coefficient=row["coefficient"],
         )
         for task, acc in (
@@ -89,6 +93,27 @@ def test_reported_merges_are_scored_independently(audit, tmp_path):
             else "protection holds"
         )
         assert row["verdict"] == expected
+
+
+@pytest.mark.slow
+def test_headline_claims_of_the_readme(audit):
+    """README's summary, on the small family: PaRaMS and MergeLock collapse every merge below
+    coefficient 1 (the weakest task keeps at most 5%), yet at coefficient 1 the release is
+    inserted whole (the victim keeps a usable share); AGA undoes every defense (the best merge
+    is usable again); and the papers' fixed protocol shows more than PaRaMS' "over 40%"
+    degradation for both."""
+    result, _, _ = audit
+    rows = {r.variant: r for r in result.merges}
+    for defense in ("params", "mergelock"):
+        curve = {c: (v, p["wordnet_verb"]) for c, v, p in rows[defense].val_kept}
+        assert all(min(shares) <= 0.05 for c, shares in curve.items() if c < 1.0)
+        assert curve[1.0][0] >= USABLE
+        assert rows[f"{defense}+aga"].weakest >= USABLE
+        protocol = next(
+            r for r in result.protocol if r.variant == defense and r.method == "task_arithmetic"
+        )
+        assert protocol.degradation > 0.40
+    assert rows["mergebarrier+aga"].weakest >= USABLE
 
 
 def _variant_folder(row, family, tmp_path):
