@@ -446,6 +446,12 @@ def _run_attack(args) -> int:
 
 def _audit_arguments(p, defaults) -> None:
     p.add_argument("--out", "-o", type=Path, default=defaults["out"], help="report folder")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="an audit file (YAML: your base, release, free-riders and data; see the README); "
+        "it replaces the plan options below",
+    )
     p.add_argument("--kind", choices=["text", "image"], default="text", help="task family")
     p.add_argument(
         "--setting",
@@ -536,18 +542,11 @@ def _add_demo(sub) -> None:
         help="the whole story on the real MiniLM-L6 model, in one command",
         description="Fine-tune MiniLM-L6 on real text tasks (cached after the first run), protect "
         "the victim with PaRaMS, MergeLock and MergeBarrier, merge it with a free-rider's model "
-        "through mergekit, attack it with anchor alignment (AGA), and print the verdicts.",
+        "through mergekit, attack it with anchor alignment (AGA), and print the verdicts. The "
+        "audit it runs is the shipped file mergeshield/evaluation/families/demo.yml.",
     )
-    _audit_arguments(
-        p,
-        {
-            "out": Path("reports/demo"),
-            "defenses": ["params", "mergelock", "mergebarrier"],
-            "methods": ["task_arithmetic"],
-            "attacks": ["aga"],
-            "grid": [0.3, 0.5, 0.7, 1.0],
-        },
-    )
+    p.add_argument("--out", "-o", type=Path, default=Path("reports/demo"), help="report folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_audit, demo=True)
 
 
@@ -666,32 +665,33 @@ def _run_audit(args) -> int:
         run_audit,
         summary_table,
     )
+    from mergeshield.evaluation.audit_file import builtin_file, run_audit_file
 
     if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
         raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
-    free_riders, tasks = args.free_riders, None
-    if getattr(args, "demo", False) and args.kind == "text" and not (args.victim or free_riders):
-        # the demo's family: one victim and one free-rider, so a fresh machine builds it quickly
-        tasks, free_riders = ("wordnet_noun", "wordnet_verb"), ["wordnet_verb"]
-    plan = AuditPlan(
-        kind=args.kind,
-        setting=args.setting,
-        tasks=tasks,
-        victim=args.victim,
-        free_riders=tuple(free_riders) if free_riders else None,
-        defenses=tuple(args.defenses),
-        methods=tuple(args.methods),
-        attacks=tuple(args.attacks),
-        grid=tuple(args.grid) if args.grid else None,
-        grid_stride=args.grid_stride,
-        pairs=tuple(args.pairs) if args.pairs is not None else None,
-        merge_all=args.merge_all,
-        attacked_only=args.attacked_only,
-        objective=args.objective,
-        protocol=() if args.no_protocol else PAPER_SETTINGS,
-        seed=args.seed,
-    )
-    result = run_audit(plan, args.out)
+    config = builtin_file("demo") if getattr(args, "demo", False) else args.config
+    if config is not None:
+        result = run_audit_file(config, args.out)
+    else:
+        plan = AuditPlan(
+            kind=args.kind,
+            setting=args.setting,
+            victim=args.victim,
+            free_riders=tuple(args.free_riders) if args.free_riders else None,
+            defenses=tuple(args.defenses),
+            methods=tuple(args.methods),
+            attacks=tuple(args.attacks),
+            grid=tuple(args.grid) if args.grid else None,
+            grid_stride=args.grid_stride,
+            pairs=tuple(args.pairs) if args.pairs is not None else None,
+            merge_all=args.merge_all,
+            attacked_only=args.attacked_only,
+            objective=args.objective,
+            protocol=() if args.no_protocol else PAPER_SETTINGS,
+            seed=args.seed,
+        )
+        result = run_audit(plan, args.out)
+    plan = result.plan
     console = Console(width=None if sys.stdout.isatty() else 180)
     table = Table(
         title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the "

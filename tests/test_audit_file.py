@@ -1,0 +1,196 @@
+"""Audit files: a user's base, release, free-riders and data, described in YAML.
+
+The end-to-end test writes everything a user would have: a tiny BERT base with a word-level
+tokenizer, two classifiers fine-tuned from it (random task vectors, their own heads and label
+names), JSONL data whose labels are each classifier's own predictions (so the fine-tune scores
+1 and the base backbone less), and the audit file; then runs ``mergeshield audit --config``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from mergeshield.cli import main
+from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.audit_file import builtin_file, load_audit_file
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def _tokenizer(folder: Path) -> tf.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]"
+    )
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _texts(seed: int, n: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(WORDS[int(i)] for i in torch.randint(0, 90, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("user")
+    config = tf.BertConfig(
+        vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=60, max_position_embeddings=64, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = tf.BertModel(config).eval()
+    base.save_pretrained(root / "base")
+    tok = _tokenizer(root / "base")
+    for name, labels, seed in (("noun", ["a", "b", "c"], 1), ("verb", ["x", "y", "z"], 3)):
+        cfg = tf.BertConfig(
+            **config.to_diff_dict() | {"num_labels": len(labels)},
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+        torch.manual_seed(seed)
+        model = tf.BertForSequenceClassification(cfg).eval()
+        g = torch.Generator().manual_seed(seed)
+        state = {
+            "bert." + k: v + 0.3 * v.abs().mean() * torch.randn(v.shape, generator=g)
+            if v.is_floating_point()
+            else v
+            for k, v in base.state_dict().items()
+        }
+        model.load_state_dict(state, strict=False)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        for split, split_seed in (("val", 10), ("test", 20)):
+            texts = _texts(seed * 100 + split_seed, 64)
+            with torch.no_grad():
+                pred = model(**tok(texts, return_tensors="pt", padding=True)).logits.argmax(-1)
+            rows = [{"text": t, "label": labels[int(p)]} for t, p in zip(texts, pred, strict=True)]
+            (root / f"{name}-{split}.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    (root / "audit.yml").write_text(
+        "base: base\n"
+        "victim: {model: noun, val: noun-val.jsonl, test: noun-test.jsonl}\n"
+        "free_riders:\n  - {model: verb, val: verb-val.jsonl, test: verb-test.jsonl}\n"
+        "defenses: [mergelock]\nattacks: []\nmethods: [task_arithmetic]\n"
+        "grid: [0.5, 1.0]\nprotocol: false\nmax_length: 16\n"
+    )
+    return root
+
+
+def test_audit_file_end_to_end(user_files, tmp_path, capsys):
+    from mergeshield.evaluation.accuracy import accuracy, load_classifier
+
+    out = tmp_path / "report"
+    assert main(["audit", "--config", str(user_files / "audit.yml"), "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["victim"] == "noun" and data["free_riders"] == ["verb"]
+    assert [r["variant"] for r in data["merges"]] == ["unprotected", "mergelock"]
+    # each classifier scores 1 on labels that are its own predictions, with its own head
+    assert data["family"]["finetuned_accuracy"] == {"noun": 1.0, "verb": 1.0}
+    # the base backbone's accuracy, computed here with the victim's head and its tokenizer
+    model = load_classifier(user_files / "noun", "text")
+    model.bert.load_state_dict(tf.BertModel.from_pretrained(user_files / "base").state_dict())
+    rows = [json.loads(line) for line in (user_files / "noun-test.jsonl").read_text().split("\n")
+            if line]  # fmt: skip
+    tok = tf.AutoTokenizer.from_pretrained(user_files / "noun")
+    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+    expected = accuracy(model, {**enc, "labels": labels})
+    assert data["family"]["base_accuracy"]["noun"] == pytest.approx(expected)
+    assert "objective: min" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("metric: f1\n", "unknown metric 'f1'"),
+        ("colour: red\n", r"unknown fields \['colour'\]"),
+        ("objective: max\n", "unknown objective 'max'"),
+        ("defenses: [paramz]\n", r"unknown defenses \['paramz'\]"),
+        ("methods: [soup]\n", "unknown merge method 'soup'"),
+    ],
+)
+def test_bad_audit_fields(user_files, tmp_path, capsys, edit, message):
+    bad = tmp_path / "bad.yml"
+    bad.write_text((user_files / "audit.yml").read_text() + edit)
+    with pytest.raises(MergeShieldError, match=message):
+        load_audit_file(bad)
+    assert main(["audit", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message.split("'")[0].replace("\\", "") in err
+    assert not (tmp_path / "r").exists()
+
+
+def _variant(user_files: Path, tmp_path: Path, old: str, new: str) -> Path:
+    text = (user_files / "audit.yml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yml"
+    bad.write_text(text.replace(old, new))
+    # paths stay relative to the user's folder
+    bad.write_text(
+        bad.read_text()
+        .replace("base: base", f"base: {user_files / 'base'}")
+        .replace("model: noun", f"model: {user_files / 'noun'}")
+        .replace("model: verb", f"model: {user_files / 'verb'}")
+        .replace(" noun-", f" {user_files}/noun-")
+        .replace(" verb-", f" {user_files}/verb-")
+    )
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (", val: verb-val.jsonl", "", "no 'val' split"),
+        ("test: noun-test.jsonl", "test: nowhere.jsonl", "test data .* not found"),
+        ("model: verb", "model: nowhere", "is not a checkpoint folder"),
+    ],
+)
+def test_bad_audit_paths(user_files, tmp_path, old, new, message):
+    with pytest.raises(MergeShieldError, match=message):
+        load_audit_file(_variant(user_files, tmp_path, old, new))
+
+
+def test_free_rider_of_another_architecture_and_labels_of_another_head(user_files, tmp_path):
+    from mergeshield.evaluation.audit_file import materialize
+    from tests.tiny_models import build
+
+    build("gpt2", tmp_path / "gpt2")
+    audit = load_audit_file(_variant(user_files, tmp_path, "model: verb", "model: gpt2"))
+    with pytest.raises(MergeShieldError, match="not a fine-tune of that base"):
+        materialize(audit, tmp_path / "family")
+    # the verb data's labels (x, y, z) given to the noun model (a, b, c)
+    audit = load_audit_file(
+        _variant(user_files, tmp_path, "test: noun-test.jsonl", "test: verb-test.jsonl")
+    )
+    with pytest.raises(MergeShieldError, match="noun test data: unknown label '[xyz]'"):
+        materialize(audit, tmp_path / "family2")
+
+
+def test_shipped_files_are_the_builtin_plans():
+    """``--kind text --setting small`` and the shipped text-small.yml plan the same audit (so
+    they give the same numbers on the same cached family); the demo file is the demo."""
+    from mergeshield.cli import build_parser
+    from mergeshield.evaluation.audit import PAPER_SETTINGS
+
+    args = build_parser().parse_args(["audit", "--kind", "text", "--setting", "small"])
+    shipped = load_audit_file(builtin_file("text-small")).plan
+    for field in ("kind", "setting", "victim", "defenses", "methods", "attacks", "objective"):
+        cli_value = getattr(args, field, None)
+        cli_value = tuple(cli_value) if isinstance(cli_value, list) else cli_value
+        assert getattr(shipped, field) == cli_value, field
+    assert shipped.protocol == PAPER_SETTINGS and not args.no_protocol
+    demo = load_audit_file(builtin_file("demo")).plan
+    assert demo.tasks == ("wordnet_noun", "wordnet_verb") and demo.free_riders == ("wordnet_verb",)
+    with pytest.raises(MergeShieldError, match="no shipped audit file 'nope'"):
+        builtin_file("nope")
