@@ -194,3 +194,21 @@ def test_shipped_files_are_the_builtin_plans():
     assert demo.tasks == ("wordnet_noun", "wordnet_verb") and demo.free_riders == ("wordnet_verb",)
     with pytest.raises(MergeShieldError, match="no shipped audit file 'nope'"):
         builtin_file("nope")
+
+
+def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):
+    """``mergeshield finetune``: a classification checkpoint of the base, with the data's sorted
+    label names, the base's tokenizer, a trained backbone; an existing output is refused."""
+    out = tmp_path / "tuned"
+    args = ["finetune", str(user_files / "base"), str(out), "--train"]
+    args += [str(user_files / "verb-val.jsonl"), "--epochs", "3", "--lr", "1e-3", "-q"]
+    assert main(args) == 0
+    assert "3 labels" in capsys.readouterr().out
+    model = tf.AutoModelForSequenceClassification.from_pretrained(out)
+    assert [model.config.id2label[i] for i in range(3)] == ["x", "y", "z"]
+    assert (out / "tokenizer.json").is_file()
+    base = tf.BertModel.from_pretrained(user_files / "base").state_dict()
+    moved = [k for k, v in model.bert.state_dict().items() if k in base and not v.equal(base[k])]
+    assert len(moved) > len(base) // 2
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err

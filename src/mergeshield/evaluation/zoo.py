@@ -446,6 +446,94 @@ def _finetune(
     }
 
 
+def finetune_classifier(
+    base: Path,
+    train: Path,
+    out: Path,
+    *,
+    epochs: int = 2,
+    lr: float = 2e-4,
+    max_len: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``base`` (the whole model plus a new head) on the examples in ``train`` (any
+    format :func:`mergeshield.defenses.training_data.read_examples` reads) and save the
+    classification checkpoint, with the base's tokenizer files, to ``out`` atomically.  The
+    labels are the sorted label names of the data.  The zoo's recipe: AdamW, linear warm-up
+    and decay, batches of 32."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
+
+    from mergeshield.defenses.training_data import encode_examples, read_examples
+    from mergeshield.folders import atomic_dir
+
+    base, out = Path(base), Path(out)
+    if not (base / "config.json").is_file():
+        raise MergeShieldError(f"base {base} is not a checkpoint folder (no config.json)")
+    if out.exists():
+        raise MergeShieldError(f"{out} already exists; remove it or choose another folder")
+    if epochs < 1 or not lr > 0 or max_len < 1:
+        raise MergeShieldError("epochs and max_len must be at least 1, lr positive")
+    examples = read_examples(train)
+    names = sorted({str(y) for y in examples.labels}, key=lambda n: (not n.isdigit(), n.zfill(9)))
+    if len(names) < 2:
+        raise MergeShieldError(f"{train}: a classifier needs at least two labels, got {names}")
+    label2id = {name: i for i, name in enumerate(names)}
+    auto = (
+        AutoModelForSequenceClassification
+        if examples.kind == "text"
+        else AutoModelForImageClassification
+    )
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        model = auto.from_pretrained(
+            base,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id=label2id,
+            local_files_only=True,
+        )
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    config.label2id, config.num_labels = label2id, len(names)
+    data = encode_examples(
+        type(examples)(examples.kind, examples.inputs, [label2id[str(y)] for y in examples.labels]),
+        base,
+        config,
+        tokenizer_dir=base,
+        max_len=max_len,
+    )
+    settings = ZooSettings(
+        n_train=len(examples), n_val=0, n_test=0, epochs=epochs, lr=lr, max_len=max_len, seed=seed
+    )
+    start = time.perf_counter()
+    with _progress_bar(progress) as bar:
+        loss = _train(
+            model,
+            data.tensors,
+            epochs=epochs,
+            lr=lr,
+            settings=settings,
+            seed=seed,
+            bar=bar,
+            label=f"fine-tune {Path(train).name}",
+        )
+    with atomic_dir(out) as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+    return {
+        "labels": names,
+        "n_train": len(examples),
+        "final_epoch_loss": round(loss, 4),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def encode_split(
     family: Family, data: TaskData, split: str, settings: ZooSettings
 ) -> dict[str, Any]:
