@@ -82,3 +82,20 @@ def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNam
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer")
+
+
+def check_layer_counts(config: SimpleNamespace, n_tensors: int, where: object) -> None:
+    """Refuse a config whose layer count exceeds the checkpoint's tensor count (every layer
+    stores several tensors), before anything is built per layer: ``num_hidden_layers: 1e18``
+    is a one-line error, not a loop that never ends or exhausts memory."""
+    for key, value in vars(config).items():
+        if isinstance(value, SimpleNamespace):
+            check_layer_counts(value, n_tensors, where)
+        elif key in _LAYER_COUNTS and isinstance(value, int) and value > n_tensors:
+            raise MergeShieldError(
+                f"{where}: config.json says {key}={value}, but the checkpoint stores only "
+                f"{n_tensors} tensors: config.json is not this model's"
+            )
