@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -31,12 +32,28 @@ def good(tmp_path_factory) -> Path:
     return folder
 
 
+# progress bars: rich ("protect (all) ━━ 1/2 0:00:00"), tqdm ("Loading weights: 5%|▌ | 1/20 [")
+PROGRESS = re.compile(r"━|\d+/\d+ \d+:\d\d:\d\d|\| *\d+/\d+ \[")
+
+
+def one_error_line(stderr: str) -> str:
+    """The single error line of a failed command's whole stderr; every other line must be a
+    progress bar (no traceback, no second message)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if not PROGRESS.search(line)]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith("mergeshield: error:"), stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]
+
+
 def run_fails(args: list[str], capsys, expect: str, watch: Path | None = None) -> str:
+    """Run the CLI; it must exit 2 with one error line containing ``expect``, and leave the
+    folder ``watch`` (an input) byte for byte unchanged."""
     before = hashes(watch) if watch and watch.exists() else None
     code = main(args)
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    err = one_error_line(capsys.readouterr().err)
     assert code == 2, err
-    assert err.startswith("mergeshield: error:"), err
     assert expect in err, err
     if before is not None:
         assert hashes(watch) == before, "the input was modified"
@@ -93,6 +110,7 @@ def test_corrupt_header(good, tmp_path, capsys):
     data[8:40] = b"x" * 32
     (bad / "model.safetensors").write_bytes(bytes(data))
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "corrupt safetensors", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -116,6 +134,7 @@ def test_integer_weights(good, tmp_path, capsys):
     tensors[name] = (tensors[name] * 100).to(torch.int8)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "integer or quantized", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_quantization_config(good, tmp_path, capsys):
@@ -124,6 +143,7 @@ def test_quantization_config(good, tmp_path, capsys):
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (bad / "config.json").write_text(json.dumps(cfg))
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "quantized", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_shape_disagrees_with_config(good, tmp_path, capsys):
@@ -132,6 +152,7 @@ def test_shape_disagrees_with_config(good, tmp_path, capsys):
     cfg["intermediate_size"] += 4
     (bad / "config.json").write_text(json.dumps(cfg))
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "config.json implies", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_fewer_layers_than_config(good, tmp_path, capsys):
@@ -140,6 +161,7 @@ def test_fewer_layers_than_config(good, tmp_path, capsys):
     cfg["num_hidden_layers"] += 1
     (bad / "config.json").write_text(json.dumps(cfg))
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "lacks", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_existing_output_needs_overwrite(good, tmp_path, capsys):
@@ -171,6 +193,7 @@ def test_bin_only_checkpoint(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "only safetensors", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_wrong_key_for_model(good, tmp_path, capsys):

@@ -363,6 +363,7 @@ class ShardWriter:
             self._pwrite(data.data, self._data_start + offset)
         self._pending.discard(name)
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is checked and named below
     def write_gathered(self, name: str, tensor: Gathered, bad_input: Callable[[], None]) -> None:
         """Write a :class:`Gathered` tensor ``GATHER_CHUNK_BYTES`` at a time: each chunk is
         computed, checked for NaN and Inf and written while it is in cache.  ``bad_input`` runs
@@ -720,6 +721,7 @@ def rewrite(
     needed = list(dict.fromkeys(needed))
     workers = BLOCK_WORKERS if arrays and not wide else 1
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is checked and named below
     def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray | Gathered]:
         """Block ``index`` transformed and cast back to the stored dtypes, checked."""
         block = blocks[index]
