@@ -216,13 +216,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         try:
             yield tmp
             old = out.parent / f".{out.name}.old-{tag}"
-            moved = out.exists()
-            if moved:
-                os.replace(out, old)
             try:
+                if out.exists():
+                    os.replace(out, old)
                 os.replace(tmp, out)
             except BaseException:
-                if moved:
+                if old.exists() and not out.exists():  # put the previous output back
                     os.replace(old, out)
                 raise
             _remove(old)

@@ -174,21 +174,40 @@ def protect(
         if key_out is not None:
             metadata[KEY_ID] = key_id
 
-        def write_key() -> None:  # before the output is published: never an output without key
+        # The key is published before the output; an existing key (--overwrite) is moved
+        # aside meanwhile and put back if the output is not published (error, Ctrl-C,
+        # SIGTERM).  Only SIGKILL between the two renames leaves the new key beside the old
+        # output, and unprotect refuses that pair (key ids differ).
+        old_key = key_out.parent / f".{key_out.name}.old-{key_id[:8]}" if key_out else None
+        key_started = []
+
+        def write_key() -> None:
+            key_started.append(True)
+            if key_out.exists():
+                os.replace(key_out, old_key)
             save_key(key_out, transforms, defense, src, key_id)
 
-        left_out = rewrite(
-            src,
-            out,
-            transform_block,
-            metadata,
-            overwrite,
-            on_block=bar,
-            wide=False,
-            arrays=True,
-            also=inputs,
-            before_publish=write_key if key_out is not None else None,
-        )
+        try:
+            left_out = rewrite(
+                src,
+                out,
+                transform_block,
+                metadata,
+                overwrite,
+                on_block=bar,
+                wide=False,
+                arrays=True,
+                also=inputs,
+                before_publish=write_key if key_out is not None else None,
+            )
+        except BaseException:
+            if key_started:  # the output was not published: neither is its key
+                key_out.unlink(missing_ok=True)
+                if old_key.exists():
+                    os.replace(old_key, key_out)
+            raise
+        if old_key is not None:
+            old_key.unlink(missing_ok=True)
     return ProtectResult(
         output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out, left_out=left_out
     )
