@@ -66,6 +66,15 @@ def broken_copy(good: Path, tmp_path: Path) -> Path:
     return bad
 
 
+def edit_config(folder: Path, **changes: object) -> None:
+    """Rewrite ``folder``'s config.json with ``changes`` (a callable maps the old value)."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        cfg[key] = value(cfg.get(key)) if callable(value) else value
+    path.write_text(json.dumps(cfg))
+
+
 def assert_nothing_written(tmp_path: Path, out: Path) -> None:
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
@@ -85,9 +94,7 @@ def test_no_config(good, tmp_path, capsys):
 
 def test_unsupported_model_type_lists_supported(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "t5"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, model_type="t5")
     err = run_fails(
         ["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 't5'", bad
     )
@@ -139,27 +146,21 @@ def test_integer_weights(good, tmp_path, capsys):
 
 def test_quantization_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "quantized", bad)
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_shape_disagrees_with_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] += 4
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, intermediate_size=lambda n: n + 4)
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "config.json implies", bad)
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_fewer_layers_than_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["num_hidden_layers"] += 1
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, num_hidden_layers=lambda n: n + 1)
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "lacks", bad)
     assert_nothing_written(tmp_path, tmp_path / "out")
 

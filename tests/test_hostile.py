@@ -26,11 +26,12 @@ from mergeshield.protect import KEY_ID, _content_hash, load_key, protect, unprot
 from tests.test_bad_input import (
     assert_nothing_written,
     broken_copy,
+    edit_config,
     hashes,
     one_error_line,
     run_fails,
 )
-from tests.tiny_models import build
+from tests.tiny_models import build, build_sharded
 
 INDEX = "model.safetensors.index.json"
 # the module (``mergeshield.protect`` the attribute is the function)
@@ -53,10 +54,7 @@ def llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sharded") / "sharded"
-    model, _ = build("llama-gqa2", tmp_path_factory.mktemp("one") / "one")
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return folder
+    return build_sharded("llama-gqa2", tmp_path_factory.mktemp("sharded") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +390,7 @@ def test_merge_output_never_replaces_or_enters_an_input(llama, tmp_path, capsys,
 @pytest.mark.parametrize("layers", [10**18, 10**7])
 def test_absurd_layer_count_is_refused_at_once(bert, tmp_path, capsys, layers):
     bad = broken_copy(bert, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["num_hidden_layers"] = layers
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, num_hidden_layers=layers)
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "stores only", bad)
     assert_nothing_written(tmp_path, tmp_path / "out")
 
@@ -453,9 +449,7 @@ def test_merge_with_nan_coefficient_is_refused(llama, tmp_path, capsys):
 def test_verify_on_a_model_transformers_cannot_load_is_bad_input(llama, tmp_path, capsys):
     """Exit 2 (bad input), not 1 (a different function)."""
     bad = broken_copy(llama, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["hidden_act"] = "no-such-activation"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, hidden_act="no-such-activation")
     run_fails(["verify", str(llama), str(bad)], capsys, "transformers cannot load", bad)
 
 

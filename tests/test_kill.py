@@ -15,7 +15,7 @@ import pytest
 
 from mergeshield.protect import load_key, protect, unprotect
 from tests.test_bad_input import hashes
-from tests.tiny_models import build
+from tests.tiny_models import build_sharded
 
 # Runs ``mergeshield protect`` with one function wrapped to write a marker file and wait at
 # the chosen moment (the test then sends the signal):
@@ -75,10 +75,7 @@ STAGES = ["start", "shard", "key", "publish"]
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sharded") / "model"
-    model, _ = build("llama-gqa2", tmp_path_factory.mktemp("one") / "one")
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return folder
+    return build_sharded("llama-gqa2", tmp_path_factory.mktemp("sharded") / "model")
 
 
 def run_until(stage: str, args: list[str], marker: Path) -> subprocess.Popen:
