@@ -409,7 +409,8 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
     "header",
     [b"null", b"3", b"[1, 2]", b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}',
      b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}', DEEP,
-     b'{"__metadata__": {"format": 3}}', b'{"a": 1}'],
+     b'{"__metadata__": {"format": 3}}', b'{"a": 1}',
+     b'{"a": {"dtype": "F32", "shape": [0, 100000000000000000000], "data_offsets": [0, 0]}}'],
 )  # fmt: skip
 def test_hostile_safetensors_header(bert, tmp_path, capsys, header):
     bad = broken_copy(bert, tmp_path)

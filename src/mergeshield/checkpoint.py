@@ -193,9 +193,9 @@ def _check_size(file: Path) -> None:
 
 
 def _naturals(value: Any) -> bool:
-    """A JSON list of non-negative integers."""
+    """A JSON list of non-negative integers that fit in int64 (numpy's sizes)."""
     return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value
     )
 
 

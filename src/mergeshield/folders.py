@@ -184,7 +184,11 @@ def exclusive(path: Path) -> Iterator[None]:
                 f"{path}: another mergeshield run (pid {owner}) is writing it; "
                 "wait for it to finish"
             ) from None
-        held, now = os.fstat(fd), (os.stat(lock) if lock.exists() else None)
+        held = os.fstat(fd)
+        try:
+            now = os.stat(lock)
+        except FileNotFoundError:
+            now = None
         if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
             break
         os.close(fd)  # removed by its last owner after we opened it: take the new one
