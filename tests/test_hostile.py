@@ -192,6 +192,13 @@ def test_key_refused_without_overwrite_and_kept(llama, tmp_path, capsys):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_key_path_that_is_a_folder_is_refused_even_with_overwrite(llama, tmp_path, capsys):
+    (tmp_path / "keys").mkdir()
+    args = ["protect", str(llama), str(tmp_path / "out"), "--key-out", str(tmp_path / "keys")]
+    run_fails(args + ["--overwrite"], capsys, "exists and is not a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
+
+
 # ------------------------------------------------------------- 4. keys bound to their output
 
 
