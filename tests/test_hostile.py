@@ -391,6 +391,21 @@ def test_merge_output_never_replaces_or_enters_an_input(llama, tmp_path, capsys,
     )
 
 
+def test_mergekit_runner_never_writes_onto_an_input(llama, tmp_path):
+    from mergeshield.merging.mergekit_runner import run_mergekit
+
+    model = broken_copy(llama, tmp_path)
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(model), "parameters": {"weight": 1.0}}],
+        "dtype": "float32",
+    }
+    for out in (model, model / "inside"):
+        with pytest.raises(MergeShieldError, match="output must not be the input"):
+            run_mergekit(config, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
 # ---------------------------------------------------------------------- 6. denial of service
 
 
