@@ -180,6 +180,22 @@ def test_full_disk_while_writing_the_key_publishes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_interrupt_just_after_publishing_keeps_the_key(llama, tmp_path, monkeypatch):
+    """Ctrl-C right after the output was renamed into place: output and key both stay."""
+    real = protect_module.rewrite
+
+    def rewrite_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protect_module, "rewrite", rewrite_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        protect(llama, tmp_path / "out", "all", seed=1, key_out=tmp_path / "k")
+    monkeypatch.undo()
+    unprotect(tmp_path / "out", tmp_path / "k", tmp_path / "r")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k", "out", "r"]
+
+
 def test_key_refused_without_overwrite_and_kept(llama, tmp_path, capsys):
     key = tmp_path / "k"
     key.write_bytes(b"an older key")
@@ -576,6 +592,31 @@ def test_verify_judges_bf16_against_a_bf16_round_trip(llama_bf16, tmp_path, caps
     assert "yardstick: bf16 round trip" in printed and "same function" in printed, printed
     assert "greedy next tokens differ at" in printed
     assert len(printed.strip().splitlines()) <= 4  # a summary, not a table per block
+
+
+def test_verify_verdict_rule():
+    """fp32: the tolerance alone; bf16/fp16: LOW_PRECISION_FACTOR times the round trip's error,
+    and greedy tokens differing at most that factor times as often (or at one position)."""
+    from dataclasses import replace
+
+    from mergeshield.verify import LOW_PRECISION_FACTOR, VerifyReport
+
+    fp32 = VerifyReport(max_abs_error=1.0, max_rel_error=2e-4, tolerance=1e-4, outputs="logits")
+    assert not fp32.ok and replace(fp32, max_rel_error=1e-4).ok
+    low = replace(
+        fp32,
+        yardstick="bf16 round trip",
+        round_trip_error=1e-2,
+        tokens_compared=100,
+        round_trip_tokens_differ=1,
+    )
+    bound = LOW_PRECISION_FACTOR * 1e-2
+    assert low.bound == bound
+    assert replace(low, max_rel_error=bound, tokens_differ=int(LOW_PRECISION_FACTOR)).ok
+    assert not replace(low, max_rel_error=bound * 1.01, tokens_differ=0).ok
+    assert not replace(low, max_rel_error=0.0, tokens_differ=int(LOW_PRECISION_FACTOR) + 1).ok
+    assert replace(low, round_trip_tokens_differ=0, tokens_differ=1, max_rel_error=0.0).ok
+    assert not replace(low, round_trip_tokens_differ=0, tokens_differ=2, max_rel_error=0.0).ok
 
 
 def test_verify_still_tells_a_different_bf16_model(llama_bf16, tmp_path, capsys):

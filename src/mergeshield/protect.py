@@ -201,7 +201,7 @@ def protect(
                 before_publish=write_key if key_out is not None else None,
             )
         except BaseException:
-            if key_started:  # the output was not published: neither is its key
+            if key_started and not _holds_key_id(out, key_id):  # output not published
                 key_out.unlink(missing_ok=True)
                 if old_key.exists():
                     os.replace(old_key, key_out)
@@ -211,6 +211,16 @@ def protect(
     return ProtectResult(
         output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out, left_out=left_out
     )
+
+
+def _holds_key_id(folder: Path, key_id: str) -> bool:
+    """Whether ``folder`` is the output published with key ``key_id`` (an interrupt may come
+    just after the output was renamed into place)."""
+    try:
+        with safe_open(str(min(folder.glob("*.safetensors"))), framework="numpy") as f:
+            return (f.metadata() or {}).get(KEY_ID) == key_id
+    except Exception:  # no folder, no shard, unreadable: not that output
+        return False
 
 
 def _key_tensors(transforms: dict[int, BlockTransform]) -> dict[str, np.ndarray]:
