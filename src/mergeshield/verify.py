@@ -5,6 +5,16 @@ and run on the same inputs: the given texts (tokenized with the original's token
 random token ids / pixel tensors of the model's shapes.  Reported: the max absolute and max
 relative error ``max|y_p - y_o| / max|y_o|`` of the outputs (logits, embeddings or last hidden
 state) and, per tensor group, the relative L2 distance ``||W_p - W_o|| / ||W_o||``.
+
+The yardstick depends on the precision.  fp32 (and wider) checkpoints: the relative error must
+stay within ``tolerance``.  bf16/fp16 checkpoints: every protected weight was rounded once in
+that dtype, so both models run in fp32 and the protected model's error is compared with a
+*round trip* of the original, its weights rounded once more in the same dtype (scaled by
+``ROUND_TRIP_SCALE`` first, so the rounding is a fresh one): the protected error may be up
+to ``LOW_PRECISION_FACTOR`` times the round trip's (or ``tolerance``, whichever is larger).
+For causal language models the greedy next tokens at every input position are compared too;
+in low precision they may differ at most ``LOW_PRECISION_FACTOR`` times as often as the round
+trip's, or at one position or 1% of them (a near-tie may flip either way).
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergeshield.arrays import LOW_PRECISION_CODES
 from mergeshield.checkpoint import Checkpoint, open_checkpoint, reader
+from mergeshield.errors import MergeShieldError
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +39,13 @@ AUTO_CLASSES = {  # architecture-name suffix -> transformers Auto class
     "ForMaskedLM": "AutoModelForMaskedLM",
 }
 OUTPUT_FIELDS = ("logits", "logits_per_image", "last_hidden_state", "image_embeds")
+# README: SmolLM2's bf16 logit error is 2.2x a plain round trip's; tests allow MiniLM 3x.
+LOW_PRECISION_FACTOR = 4.0
+ROUND_TRIP_SCALE = 1.3  # not a power of two: w * 1.3 rounds afresh
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
 
 
 @dataclass
@@ -36,10 +55,29 @@ class VerifyReport:
     tolerance: float
     outputs: str  # which output was compared
     moved: dict[str, float] = field(default_factory=dict)  # tensor group -> relative L2 distance
+    yardstick: str = "tolerance"  # or "bf16 round trip" / "fp16 round trip"
+    round_trip_error: float | None = None  # relative error of the round trip (low precision)
+    tokens_compared: int = 0  # greedy next-token positions compared (causal LMs)
+    tokens_differ: int | None = None
+    round_trip_tokens_differ: int | None = None
+
+    @property
+    def bound(self) -> float:
+        """The largest relative error accepted."""
+        if self.round_trip_error is None:
+            return self.tolerance
+        return max(self.tolerance, LOW_PRECISION_FACTOR * self.round_trip_error)
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_error <= self.tolerance
+        if self.max_rel_error > self.bound:
+            return False
+        if self.tokens_differ is None or self.round_trip_tokens_differ is None:
+            return True  # full precision: the tolerance decides, the tokens are reported
+        allowed = max(
+            LOW_PRECISION_FACTOR * self.round_trip_tokens_differ, 0.01 * self.tokens_compared, 1
+        )
+        return self.tokens_differ <= allowed
 
 
 def load_model(folder: Path, dtype: torch.dtype | None = None) -> Any:
@@ -73,9 +111,7 @@ def make_inputs(
         inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=g)
     if vision_cfg is None or getattr(config, "model_type", "") == "clip":
         if texts:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tok = load_tokenizer(folder)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
@@ -86,6 +122,27 @@ def make_inputs(
             inputs["input_ids"] = ids
             inputs["attention_mask"] = torch.ones_like(ids)
     return inputs
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in ``folder``; one error line when it has none or it fails."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise MergeShieldError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); --text needs them "
+            "(leave --text out to compare on random token ids)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        message = f"{folder}: cannot load its tokenizer ({_first_line(err)})"
+        raise MergeShieldError(message) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def model_output(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
@@ -124,6 +181,48 @@ def tensor_group_distances(original: Checkpoint, protected: Checkpoint) -> dict[
     return distances
 
 
+def low_precision_code(checkpoint: Checkpoint) -> str | None:
+    """``BF16`` or ``F16`` when a transformed (block) tensor is stored in it, else None."""
+    codes = {checkpoint.codes[n] for b in checkpoint.spec.blocks for n in b.tensor_names()}
+    return next((code for code in LOW_PRECISION_CODES if code in codes), None)
+
+
+def round_trip(model: Any, dtype: torch.dtype) -> None:
+    """Round every floating weight of ``model`` once more through ``dtype``, in place:
+    ``w <- dtype(w * ROUND_TRIP_SCALE) / ROUND_TRIP_SCALE`` (the error one rounding costs)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_((p * ROUND_TRIP_SCALE).to(dtype).to(p.dtype) / ROUND_TRIP_SCALE)
+
+
+def _run(folder: Path, inputs: dict[str, torch.Tensor], model: Any) -> tuple[str, torch.Tensor]:
+    try:
+        return model_output(model, inputs)
+    except Exception as err:
+        raise MergeShieldError(f"{folder}: the model fails to run ({_first_line(err)})") from None
+
+
+def _load(folder: Path, dtype: torch.dtype | None) -> Any:
+    try:
+        return load_model(folder, dtype)
+    except Exception as err:
+        raise MergeShieldError(
+            f"{folder}: transformers cannot load this model ({_first_line(err)})"
+        ) from None
+
+
+def _greedy(name: str, y: torch.Tensor, inputs: dict[str, torch.Tensor], causal: bool):
+    """Greedy next tokens at every attended position of a causal LM's logits, else None."""
+    if not causal or name != "logits":
+        return None
+    mask = inputs.get("attention_mask")
+    tokens = y.argmax(-1)
+    return tokens[mask.bool()] if mask is not None else tokens.reshape(-1)
+
+
 def verify(
     original: str | os.PathLike,
     protected: str | os.PathLike,
@@ -132,23 +231,55 @@ def verify(
     tolerance: float = 1e-4,
     seed: int = 0,
 ) -> VerifyReport:
-    """Compare the two models' outputs on the same inputs, and how far their weights moved."""
+    """Compare the two models' outputs on the same inputs, and how far their weights moved;
+    low-precision checkpoints are judged against a round trip of the original (module doc).
+    A model that transformers cannot load or run is bad input (:class:`MergeShieldError`)."""
+    import torch
+
     original, protected = Path(original), Path(protected)
     ckpt_o, ckpt_p = open_checkpoint(original), open_checkpoint(protected)
     if ckpt_o.shapes != ckpt_p.shapes:
-        from mergeshield.errors import MergeShieldError
-
         raise MergeShieldError(f"{protected}: tensors differ in names or shapes from {original}")
-    model_o = load_model(original)
+    low = low_precision_code(ckpt_o) or low_precision_code(ckpt_p)
+    run_dtype = torch.float32 if low is not None else None
+    model_o = _load(original, run_dtype)
+    causal = type(model_o).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     inputs = make_inputs(original, model_o.config, texts, seed)
-    name, y_o = model_output(model_o, inputs)
-    _, y_p = model_output(load_model(protected), inputs)
+    name, y_o = _run(original, inputs, model_o)
+    _, y_p = _run(protected, inputs, _load(protected, run_dtype))
+    scale = max(y_o.abs().max().item(), 1e-30)
     abs_err = (y_p - y_o).abs().max().item()
-    rel_err = abs_err / max(y_o.abs().max().item(), 1e-30)
-    return VerifyReport(
+    tokens_o, tokens_p = _greedy(name, y_o, inputs, causal), _greedy(name, y_p, inputs, causal)
+    report = VerifyReport(
         max_abs_error=abs_err,
-        max_rel_error=rel_err,
+        max_rel_error=abs_err / scale,
         tolerance=tolerance,
         outputs=name,
         moved=tensor_group_distances(ckpt_o, ckpt_p),
     )
+    if tokens_o is not None and tokens_p is not None:
+        report.tokens_compared = len(tokens_o)
+        report.tokens_differ = int((tokens_o != tokens_p).sum())
+    if low is not None:
+        round_trip(model_o, torch.bfloat16 if low == "BF16" else torch.float16)
+        _, y_r = _run(original, inputs, model_o)
+        report.yardstick = {"BF16": "bf16", "F16": "fp16"}[low] + " round trip"
+        report.round_trip_error = (y_r - y_o).abs().max().item() / scale
+        tokens_r = _greedy(name, y_r, inputs, causal)
+        if tokens_o is not None and tokens_r is not None:
+            report.round_trip_tokens_differ = int((tokens_o != tokens_r).sum())
+    return report
+
+
+def moved_summary(moved: dict[str, float]) -> str:
+    """One line: the range of the relative L2 distance moved by attention and MLP groups
+    across blocks, and by everything else."""
+    parts = []
+    for kind in ("attention", "mlp"):
+        values = [v for group, v in moved.items() if group.endswith(f" {kind}")]
+        if values:
+            parts.append(f"{kind} {min(values):.3f}-{max(values):.3f} ({len(values)} blocks)")
+    for group, value in moved.items():
+        if not group.endswith((" attention", " mlp")):
+            parts.append(f"{group} {value:.3f}")
+    return "weights moved (relative L2 distance): " + "; ".join(parts)

@@ -60,8 +60,8 @@ _NOT_COUNTS = {"hidden_act", "activation_function"}
 def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNamespace:
     """The adapter's view of a parsed ``config.json``: its fields, defaults filled in.
 
-    Integer fields must be positive integers (or null where transformers allows it);
-    anything else raises :class:`MergeShieldError` naming the field.
+    Integer fields must be positive integers (or null where their default is null), the
+    activation a string; anything else raises :class:`MergeShieldError` naming the field.
     """
     model_type = model_type or raw.get("model_type")
     if model_type not in DEFAULTS and model_type not in SUB_CONFIGS:
@@ -69,8 +69,11 @@ def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNam
     fields: dict[str, Any] = {"model_type": model_type}
     for key, default in DEFAULTS.get(model_type, {}).items():
         value = raw.get(key, default)
-        if key not in _NOT_COUNTS and value is not None and not _positive_int(value):
+        nullable = default is None  # e.g. num_key_value_heads: null means "as many as heads"
+        if key not in _NOT_COUNTS and not (nullable and value is None) and not _positive_int(value):
             raise MergeShieldError(f"config.json: {key} must be a positive integer, got {value!r}")
+        if key in _NOT_COUNTS and not isinstance(value, str):
+            raise MergeShieldError(f"config.json: {key} must be a string, got {value!r}")
         fields[key] = value
     for key, sub_type in SUB_CONFIGS.get(model_type, {}).items():
         sub = raw.get(key) or {}
@@ -82,3 +85,20 @@ def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNam
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer")
+
+
+def check_layer_counts(config: SimpleNamespace, n_tensors: int, where: object) -> None:
+    """Refuse a config whose layer count exceeds the checkpoint's tensor count (every layer
+    stores several tensors), before anything is built per layer: ``num_hidden_layers: 1e18``
+    is a one-line error, not a loop that never ends or exhausts memory."""
+    for key, value in vars(config).items():
+        if isinstance(value, SimpleNamespace):
+            check_layer_counts(value, n_tensors, where)
+        elif key in _LAYER_COUNTS and isinstance(value, int) and value > n_tensors:
+            raise MergeShieldError(
+                f"{where}: config.json says {key}={value}, but the checkpoint stores only "
+                f"{n_tensors} tensors: config.json is not this model's"
+            )

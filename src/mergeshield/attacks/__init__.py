@@ -92,7 +92,7 @@ def attack(
     """
     spec = get_attack(method)
     src, out = open_checkpoint(protected), Path(out)
-    check_output_path(src.path, out, overwrite)
+    check_output_path(src.path, out, overwrite, [base])
     base_ckpt = open_checkpoint(base)
     check_same_architecture(src, base_ckpt)
 
@@ -106,7 +106,7 @@ def attack(
             return spec.align_block(block, tensors, base_block)
 
         metadata = {"mergeshield_version": __version__, "mergeshield_attack": method}
-        rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar)
+        rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar, also=[base])
     return out
 
 

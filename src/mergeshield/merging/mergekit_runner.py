@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergeshield.checkpoint import check_output_path
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_dir, read_config, tensor_names
 
@@ -259,7 +260,8 @@ def run_mergekit(
     (DARE/DELLA are reproducible; the caller's RNG states are kept), no model card, one output
     shard, the tokenizer copied only when it is plain files.  The output must hold every tensor
     of the donor model (the base, else the first model): mergekit silently skips tensors it
-    believes optional.  ``workarounds_off`` names workarounds to skip (tests only).
+    believes optional.  ``out`` must not be, contain or lie inside an input model.
+    ``workarounds_off`` names workarounds to skip (tests only).
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -268,6 +270,8 @@ def run_mergekit(
     out = Path(out)
     merge_config = MergeConfiguration.model_validate(config)
     donor = Path(config.get("base_model") or config["models"][0]["model"])
+    inputs = [m["model"] for m in config["models"] if isinstance(m.get("model"), str)]
+    check_output_path(donor, out, True, inputs)  # out is replaced, but never an input
     options = MergeOptions(
         device="cpu",
         random_seed=seed,
