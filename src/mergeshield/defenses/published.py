@@ -60,7 +60,9 @@ PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetr
 MERGELOCK_SCALE = (0.1, 10.0)
 
 
-def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
+def _mlp_permutation(ctx: BlockContext) -> np.ndarray | None:
+    if ctx.block.mlp is None:  # an attention-only block (T5's cross-attention)
+        return None
     if ctx.base is not None:
         return mismatch_permutation(
             ctx.block.mlp, ctx.weights, ctx.base, ctx.options.exact_assignment_max
@@ -184,7 +186,7 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     # energy, and hence its flip, is the old head's: no permuted copy of the weights needed.
     flips = barrier_flips(ctx)[kv_perm]
     scale = None
-    if mlp.gate is not None:
+    if mlp is not None and mlp.gate is not None:
         scale = ctx.rng.choice([-1.0, 1.0], mlp.n_units)  # sign flips: exact, one bit
     return BlockTransform(
         kv_perm=kv_perm,
