@@ -202,7 +202,10 @@ def _distilbert(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
 
 
 def _clip_tower(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
-    """A CLIP text or vision tower saved alone (``model_cls`` picks which)."""
+    """A CLIP text or vision tower saved alone (``model_cls`` picks which).  At CLIP's default
+    init a tiny tower's attention is nearly uniform, which would hide QK-only defenses
+    (MergeBarrier); twice that init is not."""
+    kw = {"initializer_factor": 2.0} | kw
 
     def make() -> tuple[Any, dict]:
         if "Text" in model_cls.__name__:
