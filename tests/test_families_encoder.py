@@ -286,3 +286,21 @@ def test_light_config_reader_matches_transformers(tiny, family):
     assert towers(read_config(raw | {"model_type": model_type})) == towers(
         tf.AutoConfig.for_model(model_type, **raw)
     )
+
+
+@pytest.mark.parametrize("family", ["t5-v1.1", "t5-encoder", "clip-text"])
+def test_verify_and_exact_attacks_run(tiny, tmp_path, family):
+    """``verify`` loads T5 with its Auto class and feeds its decoder; the exact attacks skip
+    the MLP of cross-attention blocks and leave T5's pinned self-attention heads in order, so
+    their output still computes the protected (= original) function."""
+    from mergeshield.attacks import attack
+    from mergeshield.verify import verify
+
+    t = tiny[family]
+    protect(t.original, tmp_path / "p", "all", seed=5)
+    report = verify(t.original, tmp_path / "p")
+    assert report.ok, report
+    assert not any(group.endswith("cross mlp") for group in report.moved)
+    for method in ("rebasin", "procrustes"):
+        attack(tmp_path / "p", t.base, tmp_path / method, method)
+        assert verify(t.original, tmp_path / method).ok, method
