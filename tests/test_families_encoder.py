@@ -304,3 +304,13 @@ def test_verify_and_exact_attacks_run(tiny, tmp_path, family):
     for method in ("rebasin", "procrustes"):
         attack(tmp_path / "p", t.base, tmp_path / method, method)
         assert verify(t.original, tmp_path / method).ok, method
+
+
+def test_defenses_command_says_what_t5_keeps(capsys):
+    from mergeshield.cli import main
+
+    assert main(["defenses"]) == 0
+    out = capsys.readouterr().out
+    for model_type in ("xlm-roberta", "distilbert", "t5", "clip_text_model"):
+        assert model_type in out
+    assert "t5: self-attention heads keep their order" in out

@@ -361,6 +361,10 @@ def _run_defenses(args) -> int:
     for d in DEFENSES.values():
         print(f"{d.name:14s} {d.summary}")
     print(f"\nsupported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from mergeshield.architectures.families import NOTES
+
+    for model_type, note in NOTES.items():
+        print(f"  {model_type}: {note}")
     return 0
 
 
