@@ -313,4 +313,4 @@ def test_defenses_command_says_what_t5_keeps(capsys):
     out = capsys.readouterr().out
     for model_type in ("xlm-roberta", "distilbert", "t5", "clip_text_model"):
         assert model_type in out
-    assert "t5: self-attention heads keep their order" in out
+    assert "\nt5: self-attention heads keep their order" in out

@@ -288,16 +288,6 @@ FAMILIES: dict[str, Family] = {
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
 
-# Where a family's symmetry group is smaller than the defenses assume, printed by ``mergeshield
-# defenses``.  Merge disruption: output change of a 50/50 average with the base model relative
-# to the outputs' spread (tiny fine-tunes, tests/test_families_encoder.py; 3 seeds).
-NOTES: dict[str, str] = {
-    "t5": "self-attention heads keep their order (the relative position bias in layer 0 is "
-    "shared by every layer of a stack); cross-attention heads, QK/VO maps and MLP units are "
-    "transformed as elsewhere. Merge disruption all/params/mergelock 1.1-1.5, mergebarrier "
-    "0.27-0.48 (unprotected 0.11-0.17)",
-}
-
 
 def _find_prefix(keys: set[str], tower_prefix: str, layout: Layout) -> str | None:
     """The prefix (``""``, ``"bert."``, ``"model."``...) before the tower's first layer."""
