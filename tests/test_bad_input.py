@@ -94,9 +94,9 @@ def test_no_config(good, tmp_path, capsys):
 
 def test_unsupported_model_type_lists_supported(good, tmp_path, capsys):
     bad = broken_copy(good, tmp_path)
-    edit_config(bad, model_type="t5")
+    edit_config(bad, model_type="mamba")
     err = run_fails(
-        ["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 't5'", bad
+        ["protect", str(bad), str(tmp_path / "out")], capsys, "unsupported model_type 'mamba'", bad
     )
     assert "bert" in err and "llama" in err and "gpt2" in err
     assert_nothing_written(tmp_path, tmp_path / "out")

@@ -158,10 +158,130 @@ MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
 }
 
 
+# --- encoder / seq2seq families (issue 16) ------------------------------------------------
+# Not in MODELS (whose every entry tests/test_protect.py runs through every test); their own
+# tests are tests/test_families_encoder.py.
+
+
+def _t5(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    def make() -> tuple[Any, dict]:
+        defaults = dict(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_heads=4,
+            # T5's own init: without the 1/sqrt(d) scaling its attention is far from uniform
+            # already (logits of std ~1); larger scales, see tests/test_families_encoder.py
+            initializer_factor=1.0,
+        )
+        inputs = _text_inputs()
+        if model_cls is not tf.T5EncoderModel:
+            g = torch.Generator().manual_seed(3)
+            inputs["decoder_input_ids"] = torch.randint(0, VOCAB, (2, 5), generator=g)
+        return model_cls(tf.T5Config(**(defaults | kw))), inputs
+
+    return make
+
+
+def _distilbert(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    def make() -> tuple[Any, dict]:
+        defaults = dict(
+            vocab_size=VOCAB,
+            dim=48,
+            n_layers=2,
+            n_heads=6,
+            hidden_dim=60,
+            max_position_embeddings=64,
+            initializer_range=INIT,
+        )
+        return model_cls(tf.DistilBertConfig(**(defaults | kw))), _text_inputs()
+
+    return make
+
+
+def _clip_tower(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    """A CLIP text or vision tower saved alone (``model_cls`` picks which).  At CLIP's default
+    init a tiny tower's attention is nearly uniform, which would hide QK-only defenses
+    (MergeBarrier); twice that init is not."""
+    kw = {"initializer_factor": 2.0} | kw
+
+    def make() -> tuple[Any, dict]:
+        if "Text" in model_cls.__name__:
+            cfg = tf.CLIPTextConfig(
+                **dict(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=40,
+                    max_position_embeddings=16,
+                    projection_dim=16,
+                    bos_token_id=0,
+                    eos_token_id=2,
+                    pad_token_id=1,
+                )
+                | kw
+            )
+            return model_cls(cfg), _text_inputs()
+        cfg = tf.CLIPVisionConfig(
+            **dict(
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                intermediate_size=56,
+                image_size=16,
+                patch_size=4,
+                projection_dim=16,
+            )
+            | kw
+        )
+        return model_cls(cfg), _pixels()
+
+    return make
+
+
+ENCODER_MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
+    # head_dim 12
+    "xlm-roberta-seqcls": _encoder(
+        tf.XLMRobertaConfig,
+        tf.XLMRobertaForSequenceClassification,
+        num_labels=3,
+        pad_token_id=1,
+        max_position_embeddings=70,
+    ),
+    # head_dim 8, classification head
+    "distilbert-seqcls": _distilbert(tf.DistilBertForSequenceClassification, num_labels=3),
+    # head_dim 16, bare model
+    "distilbert": _distilbert(tf.DistilBertModel, n_heads=3),
+    # v1.0: ReLU MLP, lm_head tied to the embeddings, output scaled by d_model^-0.5
+    "t5-v1.0": _t5(tf.T5ForConditionalGeneration),
+    # v1.1: gated-GELU MLP, no output scaling; head_dim 16, 3 heads (inner 48 != d_model),
+    # more decoder than encoder layers
+    "t5-v1.1": _t5(
+        tf.T5ForConditionalGeneration,
+        d_kv=16,
+        num_heads=3,
+        num_decoder_layers=3,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
+    # the encoder alone (diffusion models' text encoder): no decoder weights
+    "t5-encoder": _t5(tf.T5EncoderModel, feed_forward_proj="gated-gelu"),
+    # transformers 5 saves these without the text_model./vision_model. prefix
+    "clip-text": _clip_tower(tf.CLIPTextModel),
+    "clip-vision": _clip_tower(tf.CLIPVisionModel),
+    # ... and these with it; head_dim 16
+    "clip-text-proj": _clip_tower(tf.CLIPTextModelWithProjection, num_attention_heads=2),
+    "clip-vision-proj": _clip_tower(tf.CLIPVisionModelWithProjection, num_attention_heads=3),
+}
+
+
 def build(name: str, folder: Path, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
     """Build tiny model ``name`` with random weights, save it to ``folder``, return it."""
     torch.manual_seed(seed)
-    model, inputs = MODELS[name]()
+    model, inputs = (MODELS | ENCODER_MODELS)[name]()
     _randomize_biases(model)
     model.eval()
     model.save_pretrained(folder)
@@ -180,7 +300,7 @@ def outputs(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor compared before and after protection: logits, embeddings or hidden states."""
     with torch.no_grad():
         out = model(**inputs)
-    for key in ("logits", "logits_per_image", "last_hidden_state"):
+    for key in ("logits", "logits_per_image", "last_hidden_state", "text_embeds", "image_embeds"):
         if getattr(out, key, None) is not None:
             return getattr(out, key)
     raise AssertionError(f"no output to compare in {type(out)}")

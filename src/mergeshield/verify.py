@@ -37,6 +37,8 @@ AUTO_CLASSES = {  # architecture-name suffix -> transformers Auto class
     "ForSequenceClassification": "AutoModelForSequenceClassification",
     "ForImageClassification": "AutoModelForImageClassification",
     "ForMaskedLM": "AutoModelForMaskedLM",
+    "ForConditionalGeneration": "AutoModelForSeq2SeqLM",  # T5
+    "T5EncoderModel": "AutoModelForTextEncoding",
 }
 OUTPUT_FIELDS = ("logits", "logits_per_image", "last_hidden_state", "image_embeds")
 # README: SmolLM2's bf16 logit error is 2.2x a plain round trip's; tests allow MiniLM 3x.
@@ -121,6 +123,8 @@ def make_inputs(
             ids = torch.randint(0, text_cfg.vocab_size, (batch, max_len), generator=g)
             inputs["input_ids"] = ids
             inputs["attention_mask"] = torch.ones_like(ids)
+    if getattr(config, "is_encoder_decoder", False):  # T5: the decoder reads the same ids
+        inputs["decoder_input_ids"] = inputs["input_ids"]
     return inputs
 
 
@@ -162,9 +166,10 @@ def tensor_group_distances(original: Checkpoint, protected: Checkpoint) -> dict[
     groups: dict[str, list[str]] = {}
     for block in original.spec.blocks:
         att = {n for s in block.attention.slots().values() for n in s.names()}
-        mlp = {n for s in block.mlp.slots().values() for n in s.names()}
+        mlp = {n for s in block.slots().values() for n in s.names()} - att
         groups[f"{block.name} attention"] = sorted(att)
-        groups[f"{block.name} mlp"] = sorted(mlp - att)
+        if mlp:  # none in an attention-only block (T5's cross-attention)
+            groups[f"{block.name} mlp"] = sorted(mlp)
     groups["embeddings, norms, heads"] = list(original.spec.residual)
     distances = {}
     with reader(original) as a, reader(protected) as b:

@@ -50,11 +50,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": _DECODER,
     "mistral": _DECODER | {"intermediate_size": 14336, "num_key_value_heads": 8},
     "qwen2": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32},
+    # encoder / seq2seq families (issue 16)
+    "xlm-roberta": _ENCODER,
+    "distilbert": {
+        "dim": 768,
+        "n_layers": 6,
+        "n_heads": 12,
+        "hidden_dim": 3072,
+        "activation": "gelu",
+    },
+    "t5": {
+        "d_model": 512,
+        "d_kv": 64,
+        "d_ff": 2048,
+        "num_layers": 6,
+        "num_decoder_layers": None,
+        "num_heads": 8,
+        "feed_forward_proj": "relu",
+    },
 }
 SUB_CONFIGS: dict[str, dict[str, str]] = {
     "clip": {"text_config": "clip_text_model", "vision_config": "clip_vision_model"},
 }
-_NOT_COUNTS = {"hidden_act", "activation_function"}
+_NOT_COUNTS = {"hidden_act", "activation_function", "activation", "feed_forward_proj"}
 
 
 def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNamespace:

@@ -9,7 +9,7 @@ a family is a few declarative lines and no transform ever branches on the model 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec, ModelSpec, Slot
@@ -23,6 +23,9 @@ class Layout:
     ``q``/``k``/``v``/``o``/``up``/``down``/``gate`` are linear-layer stems (``.weight`` and
     ``.bias`` are appended).  ``fused_qkv``: q, k and v are the three chunks of the ``q`` stem's
     output dimension.  ``conv1d``: weights are stored ``[in, out]``.
+    ``cross``: q, k, v and o stems of a cross-attention after the self-attention (T5's
+    decoder), which becomes a block of its own.  ``pinned_heads``: the self-attention heads
+    share a position-bias table across layers (:class:`AttentionSpec`).
     """
 
     layer: str
@@ -35,11 +38,19 @@ class Layout:
     gate: str | None = None
     fused_qkv: bool = False
     conv1d: bool = False
+    cross: tuple[str, str, str, str] | None = None
+    pinned_heads: bool = False
 
 
 @dataclass(frozen=True)
 class Tower:
-    """Dimensions of one stack of identical layers (CLIP has two: text and vision)."""
+    """Dimensions of one stack of identical layers (CLIP has two: text and vision).
+
+    ``prefix_optional``: the tower may be stored without ``prefix`` (transformers 5 saves a
+    ``CLIPTextModel`` alone as ``encoder.layers...``, a ``CLIPTextModelWithProjection`` as
+    ``text_model.encoder.layers...``).  ``optional``: a checkpoint may lack the tower (T5's
+    decoder, in a ``T5EncoderModel``).  ``layouts``: this tower's own, else the family's.
+    """
 
     prefix: str  # e.g. "text_model." inside a CLIPModel checkpoint, "" otherwise
     n_layers: int
@@ -50,6 +61,9 @@ class Tower:
     n_units: int
     activation: str
     rope: bool = False
+    prefix_optional: bool = False
+    optional: bool = False
+    layouts: tuple[Layout, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,64 @@ def _clip_towers(cfg: Any) -> list[Tower]:
         _encoder_tower(cfg.text_config, "text_model."),
         _encoder_tower(cfg.vision_config, "vision_model."),
     ]
+
+
+def _clip_tower_alone(prefix: str) -> Callable[[Any], list[Tower]]:
+    """A ``CLIPTextModel``/``CLIPVisionModel`` (and ``...WithProjection``) checkpoint: one
+    tower, stored with or without its prefix."""
+    return lambda cfg: [replace(_encoder_tower(cfg, prefix), prefix_optional=True)]
+
+
+def _distilbert_tower(cfg: Any) -> Tower:
+    return Tower(
+        prefix="",
+        n_layers=cfg.n_layers,
+        hidden_size=cfg.dim,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_heads,
+        head_dim=cfg.dim // cfg.n_heads,
+        n_units=cfg.hidden_dim,
+        activation=str(cfg.activation),
+    )
+
+
+def t5_activation(feed_forward_proj: str) -> tuple[bool, str]:
+    """``(gated, activation)`` of T5's ``feed_forward_proj`` (``"relu"``: v1.0,
+    ``"gated-gelu"``: v1.1, whose activation transformers names ``gelu_new``)."""
+    parts = str(feed_forward_proj).split("-")
+    gated = parts[0] == "gated"
+    return gated, "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]
+
+
+def _t5_towers(cfg: Any) -> list[Tower]:
+    """T5's encoder and decoder stacks (the decoder is absent from a ``T5EncoderModel``).
+
+    No attention scaling (folded into the weights), RMSNorm without bias, no linear biases:
+    none of it touches the per-head maps, which keep every score ``q_h^T k_h``, or the MLP
+    units.  The relative position bias (one column per head, in layer 0, shared by every
+    layer of a stack) pins the self-attention heads' order (:class:`AttentionSpec`).
+    """
+    gated, activation = t5_activation(cfg.feed_forward_proj)
+    towers = []
+    for prefix, n_layers in (
+        ("encoder.", cfg.num_layers),
+        ("decoder.", cfg.num_decoder_layers or cfg.num_layers),
+    ):
+        towers.append(
+            Tower(
+                prefix=prefix,
+                n_layers=n_layers,
+                hidden_size=cfg.d_model,
+                n_heads=cfg.num_heads,
+                n_kv_heads=cfg.num_heads,
+                head_dim=cfg.d_kv,
+                n_units=cfg.d_ff,
+                activation=activation,
+                optional=prefix == "decoder.",
+                layouts=(_t5_layout(decoder=prefix == "decoder.", gated=gated),),
+            )
+        )
+    return towers
 
 
 BERT = Layout(
@@ -167,17 +239,51 @@ LLAMA = Layout(
     gate="mlp.gate_proj",
 )
 
+DISTILBERT = Layout(
+    layer="transformer.layer.{i}.",
+    q="attention.q_lin",
+    k="attention.k_lin",
+    v="attention.v_lin",
+    o="attention.out_lin",
+    up="ffn.lin1",
+    down="ffn.lin2",
+)
+
+
+def _t5_layout(decoder: bool, gated: bool) -> Layout:
+    """A T5 block: ``layer.0`` self-attention, in the decoder ``layer.1`` cross-attention, then
+    the feed-forward layer: ``wo(act(wi x))`` (v1.0) or ``wo(act(wi_0 x) * wi_1 x)`` (gated)."""
+    att, ff = "layer.0.SelfAttention.", f"layer.{2 if decoder else 1}.DenseReluDense."
+    cross = "layer.1.EncDecAttention."
+    return Layout(
+        layer="block.{i}.",
+        q=att + "q",
+        k=att + "k",
+        v=att + "v",
+        o=att + "o",
+        up=ff + ("wi_1" if gated else "wi"),
+        down=ff + "wo",
+        gate=ff + "wi_0" if gated else None,
+        cross=(cross + "q", cross + "k", cross + "v", cross + "o") if decoder else None,
+        pinned_heads=True,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "bert": Family("bert", (BERT,), lambda c: [_encoder_tower(c)]),
     "roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
     "vit": Family("vit", (VIT, VIT_V5), lambda c: [_encoder_tower(c)]),
     "clip": Family("clip", (CLIP,), _clip_towers),
-    "clip_text_model": Family("clip", (CLIP,), lambda c: [_encoder_tower(c, "text_model.")]),
-    "clip_vision_model": Family("clip", (CLIP,), lambda c: [_encoder_tower(c, "vision_model.")]),
+    "clip_text_model": Family("clip", (CLIP,), _clip_tower_alone("text_model.")),
+    "clip_vision_model": Family("clip", (CLIP,), _clip_tower_alone("vision_model.")),
     "gpt2": Family("gpt2", (GPT2,), lambda c: [_gpt2_tower(c)]),
     "llama": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
     "mistral": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
     "qwen2": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
+    # encoder / seq2seq families (issue 16)
+    "xlm-roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
+    "distilbert": Family("distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)]),
+    "t5": Family("t5", (), _t5_towers),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
@@ -200,9 +306,23 @@ def _slot(keys: set[str], stem: str, layout: Layout, chunk: tuple[int, int] | No
     )
 
 
-def _blocks(keys: set[str], tower: Tower, layout: Layout, prefix: str) -> Iterable[BlockSpec]:
+def _find_tower(
+    keys: set[str], tower: Tower, layouts: tuple[Layout, ...]
+) -> tuple[Layout, str] | None:
+    """The layout of ``tower`` found in the checkpoint and the full prefix of its layers
+    (``"bert.encoder."``-style; ``""`` for a CLIP tower saved alone), or None."""
+    tower_prefixes = (tower.prefix, "") if tower.prefix_optional else (tower.prefix,)
+    for layout in layouts:
+        for tower_prefix in tower_prefixes:
+            prefix = _find_prefix(keys, tower_prefix, layout)
+            if prefix is not None:
+                return layout, prefix + tower_prefix
+    return None
+
+
+def _blocks(keys: set[str], tower: Tower, layout: Layout, start: str) -> Iterable[BlockSpec]:
     for i in range(tower.n_layers):
-        base = prefix + tower.prefix + layout.layer.format(i=i)
+        base = start + layout.layer.format(i=i)
 
         def slot(stem: str, chunk: tuple[int, int] | None = None, base: str = base) -> Slot:
             return _slot(keys, base + stem, layout, chunk)
@@ -217,6 +337,7 @@ def _blocks(keys: set[str], tower: Tower, layout: Layout, prefix: str) -> Iterab
             n_kv_heads=tower.n_kv_heads,
             head_dim=tower.head_dim,
             rope=tower.rope,
+            pinned_heads=layout.pinned_heads,
         )
         mlp = MLPSpec(
             up=slot(layout.up),
@@ -227,6 +348,10 @@ def _blocks(keys: set[str], tower: Tower, layout: Layout, prefix: str) -> Iterab
         )
         name = f"{tower.prefix.rstrip('.') or 'layer'} {i}".replace("_model", "")
         yield BlockSpec(name=name, hidden_size=tower.hidden_size, attention=attention, mlp=mlp)
+        if layout.cross is not None:
+            q, k, v, o = (slot(stem) for stem in layout.cross)
+            cross = replace(attention, q=q, k=k, v=v, o=o, pinned_heads=False)
+            yield BlockSpec(f"{name} cross", tower.hidden_size, attention=cross, mlp=None)
 
 
 def describe(config: Any, keys: Iterable[str]) -> ModelSpec:
@@ -241,16 +366,15 @@ def describe(config: Any, keys: Iterable[str]) -> ModelSpec:
     blocks: list[BlockSpec] = []
     for tower in family.towers(config):
         _check_tower(tower, model_type)
-        for layout in family.layouts:
-            prefix = _find_prefix(keys, tower.prefix, layout)
-            if prefix is not None:
-                break
-        else:
+        found = _find_tower(keys, tower, tower.layouts or family.layouts)
+        if found is None and tower.optional:
+            continue
+        if found is None:
             raise MergeShieldError(
                 f"no {tower.prefix or ''}layer-0 attention weights of a {model_type} model "
                 "found in the checkpoint; is config.json from a different model?"
             )
-        blocks.extend(_blocks(keys, tower, layout, prefix))
+        blocks.extend(_blocks(keys, tower, *found))
     in_blocks = {name for block in blocks for name in block.tensor_names()}
     missing = sorted(in_blocks - keys)
     if missing:

@@ -39,6 +39,10 @@ class AttentionSpec:
     attention; ``n_kv_heads == n_heads`` is ordinary multi-head attention).
     ``rope``: rotary embeddings in the Hugging Face ``rotate_half`` layout, which rotates
     dimension ``i`` together with ``i + head_dim / 2``.
+    ``pinned_heads``: head ``h`` adds column ``h`` of a position-bias table that every layer of
+    its stack shares (T5's relative attention bias, stored in layer 0): a head permutation of
+    one layer is not exact, so the heads keep their order (per-head QK/VO maps leave the
+    scores ``q_h^T k_h`` and outputs unchanged, hence commute with the bias).
     """
 
     q: Slot
@@ -49,6 +53,7 @@ class AttentionSpec:
     n_kv_heads: int
     head_dim: int
     rope: bool = False
+    pinned_heads: bool = False
 
     @property
     def group_size(self) -> int:
@@ -80,15 +85,20 @@ class MLPSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One transformer layer: the unit that is read, transformed and written at a time."""
+    """One transformer layer: the unit that is read, transformed and written at a time.
+
+    ``mlp`` is None for an attention-only block: a T5 decoder layer is two blocks, its
+    self-attention with its MLP, and its cross-attention (queries from the decoder stream,
+    keys and values from the encoder output) alone.
+    """
 
     name: str
     hidden_size: int
     attention: AttentionSpec
-    mlp: MLPSpec
+    mlp: MLPSpec | None
 
     def slots(self) -> dict[str, Slot]:
-        return {**self.attention.slots(), **self.mlp.slots()}
+        return {**self.attention.slots(), **(self.mlp.slots() if self.mlp is not None else {})}
 
     def tensor_names(self) -> tuple[str, ...]:
         names: list[str] = []
@@ -106,10 +116,10 @@ class BlockSpec:
             "k": (a.n_kv_heads * a.head_dim, d),
             "v": (a.n_kv_heads * a.head_dim, d),
             "o": (d, a.n_heads * a.head_dim),
-            "up": (m.n_units, d),
-            "down": (d, m.n_units),
         }
-        if m.gate is not None:
+        if m is not None:
+            shapes |= {"up": (m.n_units, d), "down": (d, m.n_units)}
+        if m is not None and m.gate is not None:
             shapes["gate"] = (m.n_units, d)
         return shapes
 

@@ -94,13 +94,17 @@ CostFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 def unpermute_heads(block: BlockSpec, prot: Tensors, base: Tensors, cost: CostFn) -> None:
     """Match heads by ``cost`` and put the protected heads in base order (in place)."""
     att = block.attention
+    if att.pinned_heads:  # T5: a per-layer head permutation would not be exact
+        return
     kv_perm, q_perm = match_heads(att, read_heads(base, att), read_heads(prot, att), cost)
     apply_transform(prot, block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
 
 
 def align_units(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
     """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact."""
-    mlp: MLPSpec = block.mlp
+    mlp: MLPSpec | None = block.mlp
+    if mlp is None:  # an attention-only block (T5's cross-attention)
+        return
     perm = match_units_cosine(mlp, prot, base)
     apply_transform(prot, block, BlockTransform(unit_perm=perm))
     if mlp.gate is not None:
@@ -155,8 +159,9 @@ def aga(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
 def rebasin(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
     """Git Re-Basin weight matching of one block: head and unit permutations only."""
     unpermute_heads(block, prot, base, inner_cost)
-    perm = match_units_inner(block.mlp, prot, base)
-    apply_transform(prot, block, BlockTransform(unit_perm=perm))
+    if block.mlp is not None:  # T5's cross-attention blocks have none
+        perm = match_units_inner(block.mlp, prot, base)
+        apply_transform(prot, block, BlockTransform(unit_perm=perm))
     return prot
 
 

@@ -88,7 +88,10 @@ def get_defense(name: str) -> Defense:
 def random_head_permutation(
     att: AttentionSpec, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Key/value heads permuted, and query heads permuted within their (moved) group."""
+    """Key/value heads permuted, and query heads permuted within their (moved) group;
+    identities where the heads are pinned (T5's shared relative position bias)."""
+    if att.pinned_heads:
+        return np.arange(att.n_kv_heads), np.arange(att.n_heads)
     r = att.group_size
     kv = rng.permutation(att.n_kv_heads)
     q = np.concatenate([g * r + rng.permutation(r) for g in kv])

@@ -11,7 +11,7 @@ A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
    head output ``W_O[:, h] sum_t p_t v_t`` is unchanged (attention weights sum to one);
 4. MLP: unit ``i`` takes old unit ``unit_perm[i]`` (rows of up/gate, columns of down), then
    ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
-   (exact only for gated MLPs, where ``up`` enters linearly).
+   (exact only for gated MLPs, where ``up`` enters linearly); none in an attention-only block.
 
 :func:`apply_transform` runs on tensors of any float dtype and rounds every element at most once:
 the permutations (steps 1 and 4) only move data and a unit scale of powers of two (``all``'s
@@ -298,6 +298,8 @@ def is_power_of_two(scale: np.ndarray) -> bool:
 
 
 def _mlp_step(tensors, att, mlp, d, r, t, inverse, stream=False) -> None:
+    if mlp is None:  # an attention-only block (T5's cross-attention)
+        return
     ins = [mlp.up] + ([mlp.gate] if mlp.gate is not None else [])
     perm, scale = t.unit_perm, t.unit_scale
     if stream and _streamable(tensors, mlp, scale):
