@@ -32,6 +32,41 @@ _DECODER = _ENCODER | {  # Llama's defaults; Mistral and Qwen2 differ in two fie
     "hidden_act": "silu",
 }
 
+# --- decoder families of issue 16 -------------------------------------------------------
+_GEMMA = {
+    "hidden_size": 2304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "intermediate_size": 9216,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+_ROTARY = {"rope_parameters": None, "rope_scaling": None, "partial_rotary_factor": None}
+_EXPERTS = {"num_experts": None, "num_local_experts": None}  # either name; families.py's default
+_QWEN_MOE = _EXPERTS | {
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": None,
+    "moe_intermediate_size": 1408,
+}
+DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128},
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": _DECODER | {"hidden_size": 3072, "intermediate_size": 8192} | _ROTARY,
+    "mixtral": _DECODER | _EXPERTS | {"intermediate_size": 14336, "num_key_value_heads": 8},
+    "qwen2_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24}
+    | {"num_attention_heads": 16, "num_key_value_heads": 16}
+    | {"shared_expert_intermediate_size": 5632},
+    "qwen3_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24}
+    | {"num_attention_heads": 32, "num_key_value_heads": 4}
+    | {"moe_intermediate_size": 768},
+}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bert": _ENCODER,
     "roberta": _ENCODER,
@@ -50,11 +85,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": _DECODER,
     "mistral": _DECODER | {"intermediate_size": 14336, "num_key_value_heads": 8},
     "qwen2": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32},
-}
+} | DECODER_DEFAULTS
 SUB_CONFIGS: dict[str, dict[str, str]] = {
     "clip": {"text_config": "clip_text_model", "vision_config": "clip_vision_model"},
 }
-_NOT_COUNTS = {"hidden_act", "activation_function"}
+_NOT_COUNTS = {"hidden_act", "activation_function", "hidden_activation", "mlp_only_layers"}
+_NOT_COUNTS |= set(_ROTARY)  # read by families._rotary_fraction
 
 
 def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNamespace:

@@ -20,12 +20,15 @@ class Slot:
     ``transposed``: the weight is stored as ``[in, out]`` (GPT-2 ``Conv1D``).
     ``chunk``: ``(index, count)`` when the map is one of ``count`` equal pieces of the output
     dimension of a fused tensor (GPT-2 ``c_attn`` holds q | k | v).
+    ``rows``: ``(start, stop)`` when the map is that row range of a fused tensor's ``[out, in]``
+    view, for pieces of unequal size (Phi-3's ``qkv_proj`` under grouped-query attention).
     """
 
     weight: str
     bias: str | None = None
     transposed: bool = False
     chunk: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None
 
     def names(self) -> tuple[str, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
@@ -39,6 +42,9 @@ class AttentionSpec:
     attention; ``n_kv_heads == n_heads`` is ordinary multi-head attention).
     ``rope``: rotary embeddings in the Hugging Face ``rotate_half`` layout, which rotates
     dimension ``i`` together with ``i + head_dim / 2``.
+    ``q_norm``/``k_norm``: stored weights ``w`` (``[head_dim]``, shared by all heads) of the
+    RMSNorm applied to every query/key head before RoPE (Qwen3, Gemma 3), which scales
+    dimension ``i`` by ``norm_offset + w_i`` (Gemma stores ``w`` with offset 1).
     """
 
     q: Slot
@@ -49,6 +55,9 @@ class AttentionSpec:
     n_kv_heads: int
     head_dim: int
     rope: bool = False
+    q_norm: str | None = None
+    k_norm: str | None = None
+    norm_offset: float = 0.0
 
     @property
     def group_size(self) -> int:
@@ -57,12 +66,18 @@ class AttentionSpec:
     def slots(self) -> dict[str, Slot]:
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
 
+    def norms(self) -> tuple[str, ...]:
+        """The per-head norm weights (none, or ``(q_norm, k_norm)``)."""
+        return tuple(n for n in (self.q_norm, self.k_norm) if n is not None)
+
 
 @dataclass(frozen=True)
 class MLPSpec:
     """Feed-forward block ``down(act(gate x) * up x)`` (gated) or ``down(act(up x))``.
 
     Rows of ``up`` (and ``gate``) and columns of ``down`` are the ``n_units`` hidden units.
+    ``label``: for the further MLPs of a block (:attr:`BlockSpec.extra_mlps`), the prefix of
+    their roles (``expert3.up``).
     """
 
     up: Slot
@@ -70,6 +85,7 @@ class MLPSpec:
     n_units: int
     activation: str
     gate: Slot | None = None
+    label: str = ""
 
     def slots(self) -> dict[str, Slot]:
         slots = {"up": self.up, "down": self.down}
@@ -77,18 +93,35 @@ class MLPSpec:
             slots["gate"] = self.gate
         return slots
 
+    def shapes(self, hidden_size: int) -> dict[str, tuple[int, int]]:
+        """Logical ``[out, in]`` shape of every slot."""
+        shapes = {"up": (self.n_units, hidden_size), "down": (hidden_size, self.n_units)}
+        if self.gate is not None:
+            shapes["gate"] = (self.n_units, hidden_size)
+        return shapes
+
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One transformer layer: the unit that is read, transformed and written at a time."""
+    """One transformer layer: the unit that is read, transformed and written at a time.
+
+    ``extra_mlps``: the further MLPs of a mixture-of-experts layer (experts 1.., the shared
+    expert), each with its own hidden units; ``mlp`` is the first (expert 0).  The router and
+    the shared expert's gate read the residual stream, which no transform here changes, so
+    they are copied unchanged.
+    """
 
     name: str
     hidden_size: int
     attention: AttentionSpec
     mlp: MLPSpec
+    extra_mlps: tuple[MLPSpec, ...] = ()
 
     def slots(self) -> dict[str, Slot]:
-        return {**self.attention.slots(), **self.mlp.slots()}
+        slots = {**self.attention.slots(), **self.mlp.slots()}
+        for mlp in self.extra_mlps:
+            slots |= {f"{mlp.label}.{role}": slot for role, slot in mlp.slots().items()}
+        return slots
 
     def tensor_names(self) -> tuple[str, ...]:
         names: list[str] = []
@@ -96,7 +129,7 @@ class BlockSpec:
             for name in slot.names():
                 if name not in names:  # fused tensors appear in several slots
                     names.append(name)
-        return tuple(names)
+        return tuple(names) + self.attention.norms()
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """Logical ``[out, in]`` shape of every slot, from the config."""
@@ -106,12 +139,14 @@ class BlockSpec:
             "k": (a.n_kv_heads * a.head_dim, d),
             "v": (a.n_kv_heads * a.head_dim, d),
             "o": (d, a.n_heads * a.head_dim),
-            "up": (m.n_units, d),
-            "down": (d, m.n_units),
-        }
-        if m.gate is not None:
-            shapes["gate"] = (m.n_units, d)
+        } | m.shapes(d)
+        for extra in self.extra_mlps:
+            shapes |= {f"{extra.label}.{r}": s for r, s in extra.shapes(d).items()}
         return shapes
+
+    def expected_norm_shapes(self) -> dict[str, tuple[int]]:
+        """Shape of every per-head norm weight: ``[head_dim]``."""
+        return {name: (self.attention.head_dim,) for name in self.attention.norms()}
 
 
 @dataclass(frozen=True)

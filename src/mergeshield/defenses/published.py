@@ -28,6 +28,22 @@ rotation by pi (a flip of both directions) of the ``k/2`` pairs with the most en
 ``W_Q W_Q^T + W_K W_K^T``, which maximizes ``||(P - I) W||`` over such orthogonal maps.  VO and
 the MLP are unrestricted.  Under grouped-query attention one QK and one VO matrix per
 key/value head is shared by its query heads.
+
+Per-head query/key norms before RoPE (Qwen3, Qwen3-MoE, Gemma 3): the QK group shrinks to a
+sign per head and rotary pair, and per layer a swap of each pair's two dimensions and a scale
+``c_j`` of the norm weights (``q_norm`` times ``c_j``, ``k_norm`` divided by it), derived in
+:mod:`mergeshield.symmetries.qk_norm`; ``W_Q``/``W_K`` rows only move or change sign, and no
+scale can reach them.  There ``params`` puts its per-pair ``alpha`` (``diagonal``) or
+log-uniform scale (``symmetric``: with random signs per head; ``nonsymmetric``: signs and
+random swaps) on the norm weights; ``mergelock`` takes random signs per head and pair, random
+swaps and log-uniform scales in its range; ``mergebarrier`` is unchanged (its pair flips are
+signs); ``all`` combines them as elsewhere.  VO, the head permutations and the MLP are as
+for any rotary model.
+
+Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): every expert's units, and the
+shared expert's, are permuted (and sign-flipped by ``all``) on their own, as the single MLP of
+a dense layer is (``params``: each as far as possible from the same expert of the base).  The
+router and the shared expert's gate read the residual stream and are left unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +70,7 @@ from mergeshield.symmetries.linalg import (
     rope_commuting,
     rope_pairs,
 )
+from mergeshield.symmetries.qk_norm import norm_map, pair_maps
 from mergeshield.symmetries.transform import BlockTransform, view
 
 PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
@@ -66,6 +83,51 @@ def _mlp_permutation(ctx: BlockContext) -> np.ndarray:
             ctx.block.mlp, ctx.weights, ctx.base, ctx.options.exact_assignment_max
         )
     return ctx.rng.permutation(ctx.block.mlp.n_units)
+
+
+def _extra_units(ctx: BlockContext, signs: bool) -> dict[str, np.ndarray]:
+    """Permutations (and, with ``signs``, sign flips of gated units) of the further MLPs of a
+    mixture-of-experts layer, each its own (PaRaMS: far from the base's same expert),
+    concatenated as ``BlockTransform.extra_unit_perm``/``extra_unit_scale``; none for a
+    dense layer."""
+    extras = ctx.block.extra_mlps
+    if not extras:
+        return {}
+    perms, scales = [], []
+    for mlp in extras:
+        if ctx.base is not None:
+            exact_max = ctx.options.exact_assignment_max
+            perms.append(mismatch_permutation(mlp, ctx.weights, ctx.base, exact_max))
+        else:
+            perms.append(ctx.rng.permutation(mlp.n_units))
+        if signs:
+            gated = mlp.gate is not None
+            scales.append(
+                ctx.rng.choice([-1.0, 1.0], mlp.n_units) if gated else np.ones(mlp.n_units)
+            )
+    out = {"extra_unit_perm": np.concatenate(perms)}
+    if signs:
+        out["extra_unit_scale"] = np.concatenate(scales)
+    return out
+
+
+def _normed_qk(
+    ctx: BlockContext, scale: tuple[float, float] | None, uniform: bool, signs: bool, swap: bool
+) -> dict[str, np.ndarray | None]:
+    """QK maps of heads with a per-head norm (:mod:`mergeshield.symmetries.qk_norm`): random
+    signs per key/value head and rotary pair (``signs``), per layer random swaps of each pair's
+    dimensions (``swap``) and a scale per pair of the norm weights drawn from ``scale``
+    (``uniform``, else log-uniform; None: no scale)."""
+    att, rng = ctx.block.attention, ctx.rng
+    half = att.head_dim // 2
+    sign = rng.choice([-1.0, 1.0], (att.n_kv_heads, half)) if signs else None
+    turn = rng.random(half) < 0.5 if swap else np.zeros(half, dtype=bool)
+    c = None
+    if scale is not None:
+        c = rng.uniform(*scale, half) if uniform else log_uniform(rng, *scale, half)
+    perm, norm_scale = norm_map(turn, c)
+    sign = np.ones((att.n_kv_heads, half)) if sign is None else sign
+    return {"qk": pair_maps(sign, turn), "norm_perm": perm, "norm_scale": norm_scale}
 
 
 def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +172,19 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
 
 def params(ctx: BlockContext) -> BlockTransform:
     qk, vo = _params_attention(ctx)
-    return BlockTransform(qk=qk, vo=vo, unit_perm=_mlp_permutation(ctx))
+    normed = {}
+    if ctx.block.attention.q_norm is not None:  # the QK maps above are replaced, see top
+        opt = ctx.options
+        scale = opt.scale or PAPER_SCALES.get(opt.scaling)
+        diagonal = opt.scaling == "diagonal"
+        swap = opt.scaling == "nonsymmetric"
+        normed = _normed_qk(ctx, scale, uniform=diagonal, signs=not diagonal, swap=swap)
+    return BlockTransform(
+        **({"qk": qk} | normed),
+        vo=vo,
+        unit_perm=_mlp_permutation(ctx),
+        **_extra_units(ctx, signs=False),
+    )
 
 
 def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
@@ -126,19 +200,23 @@ def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
     return bound_condition(a, ctx.options.max_cond)
 
 
-def _mergelock_matrices(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
+def _mergelock_matrices(ctx: BlockContext) -> dict[str, np.ndarray | None]:
+    """MergeLock's ``qk`` and ``vo`` (and, for heads with a per-head norm, the norm map)."""
     att = ctx.block.attention
-    if att.rope:
-        qk = rope_safe_qk(att, ctx.rng, ctx.options.scale or MERGELOCK_SCALE)
+    scale = ctx.options.scale or MERGELOCK_SCALE
+    qk: dict[str, np.ndarray | None]
+    if att.q_norm is not None:
+        qk = _normed_qk(ctx, scale, uniform=False, signs=True, swap=True)
+    elif att.rope:
+        qk = {"qk": rope_safe_qk(att, ctx.rng, scale)}
     else:
-        qk = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
+        qk = {"qk": np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])}
     vo = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
-    return qk, vo
+    return qk | {"vo": vo}
 
 
 def mergelock(ctx: BlockContext) -> BlockTransform:
-    qk, vo = _mergelock_matrices(ctx)
-    return BlockTransform(qk=qk, vo=vo)
+    return BlockTransform(**_mergelock_matrices(ctx))
 
 
 def barrier_flips(ctx: BlockContext) -> np.ndarray:
@@ -178,7 +256,7 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     """Every exact transform together (head permutation applied first, see transform.py)."""
     att, mlp = ctx.block.attention, ctx.block.mlp
     kv_perm, q_perm = random_head_permutation(att, ctx.rng)
-    lock_qk, lock_vo = _mergelock_matrices(ctx)
+    lock = _mergelock_matrices(ctx)
     # The flip is applied after the head permutation.  New kv head j is old kv head
     # kv_perm[j] and its query group is old group kv_perm[j] (reordered within), so its QK
     # energy, and hence its flip, is the old head's: no permuted copy of the weights needed.
@@ -189,10 +267,10 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     return BlockTransform(
         kv_perm=kv_perm,
         q_perm=q_perm,
-        qk=lock_qk @ flips,
-        vo=lock_vo,
+        **(lock | {"qk": lock["qk"] @ flips}),
         unit_perm=_mlp_permutation(ctx),
         unit_scale=scale,
+        **_extra_units(ctx, signs=True),
     )
 
 
