@@ -361,6 +361,10 @@ def _run_defenses(args) -> int:
     for d in DEFENSES.values():
         print(f"{d.name:14s} {d.summary}")
     print(f"\nsupported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from mergeshield.defenses.published import FAMILY_NOTES  # issue 16: what differs per type
+
+    for model_type, note in FAMILY_NOTES.items():
+        print(f"\n{model_type}: {note}")
     return 0
 
 
