@@ -254,3 +254,35 @@ def test_bad_decoder_inputs_get_one_line_errors(tiny, tmp_path, capsys):
 
     with pytest.raises(MergeShieldError, match="num_experts must be a positive integer"):
         read_config({"model_type": "qwen2_moe", "num_experts": "4"})
+
+
+@pytest.mark.parametrize("name", ["qwen3-gqa2", "gemma3", "phi3-gqa2", "qwen2_moe"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("backend", ["numpy-streamed", "torch"])
+def test_stored_bf16_transform_is_bit_identical_to_float64_path(tiny, name, inverse, backend):
+    """The norm-weight step, fused row views and every expert's units, on bf16 tensors as
+    protect runs them, give exactly the bytes of the float64 transform cast back once."""
+    from mergeshield.arrays import Gathered, to_numpy
+    from mergeshield.checkpoint import reader
+    from mergeshield.defenses.base import BlockContext, DefenseOptions
+    from mergeshield.symmetries.transform import Float64View, apply_transform
+
+    ckpt = open_checkpoint(tiny(name)[0])
+    block = ckpt.spec.blocks[0]
+    with reader(ckpt) as r:
+        stored = {k: v.to(torch.bfloat16) for k, v in r.block(block).items()}
+    ctx = BlockContext(block, Float64View(stored), None, np.random.default_rng(5), DefenseOptions())
+    t = DEFENSES["all"].sample(ctx)
+    fast = {k: v.clone() for k, v in stored.items()}
+    if backend != "torch":
+        fast = {k: to_numpy(v) for k, v in fast.items()}
+    apply_transform(fast, block, t, inverse=inverse, stream_mlp=backend == "numpy-streamed")
+    fast = {k: v.materialize() if isinstance(v, Gathered) else v for k, v in fast.items()}
+    wide = {k: v.double() for k, v in stored.items()}
+    apply_transform(wide, block, t, inverse=inverse)
+    for k, value in wide.items():
+        expected = to_numpy(value.to(torch.bfloat16).contiguous()).view(np.uint16)
+        assert np.array_equal(to_numpy(fast[k]).view(np.uint16), expected), k
+    bits = {k: to_numpy(stored[k]).view(np.uint16) for k in block.attention.norms()}
+    for k, old in bits.items():  # the norm weights moved (scaled, some pairs swapped)
+        assert not np.array_equal(to_numpy(fast[k]).view(np.uint16), old), k
