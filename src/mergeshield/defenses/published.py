@@ -120,13 +120,13 @@ def _normed_qk(
     (``uniform``, else log-uniform; None: no scale)."""
     att, rng = ctx.block.attention, ctx.rng
     half = att.head_dim // 2
-    sign = rng.choice([-1.0, 1.0], (att.n_kv_heads, half)) if signs else None
+    shape = (att.n_kv_heads, half)
+    sign = rng.choice([-1.0, 1.0], shape) if signs else np.ones(shape)
     turn = rng.random(half) < 0.5 if swap else np.zeros(half, dtype=bool)
     c = None
     if scale is not None:
         c = rng.uniform(*scale, half) if uniform else log_uniform(rng, *scale, half)
     perm, norm_scale = norm_map(turn, c)
-    sign = np.ones((att.n_kv_heads, half)) if sign is None else sign
     return {"qk": pair_maps(sign, turn), "norm_perm": perm, "norm_scale": norm_scale}
 
 
