@@ -219,7 +219,27 @@ def test_phi3_fused_rows_are_split_by_head_counts(tiny):
     assert (block.mlp.gate.chunk, block.mlp.up.chunk) == ((0, 2), (1, 2))
 
 
+@pytest.mark.parametrize("defense", DEFENSE_NAMES)
+def test_partial_rotary_qk_maps_keep_rotated_and_free_dimensions_apart(tiny, tmp_path, defense):
+    """Phi-4-mini's layout (here 10 of 16 dimensions rotated, pairs ``(j, j + 5)``): every QK
+    map acts on the rotated pairs alone and never mixes them with the 6 free dimensions."""
+    from mergeshield.symmetries.linalg import rope_commuting
+
+    original = tiny("phi3-partial")[0]
+    assert open_checkpoint(original).spec.blocks[0].attention.rotary == 10
+    protect(original, tmp_path / "p", defense, seed=3, key_out=tmp_path / "k")
+    _, transforms = load_key(tmp_path / "k")
+    rotation = rope_commuting(np.ones(5), np.linspace(0.3, 2.9, 5))  # generic angles
+    full = np.eye(16)
+    full[:10, :10] = rotation
+    for t in transforms.values():
+        for a in t.qk:
+            assert not a[:10, 10:].any() and not a[10:, :10].any()
+            np.testing.assert_allclose(a @ full, full @ a, atol=1e-9 * np.abs(a).max())
+
+
 def run_fails(args: list[str], capsys, expect: str) -> None:
+    capsys.readouterr()  # the fixture's save_pretrained progress bars
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("mergeshield: error:"), err
@@ -248,9 +268,9 @@ def test_bad_decoder_inputs_get_one_line_errors(tiny, tmp_path, capsys):
     phi = tmp_path / "phi"
     shutil.copytree(tiny("phi3-mha")[0], phi)
     cfg = json.loads((phi / "config.json").read_text())
-    cfg["rope_parameters"]["partial_rotary_factor"] = 0.75
+    cfg["rope_parameters"]["partial_rotary_factor"] = 0.625  # 5 of 8 dimensions: odd
     (phi / "config.json").write_text(json.dumps(cfg))
-    run_fails(["protect", str(phi), str(tmp_path / "o3"), "--quiet"], capsys, "partial rotary")
+    run_fails(["protect", str(phi), str(tmp_path / "o3"), "--quiet"], capsys, "rotates 5 of 8")
 
     with pytest.raises(MergeShieldError, match="num_experts must be a positive integer"):
         read_config({"model_type": "qwen2_moe", "num_experts": "4"})

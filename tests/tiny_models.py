@@ -246,6 +246,17 @@ DECODER_MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # partial rotary (Phi-4-mini's layout): 10 of 16 head dimensions rotated, 6 free
+    "phi3-partial": _decoder(
+        tf.Phi3Config,
+        tf.Phi3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        partial_rotary_factor=0.625,
+    ),
     "mixtral": _decoder(
         tf.MixtralConfig,
         tf.MixtralForCausalLM,

@@ -74,6 +74,7 @@ class Tower:
     activation: str
     rope: bool = False
     norm_offset: float = 0.0  # per-head q/k norms scale by norm_offset + weight (Gemma: 1)
+    rotary_dim: int = 0  # partial rotary: rotated dimensions per head (0: all)
     n_experts: int = 0  # mixture of experts: experts per MoE layer
     expert_units: int = 0
     shared_units: int = 0  # the shared expert's units (0: none)
@@ -129,15 +130,21 @@ def _rotary_fraction(cfg: Any) -> float:
 def _decoder_tower(cfg: Any, norm_offset: float = 0.0) -> Tower:
     """Qwen3, Gemma 2/3, Phi-3 and the MoE models: the Llama tower.
 
-    Partial rotary embeddings (Phi-4-mini) rotate the pairs ``(j, j + rotary_dim / 2)`` and
-    leave the other dimensions alone, a layout the rotary maps here do not follow: refused."""
+    Partial rotary embeddings (Phi-4-mini: ``partial_rotary_factor`` 0.75) rotate the pairs
+    ``(j, j + rotary_dim / 2)`` of the first ``rotary_dim = int(head_dim * factor)`` dimensions
+    (as transformers computes it) and leave the others alone; both counts must be even
+    (:func:`mergeshield.symmetries.linalg.rotary_index` pairs the free dimensions too)."""
+    tower = replace(_llama_tower(cfg), norm_offset=norm_offset)
     fraction = _rotary_fraction(cfg)
-    if fraction != 1.0:
+    rotary = int(tower.head_dim * fraction)
+    if fraction == 1.0:
+        return tower
+    if not 0 < rotary <= tower.head_dim or rotary % 2 or (tower.head_dim - rotary) % 2:
         raise MergeShieldError(
-            f"{cfg.model_type}: partial rotary embeddings (partial_rotary_factor={fraction}) "
-            "are not supported"
+            f"{cfg.model_type}: partial_rotary_factor={fraction} rotates {rotary} of "
+            f"{tower.head_dim} head dimensions; supported: even counts of rotated and free ones"
         )
-    return replace(_llama_tower(cfg), norm_offset=norm_offset)
+    return replace(tower, rotary_dim=rotary)
 
 
 def _n_experts(cfg: Any, default: int) -> int:
@@ -384,6 +391,7 @@ def _blocks(keys: set[str], tower: Tower, layout: Layout, prefix: str) -> Iterab
             q_norm=base + layout.q_norm + ".weight" if layout.q_norm else None,
             k_norm=base + layout.k_norm + ".weight" if layout.k_norm else None,
             norm_offset=tower.norm_offset,
+            rotary_dim=tower.rotary_dim,
         )
         halves = layout.gate_up_rows
         mlp = MLPSpec(

@@ -42,6 +42,8 @@ class AttentionSpec:
     attention; ``n_kv_heads == n_heads`` is ordinary multi-head attention).
     ``rope``: rotary embeddings in the Hugging Face ``rotate_half`` layout, which rotates
     dimension ``i`` together with ``i + head_dim / 2``.
+    ``rotary_dim``: partial rotary embeddings rotate only the first ``rotary_dim`` dimensions,
+    ``i`` with ``i + rotary_dim / 2`` (0: all of them).
     ``q_norm``/``k_norm``: stored weights ``w`` (``[head_dim]``, shared by all heads) of the
     RMSNorm applied to every query/key head before RoPE (Qwen3, Gemma 3), which scales
     dimension ``i`` by ``norm_offset + w_i`` (Gemma stores ``w`` with offset 1).
@@ -58,6 +60,12 @@ class AttentionSpec:
     q_norm: str | None = None
     k_norm: str | None = None
     norm_offset: float = 0.0
+    rotary_dim: int = 0  # partial rotary (Phi-4-mini): the rotated dimensions; 0: all
+
+    @property
+    def rotary(self) -> int:
+        """Dimensions of each head that RoPE rotates (``linalg.rotary_index``)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def group_size(self) -> int:

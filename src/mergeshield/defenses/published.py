@@ -27,7 +27,9 @@ that set); ``nonsymmetric`` and ``mergelock`` a random ``c_j R(phi_j)``; ``merge
 rotation by pi (a flip of both directions) of the ``k/2`` pairs with the most energy in
 ``W_Q W_Q^T + W_K W_K^T``, which maximizes ``||(P - I) W||`` over such orthogonal maps.  VO and
 the MLP are unrestricted.  Under grouped-query attention one QK and one VO matrix per
-key/value head is shared by its query heads.
+key/value head is shared by its query heads.  Partial rotary embeddings (Phi-4-mini) rotate
+only the pairs ``(j, j + rotary_dim / 2)``: the same maps are built on those pairs and on the
+free dimensions paired among themselves (``linalg.rotary_index``), never mixing the two.
 
 Per-head query/key norms before RoPE (Qwen3, Qwen3-MoE, Gemma 3): the QK group shrinks to a
 sign per head and rotary pair, and per layer a swap of each pair's two dimensions and a scale
@@ -68,7 +70,8 @@ from mergeshield.symmetries.linalg import (
     random_orthogonal,
     random_permutation_matrix,
     rope_commuting,
-    rope_pairs,
+    rotary_index,
+    to_rotary_layout,
 )
 from mergeshield.symmetries.qk_norm import norm_map, pair_maps
 from mergeshield.symmetries.transform import BlockTransform, view
@@ -119,6 +122,8 @@ def _normed_qk(
     dimensions (``swap``) and a scale per pair of the norm weights drawn from ``scale``
     (``uniform``, else log-uniform; None: no scale)."""
     att, rng = ctx.block.attention, ctx.rng
+    if att.rotary != att.head_dim:
+        raise MergeShieldError("per-head q/k norms with partial rotary embeddings: unsupported")
     half = att.head_dim // 2
     shape = (att.n_kv_heads, half)
     sign = rng.choice([-1.0, 1.0], shape) if signs else np.ones(shape)
@@ -172,6 +177,9 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
 
 def params(ctx: BlockContext) -> BlockTransform:
     qk, vo = _params_attention(ctx)
+    att = ctx.block.attention
+    if att.rope:  # partial rotary: the pair maps moved to the rotated pairs
+        qk = to_rotary_layout(qk, att.head_dim, att.rotary)
     normed = {}
     if ctx.block.attention.q_norm is not None:  # the QK maps above are replaced, see top
         opt = ctx.options
@@ -208,7 +216,7 @@ def _mergelock_matrices(ctx: BlockContext) -> dict[str, np.ndarray | None]:
     if att.q_norm is not None:
         qk = _normed_qk(ctx, scale, uniform=False, signs=True, swap=True)
     elif att.rope:
-        qk = {"qk": rope_safe_qk(att, ctx.rng, scale)}
+        qk = {"qk": to_rotary_layout(rope_safe_qk(att, ctx.rng, scale), att.head_dim, att.rotary)}
     else:
         qk = {"qk": np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])}
     vo = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
@@ -236,7 +244,7 @@ def barrier_flips(ctx: BlockContext) -> np.ndarray:
         diag = to_numpy(
             einsum("hij,hij->hi", wq, wq).reshape(g, r, d).sum(1) + einsum("hij,hij->hi", wk, wk)
         )
-        first, second = rope_pairs(d)
+        first, second = rotary_index(d, att.rotary)
         n_top = max(1, round(opt.flip_fraction * d / 2))
         for i, energy in enumerate(diag[:, first] + diag[:, second]):
             top = np.argsort(energy)[::-1][:n_top]
@@ -308,7 +316,9 @@ FAMILY_NOTES: dict[str, str] = {
     ),
     "phi3": (
         "as Llama, through row views of the fused qkv_proj (q | k | v by head counts) and\n"
-        "  gate_up_proj; the MLP is not streamed. Partial rotary (Phi-4-mini) is refused."
+        "  gate_up_proj; the MLP is not streamed. Partial rotary (Phi-4-mini): the rotary maps\n"
+        "  act on the rotated pairs (j, j + rotary_dim/2), the free dimensions take maps of\n"
+        "  their own (paired among themselves), never mixed with the rotated ones."
     ),
     "mixtral": _MOE,
     "qwen2_moe": _MOE,
