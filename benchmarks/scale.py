@@ -25,6 +25,11 @@ before each command is recorded too (the machine may be shared).
 
     python benchmarks/scale.py 1b --runs 3 --workdir /work/bench
     python benchmarks/scale.py 8b-slice --layers 2 4 --runs 3 --workdir /work/bench
+    python benchmarks/scale.py qwen3-8b-slice --layers 2 4 --commands copy protect
+    python benchmarks/scale.py gemma3-12b-slice --layers 2 4 --commands copy protect
+
+``--layers 2 4``: the difference of the two gives the time and memory per layer, without the
+embeddings (the new families' shapes: issue 16).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_synthetic import write_checkpoint  # noqa: E402
+from make_synthetic import SHAPES, write_checkpoint  # noqa: E402
 
 TIME = "/usr/bin/time"
 COMMANDS = ["copy", "user-copy", "imports", "protect", "mergekit-linear", "mergekit-passthrough"]
@@ -158,7 +163,7 @@ def summary(rows: list[dict], shard_gib: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shape", choices=["1b", "8b-slice"])
+    parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, nargs="+", default=[None], help="layer counts")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/work/bench"))
@@ -175,7 +180,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     for layers in args.layers:
-        model = args.workdir / f"llama-{args.shape}-{layers or 'all'}"
+        family = "" if "model_type" in SHAPES[args.shape] else "llama-"
+        model = args.workdir / f"{family}{args.shape}-{layers or 'all'}"
         if not model.exists():
             write_checkpoint(model, args.shape, layers, args.shard_gb)
         shard = max(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30

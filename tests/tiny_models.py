@@ -185,6 +185,26 @@ def _t5(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
     return make
 
 
+# --- decoder families of issue 16 (tests/test_families_decoder.py) ------------------------
+
+
+def _decoder(config_cls, model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
+    """A Llama-like tiny decoder whose norm weights are random too: trained per-head q/k norms
+    have unequal weights within a rotary pair, which pins the QK basis
+    (:mod:`mergeshield.symmetries.qk_norm`); all-ones weights would hide that."""
+    llama_like = _llama_like(config_cls, model_cls, **kw)
+
+    def make() -> tuple[Any, dict]:
+        model, inputs = llama_like()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3).add_(0.0 if "gemma" in model.config.model_type else 1.0)
+        return model, inputs
+
+    return make
+
+
 def _distilbert(model_cls, **kw) -> Callable[[], tuple[Any, dict]]:
     def make() -> tuple[Any, dict]:
         defaults = dict(
@@ -278,10 +298,121 @@ ENCODER_MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
 }
 
 
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=24)
+DECODER_MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
+    # GQA ratio 2, head_dim 16, untied
+    "qwen3-gqa2": _decoder(
+        tf.Qwen3Config,
+        tf.Qwen3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    ),
+    # MHA, head_dim 8, tied
+    "qwen3-mha": _decoder(
+        tf.Qwen3Config,
+        tf.Qwen3ForCausalLM,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=8,
+        tie_word_embeddings=True,
+    ),
+    # GQA ratio 4, head_dim 32 (larger than hidden / heads)
+    "qwen3-gqa4": _decoder(
+        tf.Qwen3Config,
+        tf.Qwen3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+    ),
+    # sandwich norms, soft-capping, GELU-tanh, a sliding-window layer
+    "gemma2": _decoder(
+        tf.Gemma2Config,
+        tf.Gemma2ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        **_SLIDING,
+    ),
+    # q_norm/k_norm with the (1 + w) weights, GQA ratio 4, head_dim 32
+    "gemma3": _decoder(
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        **_SLIDING,
+    ),
+    # fused qkv_proj with unequal q | k | v rows (GQA ratio 2), fused gate_up_proj
+    "phi3-gqa2": _decoder(
+        tf.Phi3Config,
+        tf.Phi3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "phi3-mha": _decoder(
+        tf.Phi3Config,
+        tf.Phi3ForCausalLM,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # partial rotary (Phi-4-mini's layout): 10 of 16 head dimensions rotated, 6 free
+    "phi3-partial": _decoder(
+        tf.Phi3Config,
+        tf.Phi3ForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        partial_rotary_factor=0.625,
+    ),
+    "mixtral": _decoder(
+        tf.MixtralConfig,
+        tf.MixtralForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        intermediate_size=24,
+    ),
+    # q/k/v biases, a shared expert with its gate, layer 1 dense (mlp_only_layers)
+    "qwen2_moe": _decoder(
+        tf.Qwen2MoeConfig,
+        tf.Qwen2MoeForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=3,
+        shared_expert_intermediate_size=40,
+        mlp_only_layers=[1],
+        **_MOE,
+    ),
+    "qwen3_moe": _decoder(
+        tf.Qwen3MoeConfig,
+        tf.Qwen3MoeForCausalLM,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=3,
+        **_MOE,
+    ),
+}
+
+
 def build(name: str, folder: Path, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
     """Build tiny model ``name`` with random weights, save it to ``folder``, return it."""
     torch.manual_seed(seed)
-    model, inputs = (MODELS | ENCODER_MODELS)[name]()
+    model, inputs = (MODELS | ENCODER_MODELS | DECODER_MODELS)[name]()
     _randomize_biases(model)
     model.eval()
     model.save_pretrained(folder)

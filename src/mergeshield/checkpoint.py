@@ -235,6 +235,13 @@ def _check_block_tensors(
                     "but config.json "
                     f"implies {role} of shape {expected[role]} ([out, in])"
                 )
+        # --- per-head q/k norm weights (Qwen3, Gemma 3; issue 16) ---
+        for name, shape in block.expected_norm_shapes().items():
+            if tuple(shapes[name]) != shape:
+                _fail(
+                    f"{path}: {name} has shape {tuple(shapes[name])}, but config.json implies "
+                    f"{shape} (head_dim)"
+                )
 
 
 class ShardFile:

@@ -19,7 +19,7 @@ import os
 import secrets
 import tempfile
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +276,7 @@ def save_key(
             os.remove(tmp)
 
 
-_FIELDS = ("kv_perm", "q_perm", "qk", "vo", "unit_perm", "unit_scale")
+_FIELDS = tuple(f.name for f in fields(BlockTransform))  # every transform parameter
 
 
 def load_key(path: str | os.PathLike) -> tuple[dict[str, str], dict[int, BlockTransform]]:
@@ -337,29 +337,40 @@ def check_key(
     for index, t in transforms.items():
         if index >= len(spec.blocks):
             raise MergeShieldError(f"{path}: key has block {index}, the model {len(spec.blocks)}")
-        att, mlp = spec.blocks[index].attention, spec.blocks[index].mlp
+        block = spec.blocks[index]
+        att, mlp = block.attention, block.mlp
         d = att.head_dim
+        units = mlp.n_units if mlp is not None else 0
+        extra = [m.n_units for m in block.extra_mlps]
         expected = {
             "kv_perm": (att.n_kv_heads,),
             "q_perm": (att.n_heads,),
             "qk": (att.n_kv_heads, d, d),
             "vo": (att.n_kv_heads, d, d),
-            "unit_perm": (mlp.n_units,),
-            "unit_scale": (mlp.n_units,),
+            "unit_perm": (units,),
+            "unit_scale": (units,),
+            "norm_perm": (d,),
+            "norm_scale": (d,),
+            "extra_unit_perm": (sum(extra),),
+            "extra_unit_scale": (sum(extra),),
         }
         for field, array in t.arrays().items():
             where = f"{path}: block {index} {field}"
             if array.shape != expected[field]:
                 raise MergeShieldError(f"{where} has shape {array.shape}, not {expected[field]}")
             if field.endswith("perm"):
-                if array.dtype.kind not in "iu" or not np.array_equal(
-                    np.sort(array), np.arange(len(array))
+                # the extra MLPs' permutations are concatenated, one per MLP
+                pieces = (
+                    np.split(array, np.cumsum(extra)[:-1]) if field.startswith("extra") else [array]
+                )
+                if array.dtype.kind not in "iu" or not all(
+                    np.array_equal(np.sort(piece), np.arange(len(piece))) for piece in pieces
                 ):
                     raise MergeShieldError(f"{where} is not a permutation")
                 continue
             if array.dtype.kind != "f" or not np.isfinite(array).all():
                 raise MergeShieldError(f"{where} is not finite floating point")
-            if field == "unit_scale" and not array.all():
+            if field.endswith("scale") and not array.all():
                 raise MergeShieldError(f"{where} has zero scales")
             if (
                 field in ("qk", "vo")

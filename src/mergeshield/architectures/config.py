@@ -32,6 +32,41 @@ _DECODER = _ENCODER | {  # Llama's defaults; Mistral and Qwen2 differ in two fie
     "hidden_act": "silu",
 }
 
+# --- decoder families of issue 16 -------------------------------------------------------
+_GEMMA = {
+    "hidden_size": 2304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "intermediate_size": 9216,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+_ROTARY = {"rope_parameters": None, "rope_scaling": None, "partial_rotary_factor": None}
+_EXPERTS = {"num_experts": None, "num_local_experts": None}  # either name; families.py's default
+_QWEN_MOE = _EXPERTS | {
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": None,
+    "moe_intermediate_size": 1408,
+}
+DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128},
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": _DECODER | {"hidden_size": 3072, "intermediate_size": 8192} | _ROTARY,
+    "mixtral": _DECODER | _EXPERTS | {"intermediate_size": 14336, "num_key_value_heads": 8},
+    "qwen2_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24}
+    | {"num_attention_heads": 16, "num_key_value_heads": 16}
+    | {"shared_expert_intermediate_size": 5632},
+    "qwen3_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24}
+    | {"num_attention_heads": 32, "num_key_value_heads": 4}
+    | {"moe_intermediate_size": 768},
+}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bert": _ENCODER,
     "roberta": _ENCODER,
@@ -68,11 +103,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "num_heads": 8,
         "feed_forward_proj": "relu",
     },
-}
+} | DECODER_DEFAULTS
 SUB_CONFIGS: dict[str, dict[str, str]] = {
     "clip": {"text_config": "clip_text_model", "vision_config": "clip_vision_model"},
 }
-_NOT_COUNTS = {"hidden_act", "activation_function", "activation", "feed_forward_proj"}
+_STRINGS = {"hidden_act", "activation_function", "activation", "feed_forward_proj"}
+_STRINGS |= {"hidden_activation"}
+_FREE = {"mlp_only_layers"} | set(_ROTARY)  # checked where read (families._rotary_fraction)
 
 
 def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNamespace:
@@ -88,10 +125,11 @@ def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNam
     for key, default in DEFAULTS.get(model_type, {}).items():
         value = raw.get(key, default)
         nullable = default is None  # e.g. num_key_value_heads: null means "as many as heads"
-        if key not in _NOT_COUNTS and not (nullable and value is None) and not _positive_int(value):
+        if key in _STRINGS:
+            if not isinstance(value, str):
+                raise MergeShieldError(f"config.json: {key} must be a string, got {value!r}")
+        elif key not in _FREE and not (nullable and value is None) and not _positive_int(value):
             raise MergeShieldError(f"config.json: {key} must be a positive integer, got {value!r}")
-        if key in _NOT_COUNTS and not isinstance(value, str):
-            raise MergeShieldError(f"config.json: {key} must be a string, got {value!r}")
         fields[key] = value
     for key, sub_type in SUB_CONFIGS.get(model_type, {}).items():
         sub = raw.get(key) or {}

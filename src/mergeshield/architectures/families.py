@@ -26,6 +26,11 @@ class Layout:
     ``cross``: q, k, v and o stems of a cross-attention after the self-attention (T5's
     decoder), which becomes a block of its own.  ``pinned_heads``: the self-attention heads
     share a position-bias table across layers (:class:`AttentionSpec`).
+    ``qkv_rows``: q, k and v are consecutive row ranges of the ``q`` stem (``n_heads * d``,
+    ``n_kv_heads * d``, ``n_kv_heads * d`` rows: Phi-3's ``qkv_proj``).  ``gate_up_rows``:
+    gate and up are the first and second half of the ``up`` stem's rows (``gate_up_proj``).
+    ``q_norm``/``k_norm``: stems of the per-head query/key norms.  ``moe``: where the experts
+    of a mixture-of-experts layer are (``up``/``down``/``gate`` are then its dense MLP, if any).
     """
 
     layer: str
@@ -40,6 +45,24 @@ class Layout:
     conv1d: bool = False
     cross: tuple[str, str, str, str] | None = None
     pinned_heads: bool = False
+    qkv_rows: bool = False
+    gate_up_rows: bool = False
+    q_norm: str | None = None
+    k_norm: str | None = None
+    moe: MoELayout | None = None
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Stems of a mixture-of-experts layer's MLPs, relative to the layer: expert ``e`` is
+    ``experts.format(e=e)`` + ``up``/``down``/``gate``, the shared expert (if any) ``shared`` +
+    the same."""
+
+    experts: str
+    up: str
+    down: str
+    gate: str
+    shared: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,12 @@ class Tower:
     prefix_optional: bool = False
     optional: bool = False
     layouts: tuple[Layout, ...] = ()
+    norm_offset: float = 0.0  # per-head q/k norms scale by norm_offset + weight (Gemma: 1)
+    rotary_dim: int = 0  # partial rotary: rotated dimensions per head (0: all)
+    n_experts: int = 0  # mixture of experts: experts per MoE layer
+    expert_units: int = 0
+    shared_units: int = 0  # the shared expert's units (0: none)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP (n_units) instead of experts
 
 
 @dataclass(frozen=True)
@@ -98,8 +127,64 @@ def _llama_tower(cfg: Any) -> Tower:
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         n_units=cfg.intermediate_size,
-        activation=str(cfg.hidden_act),
+        activation=str(getattr(cfg, "hidden_act", None) or cfg.hidden_activation),  # Gemma's name
         rope=True,
+    )
+
+
+def _rotary_fraction(cfg: Any) -> float:
+    """``partial_rotary_factor`` where the config keeps it (Phi-3: in ``rope_parameters``)."""
+    for field in ("rope_parameters", "rope_scaling"):
+        params = getattr(cfg, field, None)
+        if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+            return float(params["partial_rotary_factor"])
+    return float(getattr(cfg, "partial_rotary_factor", None) or 1.0)
+
+
+def _decoder_tower(cfg: Any, norm_offset: float = 0.0) -> Tower:
+    """Qwen3, Gemma 2/3, Phi-3 and the MoE models: the Llama tower.
+
+    Partial rotary embeddings (Phi-4-mini: ``partial_rotary_factor`` 0.75) rotate the pairs
+    ``(j, j + rotary_dim / 2)`` of the first ``rotary_dim = int(head_dim * factor)`` dimensions
+    (as transformers computes it) and leave the others alone; both counts must be even
+    (:func:`mergeshield.symmetries.linalg.rotary_index` pairs the free dimensions too)."""
+    tower = replace(_llama_tower(cfg), norm_offset=norm_offset)
+    fraction = _rotary_fraction(cfg)
+    rotary = int(tower.head_dim * fraction)
+    if fraction == 1.0:
+        return tower
+    if not 0 < rotary <= tower.head_dim or rotary % 2 or (tower.head_dim - rotary) % 2:
+        raise MergeShieldError(
+            f"{cfg.model_type}: partial_rotary_factor={fraction} rotates {rotary} of "
+            f"{tower.head_dim} head dimensions; supported: even counts of rotated and free ones"
+        )
+    return replace(tower, rotary_dim=rotary)
+
+
+def _n_experts(cfg: Any, default: int) -> int:
+    """Experts per layer: Mixtral and Qwen3-MoE accept ``num_experts`` and ``num_local_experts``
+    (an attribute map), and transformers 5 writes the latter."""
+    return getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or default
+
+
+def _mixtral_tower(cfg: Any) -> Tower:
+    """Every layer sparse; each expert has ``intermediate_size`` units."""
+    tower = _decoder_tower(cfg)
+    return replace(tower, n_experts=_n_experts(cfg, 8), expert_units=tower.n_units)
+
+
+def _qwen_moe_tower(cfg: Any, default_experts: int) -> Tower:
+    """Layer ``i`` sparse unless listed in ``mlp_only_layers`` or ``(i + 1) %
+    decoder_sparse_step``; experts of ``moe_intermediate_size`` units, Qwen2-MoE's shared expert
+    of ``shared_expert_intermediate_size``."""
+    tower = _decoder_tower(cfg)
+    step, only = cfg.decoder_sparse_step, set(cfg.mlp_only_layers or ())
+    return replace(
+        tower,
+        n_experts=_n_experts(cfg, default_experts),
+        expert_units=cfg.moe_intermediate_size,
+        shared_units=getattr(cfg, "shared_expert_intermediate_size", None) or 0,
+        dense_layers=tuple(i for i in range(tower.n_layers) if i in only or (i + 1) % step),
     )
 
 
@@ -269,6 +354,42 @@ def _t5_layout(decoder: bool, gated: bool) -> Layout:
     )
 
 
+# --- decoder families of issue 16 -------------------------------------------------------
+QWEN3 = replace(LLAMA, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+PHI3 = replace(
+    LLAMA,
+    q="self_attn.qkv_proj",
+    k="self_attn.qkv_proj",
+    v="self_attn.qkv_proj",
+    up="mlp.gate_up_proj",
+    gate="mlp.gate_up_proj",
+    qkv_rows=True,
+    gate_up_rows=True,
+)
+QWEN_MOE = replace(
+    LLAMA,
+    moe=MoELayout(
+        experts="mlp.experts.{e}.",
+        up="up_proj",
+        down="down_proj",
+        gate="gate_proj",
+        shared="mlp.shared_expert.",
+    ),
+)
+QWEN3_MOE = replace(QWEN_MOE, q_norm=QWEN3.q_norm, k_norm=QWEN3.k_norm)
+MIXTRAL = replace(
+    LLAMA, moe=MoELayout(experts="block_sparse_moe.experts.{e}.", up="w3", down="w2", gate="w1")
+)
+DECODER_FAMILIES: dict[str, Family] = {
+    "qwen3": Family("qwen3", (QWEN3,), lambda c: [_decoder_tower(c)]),
+    "gemma2": Family("gemma", (LLAMA,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
+    "gemma3_text": Family("gemma", (QWEN3,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
+    "phi3": Family("phi3", (PHI3,), lambda c: [_decoder_tower(c)]),
+    "mixtral": Family("moe", (MIXTRAL,), lambda c: [_mixtral_tower(c)]),
+    "qwen2_moe": Family("moe", (QWEN_MOE,), lambda c: [_qwen_moe_tower(c, 60)]),
+    "qwen3_moe": Family("moe", (QWEN3_MOE,), lambda c: [_qwen_moe_tower(c, 128)]),
+}
+
 FAMILIES: dict[str, Family] = {
     "bert": Family("bert", (BERT,), lambda c: [_encoder_tower(c)]),
     "roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
@@ -284,7 +405,7 @@ FAMILIES: dict[str, Family] = {
     "xlm-roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
     "distilbert": Family("distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)]),
     "t5": Family("t5", (), _t5_towers),
-}
+} | DECODER_FAMILIES
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
 
@@ -296,13 +417,20 @@ def _find_prefix(keys: set[str], tower_prefix: str, layout: Layout) -> str | Non
     return hits[0] if hits else None
 
 
-def _slot(keys: set[str], stem: str, layout: Layout, chunk: tuple[int, int] | None) -> Slot:
+def _slot(
+    keys: set[str],
+    stem: str,
+    layout: Layout,
+    chunk: tuple[int, int] | None,
+    rows: tuple[int, int] | None = None,
+) -> Slot:
     bias = stem + ".bias"
     return Slot(
         weight=stem + ".weight",
         bias=bias if bias in keys else None,
         transposed=layout.conv1d,
         chunk=chunk,
+        rows=rows,
     )
 
 
@@ -320,34 +448,92 @@ def _find_tower(
     return None
 
 
+SlotMaker = Callable[..., Slot]
+
+
+def _qkv_rows(slot: SlotMaker, layout: Layout, tower: Tower) -> tuple[Slot, Slot, Slot]:
+    """q, k and v as the consecutive row ranges of one fused tensor (``Layout.qkv_rows``)."""
+    nq, nkv = tower.n_heads * tower.head_dim, tower.n_kv_heads * tower.head_dim
+    return (
+        slot(layout.q, rows=(0, nq)),
+        slot(layout.k, rows=(nq, nq + nkv)),
+        slot(layout.v, rows=(nq + nkv, nq + 2 * nkv)),
+    )
+
+
+def _moe_mlps(slot: SlotMaker, tower: Tower, moe: MoELayout) -> list[MLPSpec]:
+    """The experts of a mixture-of-experts layer, then its shared expert (if any)."""
+    parts = [
+        (f"expert{e}", moe.experts.format(e=e), tower.expert_units) for e in range(tower.n_experts)
+    ]
+    if moe.shared is not None and tower.shared_units:
+        parts.append(("shared", moe.shared, tower.shared_units))
+    return [
+        MLPSpec(
+            up=slot(stem + moe.up),
+            down=slot(stem + moe.down),
+            gate=slot(stem + moe.gate),
+            n_units=units,
+            activation=tower.activation,
+            label=label,
+        )
+        for label, stem, units in parts
+    ]
+
+
 def _blocks(keys: set[str], tower: Tower, layout: Layout, start: str) -> Iterable[BlockSpec]:
     for i in range(tower.n_layers):
         base = start + layout.layer.format(i=i)
 
-        def slot(stem: str, chunk: tuple[int, int] | None = None, base: str = base) -> Slot:
-            return _slot(keys, base + stem, layout, chunk)
+        def slot(
+            stem: str,
+            chunk: tuple[int, int] | None = None,
+            rows: tuple[int, int] | None = None,
+            base: str = base,
+        ) -> Slot:
+            return _slot(keys, base + stem, layout, chunk, rows)
 
         fused = layout.fused_qkv
+        q = slot(layout.q, (0, 3) if fused else None)
+        k = slot(layout.k, (1, 3) if fused else None)
+        v = slot(layout.v, (2, 3) if fused else None)
+        if layout.qkv_rows:
+            q, k, v = _qkv_rows(slot, layout, tower)
         attention = AttentionSpec(
-            q=slot(layout.q, (0, 3) if fused else None),
-            k=slot(layout.k, (1, 3) if fused else None),
-            v=slot(layout.v, (2, 3) if fused else None),
+            q=q,
+            k=k,
+            v=v,
             o=slot(layout.o),
             n_heads=tower.n_heads,
             n_kv_heads=tower.n_kv_heads,
             head_dim=tower.head_dim,
             rope=tower.rope,
             pinned_heads=layout.pinned_heads,
+            q_norm=base + layout.q_norm + ".weight" if layout.q_norm else None,
+            k_norm=base + layout.k_norm + ".weight" if layout.k_norm else None,
+            norm_offset=tower.norm_offset,
+            rotary_dim=tower.rotary_dim,
         )
+        halves = layout.gate_up_rows
         mlp = MLPSpec(
-            up=slot(layout.up),
+            up=slot(layout.up, (1, 2) if halves else None),
             down=slot(layout.down),
-            gate=slot(layout.gate) if layout.gate else None,
+            gate=slot(layout.gate, (0, 2) if halves else None) if layout.gate else None,
             n_units=tower.n_units,
             activation=tower.activation,
         )
+        extras: tuple[MLPSpec, ...] = ()
+        if layout.moe is not None and tower.n_experts and i not in tower.dense_layers:
+            mlp, *rest = _moe_mlps(slot, tower, layout.moe)
+            extras = tuple(rest)
         name = f"{tower.prefix.rstrip('.') or 'layer'} {i}".replace("_model", "")
-        yield BlockSpec(name=name, hidden_size=tower.hidden_size, attention=attention, mlp=mlp)
+        yield BlockSpec(
+            name=name,
+            hidden_size=tower.hidden_size,
+            attention=attention,
+            mlp=mlp,
+            extra_mlps=extras,
+        )
         if layout.cross is not None:
             q, k, v, o = (slot(stem) for stem in layout.cross)
             cross = replace(attention, q=q, k=k, v=v, o=o, pinned_heads=False)

@@ -20,12 +20,15 @@ class Slot:
     ``transposed``: the weight is stored as ``[in, out]`` (GPT-2 ``Conv1D``).
     ``chunk``: ``(index, count)`` when the map is one of ``count`` equal pieces of the output
     dimension of a fused tensor (GPT-2 ``c_attn`` holds q | k | v).
+    ``rows``: ``(start, stop)`` when the map is that row range of a fused tensor's ``[out, in]``
+    view, for pieces of unequal size (Phi-3's ``qkv_proj`` under grouped-query attention).
     """
 
     weight: str
     bias: str | None = None
     transposed: bool = False
     chunk: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None
 
     def names(self) -> tuple[str, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
@@ -43,6 +46,11 @@ class AttentionSpec:
     its stack shares (T5's relative attention bias, stored in layer 0): a head permutation of
     one layer is not exact, so the heads keep their order (per-head QK/VO maps leave the
     scores ``q_h^T k_h`` and outputs unchanged, hence commute with the bias).
+    ``rotary_dim``: partial rotary embeddings rotate only the first ``rotary_dim`` dimensions,
+    ``i`` with ``i + rotary_dim / 2`` (0: all of them).
+    ``q_norm``/``k_norm``: stored weights ``w`` (``[head_dim]``, shared by all heads) of the
+    RMSNorm applied to every query/key head before RoPE (Qwen3, Gemma 3), which scales
+    dimension ``i`` by ``norm_offset + w_i`` (Gemma stores ``w`` with offset 1).
     """
 
     q: Slot
@@ -54,6 +62,15 @@ class AttentionSpec:
     head_dim: int
     rope: bool = False
     pinned_heads: bool = False
+    q_norm: str | None = None
+    k_norm: str | None = None
+    norm_offset: float = 0.0
+    rotary_dim: int = 0  # partial rotary (Phi-4-mini): the rotated dimensions; 0: all
+
+    @property
+    def rotary(self) -> int:
+        """Dimensions of each head that RoPE rotates (``linalg.rotary_index``)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -62,12 +79,18 @@ class AttentionSpec:
     def slots(self) -> dict[str, Slot]:
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
 
+    def norms(self) -> tuple[str, ...]:
+        """The per-head norm weights (none, or ``(q_norm, k_norm)``)."""
+        return tuple(n for n in (self.q_norm, self.k_norm) if n is not None)
+
 
 @dataclass(frozen=True)
 class MLPSpec:
     """Feed-forward block ``down(act(gate x) * up x)`` (gated) or ``down(act(up x))``.
 
     Rows of ``up`` (and ``gate``) and columns of ``down`` are the ``n_units`` hidden units.
+    ``label``: for the further MLPs of a block (:attr:`BlockSpec.extra_mlps`), the prefix of
+    their roles (``expert3.up``).
     """
 
     up: Slot
@@ -75,12 +98,20 @@ class MLPSpec:
     n_units: int
     activation: str
     gate: Slot | None = None
+    label: str = ""
 
     def slots(self) -> dict[str, Slot]:
         slots = {"up": self.up, "down": self.down}
         if self.gate is not None:
             slots["gate"] = self.gate
         return slots
+
+    def shapes(self, hidden_size: int) -> dict[str, tuple[int, int]]:
+        """Logical ``[out, in]`` shape of every slot."""
+        shapes = {"up": (self.n_units, hidden_size), "down": (hidden_size, self.n_units)}
+        if self.gate is not None:
+            shapes["gate"] = (self.n_units, hidden_size)
+        return shapes
 
 
 @dataclass(frozen=True)
@@ -90,15 +121,23 @@ class BlockSpec:
     ``mlp`` is None for an attention-only block: a T5 decoder layer is two blocks, its
     self-attention with its MLP, and its cross-attention (queries from the decoder stream,
     keys and values from the encoder output) alone.
+    ``extra_mlps``: the further MLPs of a mixture-of-experts layer (experts 1.., the shared
+    expert), each with its own hidden units; ``mlp`` is the first (expert 0).  The router and
+    the shared expert's gate read the residual stream, which no transform here changes, so
+    they are copied unchanged.
     """
 
     name: str
     hidden_size: int
     attention: AttentionSpec
     mlp: MLPSpec | None
+    extra_mlps: tuple[MLPSpec, ...] = ()
 
     def slots(self) -> dict[str, Slot]:
-        return {**self.attention.slots(), **(self.mlp.slots() if self.mlp is not None else {})}
+        slots = {**self.attention.slots(), **(self.mlp.slots() if self.mlp is not None else {})}
+        for mlp in self.extra_mlps:
+            slots |= {f"{mlp.label}.{role}": slot for role, slot in mlp.slots().items()}
+        return slots
 
     def tensor_names(self) -> tuple[str, ...]:
         names: list[str] = []
@@ -106,7 +145,7 @@ class BlockSpec:
             for name in slot.names():
                 if name not in names:  # fused tensors appear in several slots
                     names.append(name)
-        return tuple(names)
+        return tuple(names) + self.attention.norms()
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """Logical ``[out, in]`` shape of every slot, from the config."""
@@ -116,12 +155,14 @@ class BlockSpec:
             "k": (a.n_kv_heads * a.head_dim, d),
             "v": (a.n_kv_heads * a.head_dim, d),
             "o": (d, a.n_heads * a.head_dim),
-        }
-        if m is not None:
-            shapes |= {"up": (m.n_units, d), "down": (d, m.n_units)}
-        if m is not None and m.gate is not None:
-            shapes["gate"] = (m.n_units, d)
+        } | (m.shapes(d) if m is not None else {})
+        for extra in self.extra_mlps:
+            shapes |= {f"{extra.label}.{r}": s for r, s in extra.shapes(d).items()}
         return shapes
+
+    def expected_norm_shapes(self) -> dict[str, tuple[int]]:
+        """Shape of every per-head norm weight: ``[head_dim]``."""
+        return {name: (self.attention.head_dim,) for name in self.attention.norms()}
 
 
 @dataclass(frozen=True)

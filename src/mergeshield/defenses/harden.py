@@ -245,7 +245,7 @@ def attention_specs(config: Any, base_names: Sequence[str]) -> list[AttentionSpe
     specs = [block.attention for block in describe(config, base_names).blocks]
     for att in specs:
         for slot in (att.q, att.k, att.v, att.o):
-            if slot.chunk is not None or slot.transposed:
+            if slot.chunk is not None or slot.rows is not None or slot.transposed:
                 raise MergeShieldError(
                     f"arf needs separate, untransposed attention projections; {slot.weight} is "
                     "fused or transposed (use trap2, merge or mergeguard for this model)"

@@ -40,6 +40,26 @@ heads in order (cross-attention heads are permuted).  The per-head QK/VO maps ke
 average with the base, relative to the outputs' spread; :data:`FAMILY_NOTES`): ``all``,
 ``params`` and ``mergelock`` 1.1-1.5 as on BERT-like models, ``mergebarrier`` (QK only)
 0.27-0.48 against 0.74-0.88 there; unprotected 0.11-0.17.
+
+Partial rotary embeddings (Phi-4-mini) rotate only the pairs ``(j, j + rotary_dim / 2)``:
+the same maps are built on those pairs and on the free dimensions paired among themselves
+(``linalg.rotary_index``), never mixing the two.
+
+Per-head query/key norms before RoPE (Qwen3, Qwen3-MoE, Gemma 3): the QK group shrinks to a
+sign per head and rotary pair, and per layer a swap of each pair's two dimensions and a scale
+``c_j`` of the norm weights (``q_norm`` times ``c_j``, ``k_norm`` divided by it), derived in
+:mod:`mergeshield.symmetries.qk_norm`; ``W_Q``/``W_K`` rows only move or change sign, and no
+scale can reach them.  There ``params`` puts its per-pair ``alpha`` (``diagonal``) or
+log-uniform scale (``symmetric``: with random signs per head; ``nonsymmetric``: signs and
+random swaps) on the norm weights; ``mergelock`` takes random signs per head and pair, random
+swaps and log-uniform scales in its range; ``mergebarrier`` is unchanged (its pair flips are
+signs); ``all`` combines them as elsewhere.  VO, the head permutations and the MLP are as
+for any rotary model.
+
+Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): every expert's units, and the
+shared expert's, are permuted (and sign-flipped by ``all``) on their own, as the single MLP of
+a dense layer is (``params``: each as far as possible from the same expert of the base).  The
+router and the shared expert's gate read the residual stream and are left unchanged.
 """
 
 from __future__ import annotations
@@ -64,8 +84,10 @@ from mergeshield.symmetries.linalg import (
     random_orthogonal,
     random_permutation_matrix,
     rope_commuting,
-    rope_pairs,
+    rotary_index,
+    to_rotary_layout,
 )
+from mergeshield.symmetries.qk_norm import norm_map, pair_maps
 from mergeshield.symmetries.transform import BlockTransform, view
 
 PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
@@ -80,6 +102,53 @@ def _mlp_permutation(ctx: BlockContext) -> np.ndarray | None:
             ctx.block.mlp, ctx.weights, ctx.base, ctx.options.exact_assignment_max
         )
     return ctx.rng.permutation(ctx.block.mlp.n_units)
+
+
+def _extra_units(ctx: BlockContext, signs: bool) -> dict[str, np.ndarray]:
+    """Permutations (and, with ``signs``, sign flips of gated units) of the further MLPs of a
+    mixture-of-experts layer, each its own (PaRaMS: far from the base's same expert),
+    concatenated as ``BlockTransform.extra_unit_perm``/``extra_unit_scale``; none for a
+    dense layer."""
+    extras = ctx.block.extra_mlps
+    if not extras:
+        return {}
+    perms, scales = [], []
+    for mlp in extras:
+        if ctx.base is not None:
+            exact_max = ctx.options.exact_assignment_max
+            perms.append(mismatch_permutation(mlp, ctx.weights, ctx.base, exact_max))
+        else:
+            perms.append(ctx.rng.permutation(mlp.n_units))
+        if signs:
+            gated = mlp.gate is not None
+            scales.append(
+                ctx.rng.choice([-1.0, 1.0], mlp.n_units) if gated else np.ones(mlp.n_units)
+            )
+    out = {"extra_unit_perm": np.concatenate(perms)}
+    if signs:
+        out["extra_unit_scale"] = np.concatenate(scales)
+    return out
+
+
+def _normed_qk(
+    ctx: BlockContext, scale: tuple[float, float] | None, uniform: bool, signs: bool, swap: bool
+) -> dict[str, np.ndarray | None]:
+    """QK maps of heads with a per-head norm (:mod:`mergeshield.symmetries.qk_norm`): random
+    signs per key/value head and rotary pair (``signs``), per layer random swaps of each pair's
+    dimensions (``swap``) and a scale per pair of the norm weights drawn from ``scale``
+    (``uniform``, else log-uniform; None: no scale)."""
+    att, rng = ctx.block.attention, ctx.rng
+    if att.rotary != att.head_dim:
+        raise MergeShieldError("per-head q/k norms with partial rotary embeddings: unsupported")
+    half = att.head_dim // 2
+    shape = (att.n_kv_heads, half)
+    sign = rng.choice([-1.0, 1.0], shape) if signs else np.ones(shape)
+    turn = rng.random(half) < 0.5 if swap else np.zeros(half, dtype=bool)
+    c = None
+    if scale is not None:
+        c = rng.uniform(*scale, half) if uniform else log_uniform(rng, *scale, half)
+    perm, norm_scale = norm_map(turn, c)
+    return {"qk": pair_maps(sign, turn), "norm_perm": perm, "norm_scale": norm_scale}
 
 
 def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +193,22 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
 
 def params(ctx: BlockContext) -> BlockTransform:
     qk, vo = _params_attention(ctx)
-    return BlockTransform(qk=qk, vo=vo, unit_perm=_mlp_permutation(ctx))
+    att = ctx.block.attention
+    if att.rope:  # partial rotary: the pair maps moved to the rotated pairs
+        qk = to_rotary_layout(qk, att.head_dim, att.rotary)
+    normed = {}
+    if ctx.block.attention.q_norm is not None:  # the QK maps above are replaced, see top
+        opt = ctx.options
+        scale = opt.scale or PAPER_SCALES.get(opt.scaling)
+        diagonal = opt.scaling == "diagonal"
+        swap = opt.scaling == "nonsymmetric"
+        normed = _normed_qk(ctx, scale, uniform=diagonal, signs=not diagonal, swap=swap)
+    return BlockTransform(
+        **({"qk": qk} | normed),
+        vo=vo,
+        unit_perm=_mlp_permutation(ctx),
+        **_extra_units(ctx, signs=False),
+    )
 
 
 def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
@@ -140,19 +224,23 @@ def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
     return bound_condition(a, ctx.options.max_cond)
 
 
-def _mergelock_matrices(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
+def _mergelock_matrices(ctx: BlockContext) -> dict[str, np.ndarray | None]:
+    """MergeLock's ``qk`` and ``vo`` (and, for heads with a per-head norm, the norm map)."""
     att = ctx.block.attention
-    if att.rope:
-        qk = rope_safe_qk(att, ctx.rng, ctx.options.scale or MERGELOCK_SCALE)
+    scale = ctx.options.scale or MERGELOCK_SCALE
+    qk: dict[str, np.ndarray | None]
+    if att.q_norm is not None:
+        qk = _normed_qk(ctx, scale, uniform=False, signs=True, swap=True)
+    elif att.rope:
+        qk = {"qk": to_rotary_layout(rope_safe_qk(att, ctx.rng, scale), att.head_dim, att.rotary)}
     else:
-        qk = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
+        qk = {"qk": np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])}
     vo = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
-    return qk, vo
+    return qk | {"vo": vo}
 
 
 def mergelock(ctx: BlockContext) -> BlockTransform:
-    qk, vo = _mergelock_matrices(ctx)
-    return BlockTransform(qk=qk, vo=vo)
+    return BlockTransform(**_mergelock_matrices(ctx))
 
 
 def barrier_flips(ctx: BlockContext) -> np.ndarray:
@@ -172,7 +260,7 @@ def barrier_flips(ctx: BlockContext) -> np.ndarray:
         diag = to_numpy(
             einsum("hij,hij->hi", wq, wq).reshape(g, r, d).sum(1) + einsum("hij,hij->hi", wk, wk)
         )
-        first, second = rope_pairs(d)
+        first, second = rotary_index(d, att.rotary)
         n_top = max(1, round(opt.flip_fraction * d / 2))
         for i, energy in enumerate(diag[:, first] + diag[:, second]):
             top = np.argsort(energy)[::-1][:n_top]
@@ -192,7 +280,7 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     """Every exact transform together (head permutation applied first, see transform.py)."""
     att, mlp = ctx.block.attention, ctx.block.mlp
     kv_perm, q_perm = random_head_permutation(att, ctx.rng)
-    lock_qk, lock_vo = _mergelock_matrices(ctx)
+    lock = _mergelock_matrices(ctx)
     # The flip is applied after the head permutation.  New kv head j is old kv head
     # kv_perm[j] and its query group is old group kv_perm[j] (reordered within), so its QK
     # energy, and hence its flip, is the old head's: no permuted copy of the weights needed.
@@ -203,13 +291,38 @@ def all_transforms(ctx: BlockContext) -> BlockTransform:
     return BlockTransform(
         kv_perm=kv_perm,
         q_perm=q_perm,
-        qk=lock_qk @ flips,
-        vo=lock_vo,
+        **(lock | {"qk": lock["qk"] @ flips}),
         unit_perm=_mlp_permutation(ctx),
         unit_scale=scale,
+        **_extra_units(ctx, signs=True),
     )
 
 
+_NORMED_QK = (
+    "per-head q/k norms pin the QK basis (mergeshield.symmetries.qk_norm): Q/K maps are only\n"
+    "  signs per head and rotary pair, plus per layer a swap of each pair's two dimensions and\n"
+    "  a scale per pair moved onto q_norm/k_norm. params: its scales on the norms (symmetric:\n"
+    "  + signs; nonsymmetric: + signs and swaps); mergelock: signs, swaps, log-uniform scales;\n"
+    "  mergebarrier: unchanged (pair flips are signs); all: both. VO, heads, MLP as Llama.\n"
+    "  Measured: a 50/50 merge with the base through the protected Q/K and norm tensors alone\n"
+    "  (all else original) moves the logits by, in units of their spread (3 seeds), "
+)
+_MEASURED_QWEN3 = (
+    "tiny Qwen3:\n"
+    "  0.65-0.82 (mergelock), 0.74-0.85 (mergebarrier), 0.77-0.86 (params); the same shapes\n"
+    "  without norms (Llama): 1.05-1.09, 0.81-1.06, 0.97-1.17; unprotected: 0.22-0.28; with VO\n"
+    "  and MLP (all): 1.4."
+)
+_MEASURED_GEMMA3 = (
+    "tiny Gemma 3:\n"
+    "  0.37-0.44 (mergelock), 0.37-0.43 (mergebarrier), 0.40-0.43 (params); unprotected:\n"
+    "  0.12-0.13; with VO and MLP (all): 0.95."
+)
+_MOE = (
+    "every expert's (and a shared expert's) units permuted (all: and sign-flipped) each on\n"
+    "  its own (params: far from the same expert of the base); routers and the shared expert's\n"
+    "  gate read the residual stream and are kept bit for bit."
+)
 # What differs per model type, printed by ``mergeshield defenses`` (issue 16).
 FAMILY_NOTES: dict[str, str] = {
     "t5": (
@@ -220,6 +333,21 @@ FAMILY_NOTES: dict[str, str] = {
         "  (all), 1.1-1.4 (mergelock), 1.2-1.5 (params), 0.27-0.48 (mergebarrier, QK only);\n"
         "  unprotected: 0.11-0.17."
     ),
+    "qwen3": _NORMED_QK + _MEASURED_QWEN3,
+    "gemma3_text": _NORMED_QK + _MEASURED_GEMMA3,
+    "gemma2": (
+        "as Llama: sandwich norms, scaled embeddings and final soft-capping act on the residual\n"
+        "  stream, attention soft-capping on scores that every QK map keeps."
+    ),
+    "phi3": (
+        "as Llama, through row views of the fused qkv_proj (q | k | v by head counts) and\n"
+        "  gate_up_proj; the MLP is not streamed. Partial rotary (Phi-4-mini): the rotary maps\n"
+        "  act on the rotated pairs (j, j + rotary_dim/2), the free dimensions take maps of\n"
+        "  their own (paired among themselves), never mixed with the rotated ones."
+    ),
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE + "\n  Attention: as qwen3.",
 }
 
 

@@ -72,6 +72,34 @@ def rope_pairs(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return first, first + half
 
 
+def rotary_index(head_dim: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Partial rotary embeddings (``rotary_dim < head_dim``, Phi-4-mini) rotate the pairs
+    ``(j, j + rotary_dim / 2)`` and leave the last ``head_dim - rotary_dim`` dimensions alone;
+    any invertible map acts on those, so they are paired among themselves too:
+    ``(rotary_dim + i, rotary_dim + free / 2 + i)``.  Returns the ``(first, second)`` stored
+    index of every pair, rotary pairs first: :func:`rope_pairs` when ``rotary_dim ==
+    head_dim``.  A map built on :func:`rope_pairs` ``(head_dim)`` (pair ``k`` on ``(k, k +
+    head_dim / 2)``) becomes valid here once its rows and columns ``concat(first, second)`` are
+    moved to those positions (:func:`to_rotary_layout`)."""
+    if rotary_dim == head_dim:
+        return rope_pairs(head_dim)
+    rot, free = rope_pairs(rotary_dim), rope_pairs(head_dim - rotary_dim)
+    return np.concatenate([rot[0], rotary_dim + free[0]]), np.concatenate(
+        [rot[1], rotary_dim + free[1]]
+    )
+
+
+def to_rotary_layout(mats: np.ndarray, head_dim: int, rotary_dim: int) -> np.ndarray:
+    """``(n, d, d)`` maps built on :func:`rope_pairs` moved to the pairs of
+    :func:`rotary_index` (unchanged for full rotary)."""
+    if rotary_dim == head_dim:
+        return mats
+    order = np.concatenate(rotary_index(head_dim, rotary_dim))
+    out = np.zeros_like(mats)
+    out[:, order[:, None], order[None, :]] = mats
+    return out
+
+
 def rope_commuting(scale: np.ndarray, angle: np.ndarray) -> np.ndarray:
     """The matrix acting on each rotary pair ``j`` as ``scale_j * R(angle_j)``.
 

@@ -11,7 +11,14 @@ A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
    head output ``W_O[:, h] sum_t p_t v_t`` is unchanged (attention weights sum to one);
 4. MLP: unit ``i`` takes old unit ``unit_perm[i]`` (rows of up/gate, columns of down), then
    ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
-   (exact only for gated MLPs, where ``up`` enters linearly); none in an attention-only block.
+   (exact only for gated MLPs, where ``up`` enters linearly; none in an attention-only
+   block); the further MLPs of a
+   mixture-of-experts layer (``BlockSpec.extra_mlps``) the same way, each by its own piece of
+   ``extra_unit_perm``/``extra_unit_scale`` (their permutations and scales, concatenated).
+
+Per-head query/key norms (Qwen3, Gemma 3; :mod:`mergeshield.symmetries.qk_norm`) add, after
+step 2, the map of their shared weights: with ``u = norm_offset + w``,
+``u_Q <- norm_scale * u_Q[norm_perm]`` and ``u_K <- u_K[norm_perm] / norm_scale``.
 
 :func:`apply_transform` runs on tensors of any float dtype and rounds every element at most once:
 the permutations (steps 1 and 4) only move data and a unit scale of powers of two (``all``'s
@@ -60,6 +67,10 @@ class BlockTransform:
     vo: np.ndarray | None = None  # (n_kv, d, d): B_g
     unit_perm: np.ndarray | None = None  # (n_units,)
     unit_scale: np.ndarray | None = None  # (n_units,)
+    norm_perm: np.ndarray | None = None  # (d,): per-head q/k norm weights
+    norm_scale: np.ndarray | None = None  # (d,)
+    extra_unit_perm: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
+    extra_unit_scale: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -78,14 +89,18 @@ def view(tensors: Tensors, slot: Slot) -> tuple[Array, Array | None]:
         size = w.shape[0] // count
         w = w[index * size : (index + 1) * size]
         b = b[index * size : (index + 1) * size] if b is not None else None
+    if slot.rows is not None:
+        start, stop = slot.rows
+        w = w[start:stop]
+        b = b[start:stop] if b is not None else None
     return w, b
 
 
 def _set_weight(tensors: Tensors, slot: Slot, new: Array) -> None:
     """Store ``new`` (the slot's ``[out, in]`` weight) in place of the old one: a plain
-    slot's tensor is replaced, a transposed or fused (chunk) slot is written through its
+    slot's tensor is replaced, a transposed or fused (chunk, rows) slot is written through its
     view."""
-    if slot.transposed or slot.chunk is not None:
+    if slot.transposed or slot.chunk is not None or slot.rows is not None:
         view(tensors, slot)[0][...] = new
     else:
         tensors[slot.weight] = new
@@ -229,7 +244,8 @@ def apply_transform(
     computed as they are written (:func:`mergeshield.checkpoint.rewrite`)."""
     att, mlp = block.attention, block.mlp
     d, r = att.head_dim, att.group_size
-    steps = [_head_step, _qk_step, _vo_step, partial(_mlp_step, stream=stream_mlp)]
+    mlp_step = partial(_mlp_step, stream=stream_mlp, extras=block.extra_mlps)
+    steps = [_head_step, _qk_step, _norm_step, _vo_step, mlp_step]
     for step in reversed(steps) if inverse else steps:
         step(tensors, att, mlp, d, r, t, inverse)
 
@@ -254,6 +270,24 @@ def _qk_step(tensors, att, mlp, d, r, t, inverse) -> None:
     a_inv_t = np.swapaxes(np.linalg.inv(a), 1, 2)
     _rows(tensors, att.q, _per_head(np.repeat(a, r, axis=0), d))
     _rows(tensors, att.k, _per_head(a_inv_t, d))
+
+
+def _norm_step(tensors, att, mlp, d, r, t, inverse) -> None:
+    """The per-head norm weights' map (module docstring), computed in float64 and rounded once;
+    a permutation alone only moves data."""
+    if t.norm_perm is None and t.norm_scale is None:
+        return
+    perm = t.norm_perm if t.norm_perm is not None else np.arange(d)
+    scale = t.norm_scale
+    for name, power in ((att.q_norm, 1), (att.k_norm, -1)):
+        w = tensors[name]
+        if scale is None:
+            tensors[name] = take(w, np.argsort(perm) if inverse else perm, 0)
+            continue
+        s = as_matrices(scale**power, w)
+        u = float64(w) + att.norm_offset
+        u = take(u / s, np.argsort(perm), 0) if inverse else take(u, perm, 0) * s
+        tensors[name] = cast(u - att.norm_offset, w)
 
 
 def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
@@ -297,11 +331,22 @@ def is_power_of_two(scale: np.ndarray) -> bool:
     return bool(np.all(np.abs(mantissa) == 0.5))
 
 
-def _mlp_step(tensors, att, mlp, d, r, t, inverse, stream=False) -> None:
+def _mlp_step(tensors, att, mlp, d, r, t, inverse, stream=False, extras=()) -> None:
     if mlp is None:  # an attention-only block (T5's cross-attention)
         return
+    _units_step(tensors, mlp, t.unit_perm, t.unit_scale, inverse, stream)
+    start = 0
+    for extra in extras:
+        piece = slice(start, start + extra.n_units)
+        start += extra.n_units
+        perm = t.extra_unit_perm[piece] if t.extra_unit_perm is not None else None
+        scale = t.extra_unit_scale[piece] if t.extra_unit_scale is not None else None
+        _units_step(tensors, extra, perm, scale, inverse, stream)
+
+
+def _units_step(tensors, mlp, perm, scale, inverse, stream) -> None:
+    """Step 4 for one MLP: its units permuted by ``perm`` and scaled by ``scale``."""
     ins = [mlp.up] + ([mlp.gate] if mlp.gate is not None else [])
-    perm, scale = t.unit_perm, t.unit_scale
     if stream and _streamable(tensors, mlp, scale):
         _gather_units(tensors, mlp, perm, scale, inverse)
         return
@@ -323,7 +368,8 @@ def _streamable(tensors: Tensors, mlp, scale: np.ndarray | None) -> bool:
     only, and no fused (chunk) slot, whose tensor holds other maps too."""
     slots = mlp.slots().values()
     return all(
-        slot.chunk is None and isinstance(tensors[slot.weight], np.ndarray) for slot in slots
+        slot.chunk is None and slot.rows is None and isinstance(tensors[slot.weight], np.ndarray)
+        for slot in slots
     ) and (scale is None or bool(np.all(np.abs(scale) == 1)))
 
 
