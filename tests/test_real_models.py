@@ -224,3 +224,25 @@ def test_smollm2_protected_logits_and_generation(smollm2, tmp_path, defense):
     assert rel <= TOLERANCE, f"{defense}: max relative logit error {rel:.2e}"
     assert greedy(model, tokenizer) == generations, f"{defense}: greedy generations differ"
     assert_moved(folder, out, defense)
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_protection_adds_about_one_rounding_and_verifies(smollm2, tmp_path, capsys):
+    """The real SmolLM2 in bf16, protected with the default ``all``: its logit error stays
+    within the one-rounding bound of the MiniLM test (3x a plain bf16 round trip), and
+    ``mergeshield verify`` calls it the same function (issue 14, item 10)."""
+    from mergeshield.cli import main
+    from mergeshield.convert import smollm2_checkpoint
+
+    folder, inputs, logits, _, _ = smollm2
+    bf16 = smollm2_checkpoint(dtype=torch.bfloat16)
+    out = tmp_path / "protected"
+    protect(bf16, out, "all", seed=5)
+    _, rounded = model_output(load_model(bf16, torch.float32), inputs)
+    _, protected = model_output(load_model(out, torch.float32), inputs)
+    scale = logits.abs().max()
+    round_trip = ((rounded - logits).abs().max() / scale).item()
+    err = ((protected - logits).abs().max() / scale).item()
+    assert err <= 3 * round_trip, f"bf16 error {err:.2e} vs round trip {round_trip:.2e}"
+    code = main(["verify", str(bf16), str(out), "--text", "The capital of France is"])
+    assert code == 0, capsys.readouterr().out
