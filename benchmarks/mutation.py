@@ -36,7 +36,7 @@ MUTATIONS = (
     Mutation(
         "defense-transform-disabled",  # every defense returns the input weights
         "symmetries/transform.py",
-        "    steps = [_head_step, _qk_step, _vo_step, partial(_mlp_step, stream=stream_mlp)]\n",
+        "    steps = [_head_step, _qk_step, _norm_step, _vo_step, mlp_step]\n",
         "    steps = []\n",
         ("tests/test_protective_effect.py", "tests/test_protect.py"),
     ),
