@@ -272,15 +272,17 @@ def evaluate_release(
         variant_folders: dict[str, Path] = {}
         for attack_name in plan.attacks:
             source = released
+            # mergekit reads "a+b" in a path as model a with LoRA b: no "+" in folder names
+            folder_name = attack_name.replace("+", "-then-")
             align, perturb = parse_attack(attack_name)
             if perturb:
                 source = perturb_then_align(
-                    released, family.base, work / "attacked" / attack_name, attack=align, **perturb
+                    released, family.base, work / "attacked" / folder_name, attack=align, **perturb
                 )
             elif align != "none":
-                source = run_attack(released, family.base, work / "attacked" / attack_name, align)
+                source = run_attack(released, family.base, work / "attacked" / folder_name, align)
             variant_folders[attack_name] = extract_backbone(
-                source, family.base, work / "variants" / attack_name
+                source, family.base, work / "variants" / folder_name
             )
         for variant, folder in variant_folders.items():
             delta = _delta(backbone_tensors(folder), base)
