@@ -139,7 +139,9 @@ def null_p(z: float, nulls: list[float]) -> float | None:
 @dataclass
 class Scores:
     """One model's per-view statistics: ``z[view][tensor]``, ``distance[view]`` (relative
-    distance of its blocks to the view's base frame), ``Z[view]`` and ``statistic = max Z``."""
+    distance of its MLP weights to the view's base frame: the one part every alignment maps
+    exactly, so an unrelated model cannot be aligned close to the base), ``Z[view]`` and
+    ``statistic = max Z``."""
 
     path: str
     z: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -285,6 +287,7 @@ def _score_models(
             b = base_r.block(bspec)
             o = orig_r.block(original.spec.blocks[i], like=bspec)
             names = _matrices(bspec.tensor_names(), b)
+            mlp = [slot.weight for slot in bspec.mlp.slots().values()]
             refs = {"raw": {n: residual(o[n] - b[n], b[n], rank) for n in names}}
             refs["aligned"] = refs["raw"]
             frame = {"raw": b, "aligned": b}
@@ -296,7 +299,7 @@ def _score_models(
                 apply_transform(tb, bspec, t)
                 refs["key"] = {n: residual(p[n] - b[n], tb[n], rank) for n in names}
                 frame["key"] = tb
-            base_sq += sum(float(b[n].square().sum()) for n in names)
+            base_sq += sum(float(b[n].square().sum()) for n in mlp)
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
                 x = rd.block(model.spec.blocks[i], like=bspec)
                 suspect = {"raw": x, "key": x}
@@ -306,8 +309,8 @@ def _score_models(
                     )
                 for v in model_views[m]:
                     for n in names:
-                        s = suspect[v][n] - b[n]
-                        scores[m].z[v][n] = tensor_z(s, refs[v][n])
+                        scores[m].z[v][n] = tensor_z(suspect[v][n] - b[n], refs[v][n])
+                    for n in mlp:
                         sq[m][v] += float((suspect[v][n] - frame[v][n]).square().sum())
         for name, oname in orig_outside.items():
             b = base_r.get(name).double()
@@ -331,9 +334,9 @@ def _check_derived(score: Scores, role: str, base: Path) -> None:
     nearest = min(score.distance.values())
     if nearest >= DERIVED:
         raise MergeShieldError(
-            f"{role} {score.path} is not derived from base {base}: its blocks are "
-            f"{nearest:.2f}x the base's norm away from it (a fine-tune or merge of the base "
-            f"stays well below {DERIVED:g}x)"
+            f"{role} {score.path} is not derived from base {base}: its MLP weights are "
+            f"{nearest:.2f}x the base's norm away from it, even aligned (a fine-tune or merge of "
+            f"the base stays well below {DERIVED:g}x)"
         )
 
 
@@ -356,63 +359,88 @@ def detect(
     ``aligned`` view (None: no alignment); ``out``: a folder for ``report.json`` and
     ``detect.png``.  Raises :class:`MergeShieldError` with a one-line message on bad input.
     """
+    (result,) = detect_all(
+        [suspect], original, base, key=key, null=null, alpha=alpha, rank=rank, attack=attack
+    )
+    if out is not None:
+        write_report(result, Path(out))
+    return result
+
+
+def detect_all(
+    suspects: list[str | os.PathLike],
+    original: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    key: str | os.PathLike | None = None,
+    null: list[str | os.PathLike] | tuple = (),
+    alpha: float = ALPHA,
+    rank: int = RANK,
+    attack: str | None = "aga",
+) -> list[Detection]:
+    """:func:`detect` for several suspects in one streaming pass (the references and the null
+    models are computed once); ``seconds`` of each result is the whole pass."""
     start = time.perf_counter()
     if not 0 < alpha < 1:
         raise MergeShieldError(f"alpha must be in (0, 1), not {alpha}")
     base_ck = _open(base, "base")
     orig_ck = _open(original, "original")
-    suspect_ck = _open(suspect, "suspect")
+    suspect_cks = [_open(s, "suspect") for s in suspects]
     null_cks = [_open(n, f"null model {n}") for n in null]
     _check_architecture(base_ck, orig_ck, "original")
-    _check_architecture(base_ck, suspect_ck, "suspect")
-    for n in null_cks:
-        _check_architecture(base_ck, n, f"null model {n.path}")
+    for ck in suspect_cks:
+        _check_architecture(base_ck, ck, "suspect")
+    for ck in null_cks:
+        _check_architecture(base_ck, ck, f"null model {ck.path}")
     transforms = _load_key(key, orig_ck) if key is not None else None
 
     orig_score, *scores = _score_models(
         base_ck,
         orig_ck,
-        [orig_ck, suspect_ck, *null_cks],
-        transforms=None if transforms is None else transforms,
+        [orig_ck, *suspect_cks, *null_cks],
+        transforms=transforms,
         attack=attack,
         rank=rank,
         raw_only=(0,),
     )
     _check_derived(orig_score, "original", base_ck.path)
-    suspect_score, null_scores = scores[0], scores[1:]
-    _check_derived(suspect_score, "suspect", base_ck.path)
-    for s in null_scores:
-        _check_derived(s, "null model", base_ck.path)
+    suspect_scores, null_scores = scores[: len(suspect_cks)], scores[len(suspect_cks) :]
+    for score in suspect_scores:
+        _check_derived(score, "suspect", base_ck.path)
+    for score in null_scores:
+        _check_derived(score, "null model", base_ck.path)
+    nulls = [score.statistic for score in null_scores]
+    seconds = time.perf_counter() - start
 
-    z = suspect_score.statistic
-    nulls = [s.statistic for s in null_scores]
-    p_flip = flip_p(z, len(suspect_score.Z))
-    p_null = null_p(z, nulls)
-    effect = z / max(orig_score.Z["raw"], 1e-300)
-    p = p_flip if p_null is None else p_null
-    found = p <= alpha and (p_null is not None or effect >= E_MIN)
-    result = Detection(
-        suspect=str(suspect_ck.path),
-        original=str(orig_ck.path),
-        base=str(base_ck.path),
-        found=found,
-        statistic=z,
-        p_value=p,
-        p_flip=p_flip,
-        p_null=p_null,
-        effect=effect,
-        alpha=alpha,
-        views=dict(suspect_score.Z),
-        null_statistics=nulls,
-        rank=rank,
-        attack=attack,
-        seconds=time.perf_counter() - start,
-        scores=suspect_score,
-        null_scores=null_scores,
-    )
-    if out is not None:
-        write_report(result, Path(out))
-    return result
+    results = []
+    for score in suspect_scores:
+        z = score.statistic
+        p_flip = flip_p(z, len(score.Z))
+        p_null = null_p(z, nulls)
+        effect = z / max(orig_score.Z["raw"], 1e-300)
+        p = p_flip if p_null is None else p_null
+        results.append(
+            Detection(
+                suspect=score.path,
+                original=str(orig_ck.path),
+                base=str(base_ck.path),
+                found=p <= alpha and (p_null is not None or effect >= E_MIN),
+                statistic=z,
+                p_value=p,
+                p_flip=p_flip,
+                p_null=p_null,
+                effect=effect,
+                alpha=alpha,
+                views=dict(score.Z),
+                null_statistics=nulls,
+                rank=rank,
+                attack=attack,
+                seconds=seconds,
+                scores=score,
+                null_scores=null_scores,
+            )
+        )
+    return results
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -452,4 +480,4 @@ def plot(result: Detection, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["Detection", "Scores", "detect", "residual", "tensor_z"]
+__all__ = ["Detection", "Scores", "detect", "detect_all", "residual", "tensor_z"]
