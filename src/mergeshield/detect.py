@@ -121,16 +121,33 @@ def flip_p(z: float, views: int) -> float:
     return min(1.0, views * 0.5 * math.erfc(z / math.sqrt(2.0)))
 
 
+def _prediction(nulls: list[float]) -> tuple[float, float, int]:
+    """``(m, d sqrt(1 + 1/n), n - 1)``: location, scale and degrees of freedom of the t
+    prediction distribution of a new null model's statistic."""
+    n = len(nulls)
+    mean, sd = float(np.mean(nulls)), float(np.std(nulls, ddof=1))
+    return mean, max(sd, 1e-12) * math.sqrt(1 + 1 / n), n - 1
+
+
 def null_p(z: float, nulls: list[float]) -> float | None:
     """One-sided t prediction p-value of ``z`` against the null models' statistics (n >= 2)."""
     if len(nulls) < 2:
         return None
     from scipy.stats import t as student_t
 
-    n = len(nulls)
-    mean, sd = float(np.mean(nulls)), float(np.std(nulls, ddof=1))
-    scale = max(sd, 1e-12) * math.sqrt(1 + 1 / n)
-    return float(student_t.sf((z - mean) / scale, df=n - 1))
+    mean, scale, df = _prediction(nulls)
+    return float(student_t.sf((z - mean) / scale, df=df))
+
+
+def threshold(nulls: list[float], views: int, self_statistic: float, alpha: float) -> float:
+    """The statistic a suspect needs to be reported found (the dashed line of the plot)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
+    if len(nulls) >= 2:
+        mean, scale, df = _prediction(nulls)
+        return mean + scale * float(student_t.isf(alpha, df))
+    return max(float(norm.isf(alpha / views)), E_MIN * self_statistic)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -163,6 +180,7 @@ class Detection:
     p_flip: float
     p_null: float | None
     effect: float
+    threshold: float
     alpha: float
     views: dict[str, float]
     null_statistics: list[float]
@@ -419,6 +437,7 @@ def detect_all(
         p_null = null_p(z, nulls)
         effect = z / max(orig_score.Z["raw"], 1e-300)
         p = p_flip if p_null is None else p_null
+        needed = threshold(nulls, len(score.Z), orig_score.Z["raw"], alpha)
         results.append(
             Detection(
                 suspect=score.path,
@@ -430,6 +449,7 @@ def detect_all(
                 p_flip=p_flip,
                 p_null=p_null,
                 effect=effect,
+                threshold=needed,
                 alpha=alpha,
                 views=dict(score.Z),
                 null_statistics=nulls,
@@ -468,12 +488,24 @@ def plot(result: Detection, path: Path) -> None:
     for i, z in enumerate(result.null_statistics):
         ax.axvline(z, color="tab:blue", alpha=0.6, lw=1.5, label="null models" if i == 0 else None)
     colour = "tab:red" if result.found else "tab:green"
+    ax.axvline(
+        result.threshold,
+        color="black",
+        ls="--",
+        lw=1,
+        label=f"found above (alpha {result.alpha:g})",
+    )
     ax.axvline(result.statistic, color=colour, lw=2.5, label="suspect")
     ax.set_xscale("symlog", linthresh=4)
     ax.set_xlabel("statistic Z (max over views; symlog axis)")
     ax.set_yticks([])
     verdict = "FOUND" if result.found else "not found"
-    ax.set_title(f"release {verdict}: Z = {result.statistic:.1f}, p = {result.p_value:.1e}")
+    ax.set_title(
+        f"release {verdict}: Z = {result.statistic:.1f} (found above {result.threshold:.1f}), "
+        f"p = {result.p_value:.1e}"
+    )
+    top = max([result.statistic, result.threshold, 4.0, *result.null_statistics])
+    ax.set_xlim(-5, 2 * top)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
