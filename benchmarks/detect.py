@@ -251,7 +251,7 @@ def timing(models: dict, family: zoo.Family, work: Path, runs: int) -> dict:
     base = family.base
     others = list(family.tasks)[1:]
     o1 = work / "bb" / others[0]
-    merge_s, detect_s, detect_null_s = [], [], []
+    merge_s, detect_s, detect_null_s, raw_s = [], [], [], []
     for _ in range(runs):
         out = work / "timing-merge"
         t = time.perf_counter()
@@ -263,13 +263,22 @@ def timing(models: dict, family: zoo.Family, work: Path, runs: int) -> dict:
         t = time.perf_counter()
         detect(out, models["original"], base, null=models["calibration"])  # 5 null models
         detect_null_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        detect(out, models["original"], base, attack=None)  # raw view only
+        raw_s.append(time.perf_counter() - t)
         shutil.rmtree(out)
     return {
         "merge_s": statistics.median(merge_s),
         "detect_s": statistics.median(detect_s),
         "detect_with_nulls_s": statistics.median(detect_null_s),
+        "detect_without_alignment_s": statistics.median(raw_s),
         "runs": runs,
-        "all": {"merge": merge_s, "detect": detect_s, "detect_with_nulls": detect_null_s},
+        "all": {
+            "merge": merge_s,
+            "detect": detect_s,
+            "detect_with_nulls": detect_null_s,
+            "detect_without_alignment": raw_s,
+        },
     }
 
 
@@ -292,6 +301,7 @@ def main() -> None:
     parser.add_argument("--setting", default="small")
     parser.add_argument("--seeds", type=int, default=6, help="same-task fine-tunes to build")
     parser.add_argument("--runs", type=int, default=3, help="timing repetitions")
+    parser.add_argument("--timing-only", action="store_true", help="skip the TPR/FPR study")
     parser.add_argument(
         "--threads",
         type=int,
@@ -318,6 +328,9 @@ def main() -> None:
         "family": str(family.root),
     }
     base = family.base
+    if args.timing_only:
+        print(json.dumps(timing(models, family, work, args.runs), indent=2))
+        return
     results["positives"] = score(models, base, models["positives"])
     results["nulls"] = score(models, base, models["nulls"])
     results["key positives, with --key"] = score(
