@@ -50,8 +50,9 @@ def _direction(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """A task's direction: rank 2 plus a full-rank part with a fifth of its norm."""
     if len(shape) < 2:
         return torch.randn(shape, generator=gen)
-    low = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
-    low = low / low.norm() * math.prod(shape) ** 0.5
+    cols = math.prod(shape[1:])
+    low = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, cols, generator=gen)
+    low = (low / low.norm() * math.prod(shape) ** 0.5).reshape(shape)
     return low + 0.2 * torch.randn(shape, generator=gen)
 
 
@@ -228,3 +229,23 @@ def _vit(tmp_path: Path) -> Path:
                   intermediate_size=64, image_size=16, patch_size=4)
     ).save_pretrained(out)  # fmt: skip
     return out
+
+
+@pytest.mark.parametrize("name", ["llama-gqa2", "gpt2", "vit", "qwen2"])
+def test_other_families(name, tmp_path) -> None:
+    """A task-arithmetic mix of the victim is found and another task's model is not, on the
+    tiny models of the other families (RoPE and GQA, fused transposed c_attn, ViT, q/k/v
+    biases); the original is compared in its own layout."""
+    from tests.tiny_models import build
+
+    build(name, tmp_path / "base")
+    base = load_tensors(tmp_path / "base")
+    victim, other = _fine_tune(base, 0, 0), _fine_tune(base, 1, 1)
+    mix = {k: b + 0.3 * (victim[k] - b) + 0.3 * (other[k] - b) if b.is_floating_point() else b
+           for k, b in base.items()}  # fmt: skip
+    for label, tensors in (("original", victim), ("other", other), ("mix", mix)):
+        _save(tensors, tmp_path / "base", tmp_path / label)
+    found, not_found = detect_all(
+        [tmp_path / "mix", tmp_path / "other"], tmp_path / "original", tmp_path / "base"
+    )
+    assert found.found and not not_found.found, (found.line(), not_found.line())

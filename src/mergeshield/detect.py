@@ -200,7 +200,10 @@ class Detection:
         """The one-line verdict."""
         verdict = "FOUND" if self.found else "not found"
         n = len(self.null_statistics)
-        null = f"{n} null models" if n else f"sign-flip null, effect >= {E_MIN:g} required"
+        if self.p_null is not None:
+            null = f"{n} null models"
+        else:
+            null = f"sign-flip null, effect >= {E_MIN:g} required"
         best = max(self.views, key=lambda v: self.views[v])
         return (
             f"release {verdict} in {self.suspect}: statistic {self.statistic:.1f} ({best} view, "
