@@ -71,6 +71,7 @@ import numpy as np
 
 from mergeshield.checkpoint import Checkpoint, open_checkpoint, reader
 from mergeshield.errors import MergeShieldError
+from mergeshield.protect import load_key_for
 
 if TYPE_CHECKING:
     import torch
@@ -261,20 +262,6 @@ def _outside_names(base: Checkpoint, model: Checkpoint) -> dict[str, str]:
     return names
 
 
-def _load_key(key: str | os.PathLike, original: Checkpoint):
-    from mergeshield.protect import load_key
-
-    meta, transforms = load_key(key)
-    if meta.get("model_type") != original.spec.model_type or int(meta["n_blocks"]) != len(
-        original.spec.blocks
-    ):
-        raise MergeShieldError(
-            f"{key}: key is for a {meta.get('n_blocks')}-block {meta.get('model_type')} model, "
-            f"not the original's {len(original.spec.blocks)}-block {original.spec.model_type}"
-        )
-    return transforms
-
-
 def _matrices(block_names: tuple[str, ...], tensors: dict) -> list[str]:
     return [n for n in block_names if tensors[n].dim() == 2]
 
@@ -419,7 +406,7 @@ def detect_all(
         _check_architecture(base_ck, ck, "suspect")
     for ck in null_cks:
         _check_architecture(base_ck, ck, f"null model {ck.path}")
-    transforms = _load_key(key, orig_ck) if key is not None else None
+    transforms = load_key_for(key, orig_ck) if key is not None else None
 
     orig_score, *scores = _score_models(
         base_ck,

@@ -203,6 +203,19 @@ def load_key(path: str | os.PathLike) -> tuple[dict[str, str], dict[int, BlockTr
     return meta, transforms
 
 
+def load_key_for(key: str | os.PathLike, src: Checkpoint) -> dict[int, BlockTransform]:
+    """The transforms of ``key``, refused unless the key was made for a model like ``src``."""
+    meta, transforms = load_key(key)
+    if meta.get("model_type") != src.spec.model_type or int(meta["n_blocks"]) != len(
+        src.spec.blocks
+    ):
+        raise MergeShieldError(
+            f"{key}: key is for a {meta.get('n_blocks')}-block {meta.get('model_type')} model, "
+            f"not this {len(src.spec.blocks)}-block {src.spec.model_type} model"
+        )
+    return transforms
+
+
 def unprotect(
     protected: str | os.PathLike,
     key: str | os.PathLike,
@@ -213,14 +226,7 @@ def unprotect(
 ) -> Path:
     """Undo a protection with its key file: writes the original weights (to float precision)."""
     src, out = open_checkpoint(protected), Path(out)
-    meta, transforms = load_key(key)
-    if meta.get("model_type") != src.spec.model_type or int(meta["n_blocks"]) != len(
-        src.spec.blocks
-    ):
-        raise MergeShieldError(
-            f"{key}: key is for a {meta.get('n_blocks')}-block {meta.get('model_type')} model, "
-            f"not this {len(src.spec.blocks)}-block {src.spec.model_type} model"
-        )
+    transforms = load_key_for(key, src)
 
     with (
         single_threaded_numpy_blas(),
