@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergeshield.checkpoint import Checkpoint, open_checkpoint, reader
+from mergeshield.checkpoint import Checkpoint, check_same_architecture, open_checkpoint, reader
 from mergeshield.errors import MergeShieldError
 from mergeshield.protect import load_key_for
 
@@ -176,7 +176,8 @@ class Scores:
 
 @dataclass
 class Detection:
-    """The verdict: ``found`` when ``p_value <= alpha``."""
+    """The verdict: ``found`` when ``p_value <= alpha`` (without null models also
+    ``effect >= E_MIN``), i.e. when ``statistic >= threshold``."""
 
     suspect: str
     original: str
@@ -230,8 +231,6 @@ def _open(path: str | os.PathLike, role: str) -> Checkpoint:
 
 def _check_architecture(base: Checkpoint, model: Checkpoint, role: str) -> None:
     """Same blocks and block shapes as the base (a model of another size is refused)."""
-    from mergeshield.checkpoint import check_same_architecture
-
     if model.spec.model_type != base.spec.model_type:
         raise MergeShieldError(
             f"{role} {model.path} is a {model.spec.model_type} model, base {base.path} is a "
