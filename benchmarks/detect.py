@@ -45,7 +45,7 @@ from mergeshield.detect import E_MIN, detect, detect_all
 from mergeshield.evaluation import zoo
 from mergeshield.evaluation.tasks import load_task
 from mergeshield.folders import atomic_dir, load_tensors, save_tensors
-from mergeshield.merging import METHODS, extract_backbone, merge
+from mergeshield.merging import METHODS, backbone_prefix, extract_backbone, merge
 from mergeshield.protect import protect
 
 COEFFICIENTS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -90,7 +90,10 @@ def merged(work: Path, name: str, method: str, base: Path, models: list[Path], c
 def finetuned(
     family: zoo.Family, merged_backbone: Path, task: str, out: Path, steps: int = 50
 ) -> Path:
-    """``merged_backbone`` fine-tuned with ``task``'s head on its training data (backbone)."""
+    """``merged_backbone`` with ``task``'s head, fine-tuned ``steps`` steps on ``task``'s
+    training data (:func:`finetune_recovery`); its backbone is written to ``out``.  The model
+    is loaded from a folder (backbone + head under the task model's names), so transformers'
+    own name conversion applies (ViT's in-memory names differ from its stored ones)."""
     import torch
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
@@ -101,26 +104,35 @@ def finetuned(
             if family.kind == "text"
             else AutoModelForImageClassification
         )
+        head = load_tensors(family.tasks[task])
+        weights = load_tensors(merged_backbone)
+        prefix = backbone_prefix(list(head), list(weights))
+        task_folder = tmp / "task"
+        task_folder.mkdir()
+        save_tensors(head | {prefix + k: v for k, v in weights.items()}, task_folder)
+        shutil.copy2(family.tasks[task] / "config.json", task_folder / "config.json")
         with zoo.quiet_transformers():
-            model = auto.from_pretrained(family.tasks[task])
+            model = auto.from_pretrained(task_folder)
         data = load_task(
             task, settings.n_train, settings.n_val, settings.n_test, 0, settings.image_size
         )
         train = zoo.encode_split(family, data, "train", settings)
-        weights = load_tensors(merged_backbone)
         torch.manual_seed(0)
         finetune_recovery(
             model,
-            weights,
+            model.base_model.state_dict(),
             train,
             n_examples=len(train["labels"]),
             steps=steps,
             evaluate=lambda m: 0.0,
         )
-        names = set(weights)
-        state = {k: v for k, v in model.base_model.state_dict().items() if k in names}
-        save_tensors({**weights, **state}, tmp)
-        shutil.copy2(family.base / "config.json", tmp / "config.json")
+        with zoo.quiet_transformers():
+            model.save_pretrained(tmp / "tuned")
+        extract_backbone(tmp / "tuned", family.base, tmp / "backbone")
+        for item in (tmp / "backbone").iterdir():
+            item.rename(tmp / item.name)
+        for folder in ("task", "tuned", "backbone"):
+            shutil.rmtree(tmp / folder)
 
     return cached(out, build)
 
