@@ -50,10 +50,14 @@ election and foreign task vectors only add symmetric noise to it.  The per-view 
 
 The release is reported found when ``p <= alpha`` (and, without null models, ``E >= E_MIN``).
 Bad input is refused with one line: another architecture or size than the base, or a model
-not derived from it (its MLP weights, which every alignment maps exactly, at least as far from
-the base's as the zero weights are, in every view).  Everything is read one block (and one
-outside tensor) at a time from memory-mapped safetensors, suspect and null models in the same
-pass, so memory holds one block of each model.
+not derived from it (its MLP weights, which every alignment maps exactly, at least
+``DERIVED = 1.2`` times the base's norm away from the base's in every view: an independent
+model of the same scale is about ``sqrt 2 = 1.41`` away, a fine-tune about 0.01-0.1, and a TIES
+merge of the protected release as published, half base and half ``T(base)``, measured 1.01).
+
+Everything is read one block (and one outside tensor) at a time from memory-mapped
+safetensors, suspect and null models in the same pass, so memory holds one block of each
+model.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ POWER_STEPS = 2
 RANK = 32  # singular directions of the owner's task vector treated as the shared task direction
 ALPHA = 0.01
 E_MIN = 0.1  # effect size a suspect needs without null models (see the module docstring)
-DERIVED = 1.0  # a derived model is closer to the base than the zero weights are (rel. distance)
+DERIVED = 1.2  # relative MLP distance from the base above which a model is not derived from it
 
 
 # --- the statistic ---------------------------------------------------------------------------
