@@ -10,8 +10,9 @@ Python API::
 
 __version__ = "0.1.0"
 
+from mergeshield.detect import detect  # noqa: E402
 from mergeshield.errors import MergeShieldError  # noqa: E402
 from mergeshield.protect import protect, unprotect  # noqa: E402
 from mergeshield.verify import verify  # noqa: E402
 
-__all__ = ["MergeShieldError", "__version__", "protect", "unprotect", "verify"]
+__all__ = ["MergeShieldError", "__version__", "detect", "protect", "unprotect", "verify"]

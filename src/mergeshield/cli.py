@@ -772,6 +772,57 @@ def _run_audit(args) -> int:
     return 0
 
 
+def _add_detect(sub) -> None:
+    from mergeshield.attacks import ATTACKS
+
+    p = sub.add_parser(
+        "detect",
+        help="is the owner's release inside SUSPECT (merged, aligned, fine-tuned)?",
+        description="Measure how much of the release's own task vector (its residual after the "
+        "shared task direction) the suspect carries, after aligning it onto the base; print a "
+        "one-line verdict with the false-positive probability, write report.json and "
+        "detect.png. Exits 0 when the release is found, 1 when not, 2 on bad input.",
+    )
+    p.add_argument("suspect", type=Path, help="the published model to examine")
+    p.add_argument("--original", type=Path, required=True, help="your unprotected fine-tune")
+    p.add_argument("--base", type=Path, required=True, help="the public base model")
+    p.add_argument("--key", type=Path, help="the key of your protected release (--key-out)")
+    p.add_argument(
+        "--null",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="models known not to contain the release (same-task fine-tunes are the best)",
+    )
+    p.add_argument("--alpha", type=float, default=0.01, help="false-positive level (0.01)")
+    p.add_argument(
+        "--attack",
+        default="aga",
+        choices=[*sorted(ATTACKS), "none"],
+        help="alignment of the suspect onto the base (default aga)",
+    )
+    p.add_argument("--out", type=Path, default=Path("detect-report"), help="report folder")
+    p.set_defaults(run=_run_detect)
+
+
+def _run_detect(args) -> int:
+    from mergeshield.detect import detect
+
+    result = detect(
+        args.suspect,
+        args.original,
+        args.base,
+        key=args.key,
+        null=args.null,
+        alpha=args.alpha,
+        attack=None if args.attack == "none" else args.attack,
+        out=args.out,
+    )
+    print(result.line())
+    return 0 if result.found else 1
+
+
 COMMANDS: list[Callable] = [
     _add_protect,
     _add_verify,
@@ -780,6 +831,7 @@ COMMANDS: list[Callable] = [
     _add_harden,
     _add_merge,
     _add_attack,
+    _add_detect,
     _add_audit,
     _add_finetune,
     _add_frontier,

@@ -319,17 +319,18 @@ def check_key(
     meta: dict[str, str],
     transforms: dict[int, BlockTransform],
     spec: ModelSpec,
-    key_ids: set[str | None],
+    key_ids: set[str | None] | None = None,
 ) -> None:
     """The key belongs to this protected checkpoint (``key_ids``: the ``mergeshield_key_id``
-    of its shards) and fits its blocks: shapes, permutations that are permutations, finite
-    and invertible matrices, finite non-zero scales.  One error line otherwise."""
+    of its shards; None when checking it against the unprotected original) and fits its
+    blocks: shapes, permutations that are permutations, finite and invertible matrices,
+    finite non-zero scales.  One error line otherwise."""
     if meta.get("model_type") != spec.model_type or meta.get("n_blocks") != str(len(spec.blocks)):
         raise MergeShieldError(
             f"{path}: key is for a {meta.get('n_blocks')}-block {meta.get('model_type')} model, "
             f"not this {len(spec.blocks)}-block {spec.model_type} model"
         )
-    if key_ids != {meta.get("key_id")}:
+    if key_ids is not None and key_ids != {meta.get("key_id")}:
         raise MergeShieldError(
             f"{path}: key belongs to another protected checkpoint (its key id is not this "
             "one's): use the key written together with this output"
@@ -378,6 +379,14 @@ def check_key(
                 and not (np.linalg.cond(array) < 1 / np.finfo(np.float64).eps).all()
             ):
                 raise MergeShieldError(f"{where} holds singular matrices")
+
+
+def load_key_for(key: str | os.PathLike, src: Checkpoint) -> dict[int, BlockTransform]:
+    """The transforms of ``key``, refused unless they fit a model like ``src`` (:func:`check_key`
+    without the key id: ``src`` may be the unprotected original, as in ``detect``)."""
+    meta, transforms = load_key(key)
+    check_key(Path(key), meta, transforms, src.spec)
+    return transforms
 
 
 def unprotect(

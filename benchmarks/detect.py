@@ -1,0 +1,374 @@
+"""Detection study (issue 18): true-positive rate over models that contain the victim, false-
+positive rate over models that do not, and run time against one mergekit merge.
+
+    python benchmarks/detect.py [--kind text] [--setting small] [--seeds 6]
+
+The family comes from :func:`mergeshield.evaluation.zoo.build_family`; the victim is its first
+task.  Same-task hard negatives are fine-tunes of the victim's task with other seeds and other
+data splits (the zoo's own fine-tune, ``seed`` changed), cached under
+``<cache>/detect-bench/<family>/``.
+
+Positives (every one contains the victim's backbone):
+- every method of ``merging/methods.py`` at every coefficient of 0.2-1.0 (model_stock: its
+  own), two-model (victim + one other task; slerp: ``slerp(other, victim; t)``, so ``t`` is the
+  victim's weight) and all-task;
+- the release protected with ``all``, aligned with aga / procrustes / rebasin, then merged
+  (task arithmetic 0.6 two-model, TIES 1.0 all-task); aligned then pruned (50%) or noised
+  (0.5), then merged; the protected release merged as published (task arithmetic 0.6), which
+  only the ``key`` view can see;
+- a task-arithmetic all-task merge (0.6) fine-tuned for 50 steps on another task's data (the
+  free-rider's) and on the victim's data.
+
+Null models: calibration (``--null``): same-task seeds 1-3 and two other tasks; evaluation:
+same-task seeds 4+, the remaining other task, every method's merges without the victim
+(coefficients 0.4 and 1.0, with a same-task seed inside, two-model and all-task) and a
+fine-tuned merge without the victim.  Two modes: with the calibration null models, and
+without null models (sign-flip null + effect floor).  Results go to
+``<cache>/detect-bench/<family>/results.json`` and are printed as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from mergeshield.attacks import attack
+from mergeshield.attacks.adaptive import finetune_recovery, perturb_then_align
+from mergeshield.detect import E_MIN, detect, detect_all
+from mergeshield.evaluation import zoo
+from mergeshield.evaluation.tasks import load_task
+from mergeshield.folders import atomic_dir, load_tensors, save_tensors
+from mergeshield.merging import METHODS, backbone_prefix, extract_backbone, merge
+from mergeshield.protect import protect
+
+COEFFICIENTS = (0.2, 0.4, 0.6, 0.8, 1.0)
+CALIBRATION_SEEDS = (1, 2, 3)
+BATCH = 12  # suspects scored per streaming pass
+
+
+def cached(path: Path, build) -> Path:
+    """``build(tmp)`` into ``path`` once (atomic)."""
+    if not path.is_dir():
+        with atomic_dir(path) as tmp:
+            build(tmp)
+    return path
+
+
+def same_task_model(family: zoo.Family, task: str, seed: int, out: Path) -> Path:
+    """The zoo's fine-tune of ``task`` with another seed and another balanced data split."""
+    settings = dataclasses.replace(zoo.SETTINGS[(family.kind, family.setting)], seed=seed)
+
+    def build(tmp: Path) -> None:
+        data = load_task(
+            task, settings.n_train, settings.n_val, settings.n_test, seed, settings.image_size
+        )
+        zoo._finetune(family, data, settings, tmp, lambda label, total: lambda: None)
+
+    return cached(out, build)
+
+
+def backbone(task_model: Path, base: Path, out: Path) -> Path:
+    if not out.is_dir():
+        extract_backbone(task_model, base, out)
+    return out
+
+
+def merged(work: Path, name: str, method: str, base: Path, models: list[Path], c: float) -> Path:
+    out = work / "merges" / name
+    if not out.is_dir():
+        merge(method, base, models, out, coefficient=c)
+    return out
+
+
+def finetuned(
+    family: zoo.Family, merged_backbone: Path, task: str, out: Path, steps: int = 50
+) -> Path:
+    """``merged_backbone`` with ``task``'s head, fine-tuned ``steps`` steps on ``task``'s
+    training data (:func:`finetune_recovery`); its backbone is written to ``out``.  The model
+    is loaded from a folder (backbone + head under the task model's names), so transformers'
+    own name conversion applies (ViT's in-memory names differ from its stored ones)."""
+    import torch
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    def build(tmp: Path) -> None:
+        settings = zoo.SETTINGS[(family.kind, family.setting)]
+        auto = (
+            AutoModelForSequenceClassification
+            if family.kind == "text"
+            else AutoModelForImageClassification
+        )
+        head = load_tensors(family.tasks[task])
+        weights = load_tensors(merged_backbone)
+        prefix = backbone_prefix(list(head), list(weights))
+        task_folder = tmp / "task"
+        task_folder.mkdir()
+        save_tensors(head | {prefix + k: v for k, v in weights.items()}, task_folder)
+        shutil.copy2(family.tasks[task] / "config.json", task_folder / "config.json")
+        with zoo.quiet_transformers():
+            model = auto.from_pretrained(task_folder)
+        data = load_task(
+            task, settings.n_train, settings.n_val, settings.n_test, 0, settings.image_size
+        )
+        train = zoo.encode_split(family, data, "train", settings)
+        torch.manual_seed(0)
+        finetune_recovery(
+            model,
+            model.base_model.state_dict(),
+            train,
+            n_examples=len(train["labels"]),
+            steps=steps,
+            evaluate=lambda m: 0.0,
+        )
+        with zoo.quiet_transformers():
+            model.save_pretrained(tmp / "tuned")
+        extract_backbone(tmp / "tuned", family.base, tmp / "backbone")
+        for item in (tmp / "backbone").iterdir():
+            item.rename(tmp / item.name)
+        for folder in ("task", "tuned", "backbone"):
+            shutil.rmtree(tmp / folder)
+
+    return cached(out, build)
+
+
+def knob_grid(method: str) -> tuple[float, ...]:
+    return (1.0,) if METHODS[method].knob is None else COEFFICIENTS
+
+
+def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
+    """Every model of the study: ``{"positives": {name: path}, "key_positives": ...,
+    "calibration": [...], "nulls": {name: path}}``."""
+    base = family.base
+    tasks = list(family.tasks)
+    victim, others = tasks[0], tasks[1:]
+    bb = {t: backbone(family.tasks[t], base, work / "bb" / t) for t in tasks}
+    seeds = {}
+    for seed in range(1, n_seeds + 1):
+        model = same_task_model(family, victim, seed, work / "same" / f"{victim}-seed{seed}")
+        seeds[seed] = backbone(model, base, work / "bb" / f"{victim}-seed{seed}")
+    v, o1 = bb[victim], bb[others[0]]
+    rest = [bb[t] for t in others]
+
+    positives: dict[str, Path] = {}
+    for method, spec in METHODS.items():
+        for c in knob_grid(method):
+            modes = {"two": [o1, v] if method == "slerp" else [v, o1]}
+            if spec.max_models is None:
+                modes["all"] = [v, *rest]
+            for mode, models in modes.items():
+                name = f"{method}-{mode}-{c:g}"
+                positives[name] = merged(work, name, method, base, models, c)
+
+    prot = work / "protected"
+    key = work / "protected.key"
+    if not prot.is_dir():
+        protect(family.tasks[victim], prot, "all", base=base, key_out=key, seed=1)
+    for method in ("aga", "procrustes", "rebasin"):
+        aligned = work / f"aligned-{method}"
+        if not aligned.is_dir():
+            attack(prot, base, aligned, method)
+        a = backbone(aligned, base, work / "bb" / f"aligned-{method}")
+        positives[f"{method}-aligned-ta-two-0.6"] = merged(
+            work, f"{method}-ta", "task_arithmetic", base, [a, o1], 0.6
+        )
+        positives[f"{method}-aligned-ties-all-1"] = merged(
+            work, f"{method}-ties", "ties", base, [a, *rest], 1.0
+        )
+    for kind, kw in (("pruned", {"prune": 0.5}), ("noised", {"noise": 0.5})):
+        p = work / f"aga-{kind}"
+        if not p.is_dir():
+            perturb_then_align(prot, base, p, attack="aga", **kw)
+        pb = backbone(p, base, work / "bb" / f"aga-{kind}")
+        positives[f"aga-{kind}-ta-two-0.6"] = merged(
+            work, f"aga-{kind}-ta", "task_arithmetic", base, [pb, o1], 0.6
+        )
+    ta_all = positives["task_arithmetic-all-0.6"]
+    positives["ta-all-0.6-finetuned-other-task"] = finetuned(
+        family, ta_all, others[0], work / "merges" / "ft-other"
+    )
+    positives["ta-all-0.6-finetuned-victim-task"] = finetuned(
+        family, ta_all, victim, work / "merges" / "ft-victim"
+    )
+    pb = backbone(prot, base, work / "bb" / "protected")
+    key_positives = {
+        "protected-as-published-ta-two-0.6": merged(
+            work, "protected-ta", "task_arithmetic", base, [pb, o1], 0.6
+        ),
+        "protected-as-published-ties-all-1": merged(
+            work, "protected-ties", "ties", base, [pb, *rest], 1.0
+        ),
+    }
+
+    calibration = [seeds[s] for s in CALIBRATION_SEEDS] + [bb[t] for t in others[:2]]
+    nulls: dict[str, Path] = {f"same-task-seed{s}": seeds[s] for s in seeds if s > 3}
+    nulls.update({f"task-{t}": bb[t] for t in others[2:]})
+    hard = [seeds[s] for s in seeds if s > 3] or [seeds[1]]
+    for method, spec in METHODS.items():
+        for c in (0.4, 1.0) if spec.knob is not None else (1.0,):
+            modes = {"two": [hard[0], o1]}
+            if spec.max_models is None:
+                modes["all"] = [hard[-1], *rest]
+            for mode, models in modes.items():
+                name = f"null-{method}-{mode}-{c:g}"
+                nulls[name] = merged(work, name, method, base, models, c)
+    nulls["null-ta-all-1-finetuned"] = finetuned(
+        family, nulls["null-task_arithmetic-all-1"], others[0], work / "merges" / "ft-null"
+    )
+    return {
+        "victim": bb[victim],
+        "original": family.tasks[victim],
+        "key": key,
+        "positives": positives,
+        "key_positives": key_positives,
+        "calibration": calibration,
+        "nulls": nulls,
+    }
+
+
+def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, dict]:
+    """detect_all with the calibration null models, in batches; both verdicts from one pass:
+    ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
+    verdict with the null models, ``without``: the sign-flip null and the effect floor)."""
+    out = {}
+    items = list(names.items())
+    for i in range(0, len(items), BATCH):
+        part = items[i : i + BATCH]
+        results = detect_all(
+            [p for _, p in part], models["original"], base, null=models["calibration"], **kw
+        )
+        for (name, _), r in zip(part, results, strict=True):
+            out[name] = {
+                "with": r.found,
+                "without": r.p_flip <= r.alpha and r.effect >= E_MIN,
+                "statistic": round(r.statistic, 2),
+                "p_null": r.p_null,
+                "p_flip": r.p_flip,
+                "effect": round(r.effect, 3),
+                "view": max(r.views, key=r.views.get),
+                "null_statistics": [round(z, 2) for z in r.null_statistics],
+            }
+        print(f"  scored {i + len(part)}/{len(items)} in {results[0].seconds:.0f} s", flush=True)
+    return out
+
+
+def timing(models: dict, family: zoo.Family, work: Path, runs: int) -> dict:
+    """Median seconds of one mergekit merge (task arithmetic, victim + one other task) and of
+    ``detect`` on it (no null models; with the calibration null models), interleaved."""
+    base = family.base
+    others = list(family.tasks)[1:]
+    o1 = work / "bb" / others[0]
+    merge_s, detect_s, detect_null_s, raw_s = [], [], [], []
+    for _ in range(runs):
+        out = work / "timing-merge"
+        t = time.perf_counter()
+        merge("task_arithmetic", base, [models["victim"], o1], out, coefficient=0.6)
+        merge_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        detect(out, models["original"], base)
+        detect_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        detect(out, models["original"], base, null=models["calibration"])  # 5 null models
+        detect_null_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        detect(out, models["original"], base, attack=None)  # raw view only
+        raw_s.append(time.perf_counter() - t)
+        shutil.rmtree(out)
+    return {
+        "merge_s": statistics.median(merge_s),
+        "detect_s": statistics.median(detect_s),
+        "detect_with_nulls_s": statistics.median(detect_null_s),
+        "detect_without_alignment_s": statistics.median(raw_s),
+        "runs": runs,
+        "all": {
+            "merge": merge_s,
+            "detect": detect_s,
+            "detect_with_nulls": detect_null_s,
+            "detect_without_alignment": raw_s,
+        },
+    }
+
+
+KEYS = (
+    "positives",
+    "nulls",
+    "key positives, with --key",
+    "key positives, without --key",
+)
+
+
+def rate(rows: dict[str, dict], mode: str, want: bool) -> str:
+    hits = sum(r[mode] == want for r in rows.values())
+    return f"{hits}/{len(rows)} ({100 * hits / max(len(rows), 1):.1f}%)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="text")
+    parser.add_argument("--setting", default="small")
+    parser.add_argument("--seeds", type=int, default=6, help="same-task fine-tunes to build")
+    parser.add_argument("--runs", type=int, default=3, help="timing repetitions")
+    parser.add_argument("--timing-only", action="store_true", help="skip the TPR/FPR study")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for everything, mergekit included (1: on this shared 2-core VM two "
+        "threads spin against other processes; measured 3.7 s vs 17 s for one detect)",
+    )
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    family = zoo.build_family(args.kind, args.setting, progress=False)
+    work = zoo.default_cache_dir() / "detect-bench" / family.root.name
+    start = time.perf_counter()
+    models = build_models(family, work, args.seeds)
+    print(f"models built in {time.perf_counter() - start:.0f} s", flush=True)
+
+    results: dict = {
+        "command": f"python benchmarks/detect.py --kind {args.kind} --setting {args.setting} "
+        f"--seeds {args.seeds} --runs {args.runs} --threads {args.threads}",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} ({platform.machine()}, 2-core VM)",
+        "family": str(family.root),
+    }
+    base = family.base
+    if args.timing_only:
+        print(json.dumps(timing(models, family, work, args.runs), indent=2))
+        return
+    results["positives"] = score(models, base, models["positives"])
+    results["nulls"] = score(models, base, models["nulls"])
+    results["key positives, with --key"] = score(
+        models, base, models["key_positives"], key=models["key"]
+    )
+    results["key positives, without --key"] = score(models, base, models["key_positives"])
+    results["timing"] = timing(models, family, work, args.runs)
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"\n{results['command']}  ({results['date']}, {results['machine']})\n")
+    print("| mode | TPR: merges, aligned, pruned/noised, fine-tuned | protected as published,"
+          " --key | same, no key | FPR: null models |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for mode, label in (("with", "with null models"), ("without", "without null models")):
+        rows = [results[k] for k in KEYS]
+        cells = [rate(rows[0], mode, True), rate(rows[2], mode, True)]
+        cells += [rate(rows[3], mode, True), rate(rows[1], mode, False)]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+        missed = {k: v["statistic"] for k, v in rows[0].items() if not v[mode]}
+        false = {k: v["statistic"] for k, v in rows[1].items() if v[mode]}
+        print(f"\n{label}: missed {missed}; false positives {false}\n")
+    pos = [v["statistic"] for v in results["positives"].values()]
+    neg = [v["statistic"] for v in results["nulls"].values()]
+    print(f"statistic: positives min {min(pos):.1f}, nulls max {max(neg):.1f}")
+    print(f"\ntiming: {json.dumps(results['timing'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+"""Detection: does a suspect checkpoint contain the owner's release?  (issue 18)
+
+Notation, per weight matrix ``t`` (every 2-D tensor of the blocks, and the 2-D tensors outside
+them such as the embeddings), all in float64: ``b`` the public base, ``o = theta_original - b``
+the owner's task vector, ``x`` the suspect in the base's layout (blocks matched by index and
+role, other tensors by name up to a prefix such as ``bert.``).
+
+**Views** (frames in which the suspect may carry the release):
+
+- ``raw``: ``s = x - b`` (a merge of the unprotected release, or of an aligned protected one);
+- ``aligned``: ``s = A(x) - b`` with ``A`` an alignment attack of :mod:`mergeshield.attacks`
+  (default ``aga``): undoes a free-rider's permutation or re-basing of the suspect;
+- ``key`` (with ``--key``): ``s = x - b`` against the reference ``T(theta_original) - b``,
+  ``T`` the owner's own transform: a merge of the *protected* release as published.
+
+**Statistic.**  A same-task fine-tune (other seed, other data) shares the task's direction
+with ``o`` but not the release's own noise.  The shared direction is concentrated in a few
+singular directions of each matrix (task vectors are nearly low-rank), the release-specific
+part is spread over all of them.  Weight decay moves every fine-tune along ``-b``.  So the
+reference is the *residual* ``r = P_b (o - [o]_k)``, where ``[o]_k`` is the best rank-``k``
+approximation of ``o`` (``k = min(RANK, min(shape) // 2)``) and ``P_b`` removes the component
+along ``b`` (the key view uses ``T(theta_original) - b`` for ``o`` and ``T(b)`` for ``b``).
+Measured on the text family (rank 0 / 8 / 32, ``Z`` below): same-task fine-tunes 650 / 104 /
+39-45, merges of the release 1280-1810 / 820-1200 / 630-910; on the small ViT (width 64) a
+cap of ``min(shape) // 8`` left same-task fine-tunes at 9-13 against all-task merges at
+18-27, ``// 2`` at 0.2-1.7 against 4.8-10.7.  Per matrix,
+
+    z_t = <s, r> / sqrt(sum_i (s_i r_i)^2)
+
+a self-normalised sum of the products ``s_i r_i``: under a null whose products are symmetric
+about zero and independent (``s`` unrelated to the release's residual), ``z_t`` is
+approximately N(0, 1) whatever the scale and the tails of ``s``.  It is invariant to scaling
+``s`` (task-arithmetic and SLERP coefficients), weights each coordinate by ``|r|`` (where
+``o`` is large: what TIES, breadcrumbs and DELLA keep), and random dropping (DARE), sign
+election and foreign task vectors only add symmetric noise to it.  The per-view score is
+``Z_v = sum_t z_t / sqrt(T)`` (N(0, 1) under that null), and the suspect's statistic is
+``Z = max_v Z_v``.
+
+**Calibration** (the false-positive probability ``p``):
+
+- with null models (``--null``: models known not to contain the release, same-task
+  fine-tunes included), each gets the same ``Z``; with their mean ``m`` and standard deviation
+  ``d`` over ``n >= 2`` models, ``p`` is the one-sided prediction p-value of a new null model,
+  ``p = P(t_{n-1} > (Z - m) / (d sqrt(1 + 1/n)))`` (Gaussian nulls, unknown mean and variance);
+- without them, the sign-flip null above, ``p = min(1, V (1 - Phi(Z)))`` (Bonferroni over the
+  ``V`` views).  Real fine-tunes of *other* tasks and same-task fine-tunes still correlate with
+  the residual (measured on the text family: ``Z`` of 10-45 where a merge of the release gets
+  hundreds), so this null alone would call them positives.  Without null models the verdict
+  therefore also needs the effect size ``E = Z / Z_self >= E_MIN``, where ``Z_self`` is the
+  original's own ``raw`` score (``E`` is 1 for the release itself and near 0 for models that
+  share only the task; see BENCHMARKS.md, "Detection").
+
+The release is reported found when ``p <= alpha`` (and, without null models, ``E >= E_MIN``).
+Bad input is refused with one line: another architecture or size than the base, or a model
+not derived from it (its MLP weights, which every alignment maps exactly, at least
+``DERIVED = 1.2`` times the base's norm away from the base's in every view: an independent
+model of the same scale is about ``sqrt 2 = 1.41`` away, a fine-tune about 0.01-0.1, and a TIES
+merge of the protected release as published, half base and half ``T(base)``, measured 1.01).
+
+Everything is read one block (and one outside tensor) at a time from memory-mapped
+safetensors, suspect and null models in the same pass, so memory holds one block of each
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mergeshield.checkpoint import Checkpoint, check_same_architecture, open_checkpoint, reader
+from mergeshield.errors import MergeShieldError
+from mergeshield.protect import load_key_for
+
+if TYPE_CHECKING:
+    import torch
+
+POWER_STEPS = 2
+RANK_FRACTION = 2  # and k <= min(shape) / RANK_FRACTION (small matrices; measured on ViT)
+RANK = 32  # singular directions of the owner's task vector treated as the shared task direction
+ALPHA = 0.01
+E_MIN = 0.1  # effect size a suspect needs without null models (see the module docstring)
+DERIVED = 1.2  # relative MLP distance from the base above which a model is not derived from it
+
+
+# --- the statistic ---------------------------------------------------------------------------
+
+
+def residual(o: torch.Tensor, b: torch.Tensor, rank: int = RANK, seed: int = 0) -> torch.Tensor:
+    """``P_b (o - [o]_k)``: the task vector without its top-``k`` singular directions and
+    without its component along the base tensor ``b`` (``P_b x = x - <x, b> b / <b, b>``).
+
+    Weight decay moves every fine-tune along ``-b``, the same direction for all of them, so
+    that component says nothing about the release.  ``k = min(rank, min(shape) // RANK_FRACTION)``;
+    ``[o]_k`` by :func:`_low_rank` (seeded: deterministic).
+    """
+    k = min(rank, min(o.shape) // RANK_FRACTION) if o.dim() == 2 else 0
+    r = o if k <= 0 else o - _low_rank(o, k, seed)
+    bb = float(b.square().sum())
+    return r - (float((r * b).sum()) / bb) * b if bb > 0 else r
+
+
+def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``o`` (randomized subspace iteration in float32
+    with ``2 rank`` columns and ``POWER_STEPS`` power steps: the split between shared and
+    release-specific directions needs no more precision)."""
+    import torch
+
+    a = o.float()
+    gen = torch.Generator().manual_seed(seed)
+    y = a @ torch.randn(a.shape[1], 2 * rank, generator=gen)
+    for _ in range(POWER_STEPS):
+        y = a @ (a.T @ torch.linalg.qr(y)[0])
+    q = torch.linalg.qr(y)[0]
+    u, s, vt = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (((q @ u[:, :rank]) * s[:rank]) @ vt[:rank]).to(o.dtype)
+
+
+def tensor_z(s: torch.Tensor, r: torch.Tensor) -> float:
+    """``z = <s, r> / sqrt(sum (s_i r_i)^2)`` (0 when every product is 0)."""
+    prod = (s * r).reshape(-1)
+    den = float(prod.square().sum().sqrt())
+    return float(prod.sum()) / den if den > 0 else 0.0
+
+
+def flip_p(z: float, views: int) -> float:
+    """Sign-flip null: ``min(1, views (1 - Phi(z)))``."""
+    return min(1.0, views * 0.5 * math.erfc(z / math.sqrt(2.0)))
+
+
+def _prediction(nulls: list[float]) -> tuple[float, float, int]:
+    """``(m, d sqrt(1 + 1/n), n - 1)``: location, scale and degrees of freedom of the t
+    prediction distribution of a new null model's statistic."""
+    n = len(nulls)
+    mean, sd = float(np.mean(nulls)), float(np.std(nulls, ddof=1))
+    return mean, max(sd, 1e-12) * math.sqrt(1 + 1 / n), n - 1
+
+
+def null_p(z: float, nulls: list[float]) -> float | None:
+    """One-sided t prediction p-value of ``z`` against the null models' statistics (n >= 2)."""
+    if len(nulls) < 2:
+        return None
+    from scipy.stats import t as student_t
+
+    mean, scale, df = _prediction(nulls)
+    return float(student_t.sf((z - mean) / scale, df=df))
+
+
+def threshold(nulls: list[float], views: int, self_statistic: float, alpha: float) -> float:
+    """The statistic a suspect needs to be reported found (the dashed line of the plot)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
+    if len(nulls) >= 2:
+        mean, scale, df = _prediction(nulls)
+        return mean + scale * float(student_t.isf(alpha, df))
+    return max(float(norm.isf(alpha / views)), E_MIN * self_statistic)
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """One model's per-view statistics: ``z[view][tensor]``, ``distance[view]`` (relative
+    distance of its MLP weights to the view's base frame: the one part every alignment maps
+    exactly, so an unrelated model cannot be aligned close to the base), ``Z[view]`` and
+    ``statistic = max Z``."""
+
+    path: str
+    z: dict[str, dict[str, float]] = field(default_factory=dict)
+    distance: dict[str, float] = field(default_factory=dict)
+    Z: dict[str, float] = field(default_factory=dict)
+    statistic: float = float("nan")
+
+
+@dataclass
+class Detection:
+    """The verdict: ``found`` when ``p_value <= alpha`` (without null models also
+    ``effect >= E_MIN``), i.e. when ``statistic >= threshold``."""
+
+    suspect: str
+    original: str
+    base: str
+    found: bool
+    statistic: float
+    p_value: float
+    p_flip: float
+    p_null: float | None
+    effect: float
+    threshold: float
+    alpha: float
+    views: dict[str, float]
+    null_statistics: list[float]
+    rank: int
+    attack: str | None
+    seconds: float
+    scores: Scores = field(repr=False)
+    null_scores: list[Scores] = field(default_factory=list, repr=False)
+
+    def line(self) -> str:
+        """The one-line verdict."""
+        verdict = "FOUND" if self.found else "not found"
+        n = len(self.null_statistics)
+        if self.p_null is not None:
+            null = f"{n} null models"
+        else:
+            null = f"sign-flip null, effect >= {E_MIN:g} required"
+        best = max(self.views, key=lambda v: self.views[v])
+        return (
+            f"release {verdict} in {self.suspect}: statistic {self.statistic:.1f} ({best} view, "
+            f"effect {self.effect:.2f}), false-positive probability {self.p_value:.2e} "
+            f"({null}; alpha {self.alpha:g})"
+        )
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["line"] = self.line()
+        return data
+
+
+# --- reading the models ----------------------------------------------------------------------
+
+
+def _open(path: str | os.PathLike, role: str) -> Checkpoint:
+    try:
+        return open_checkpoint(path)
+    except MergeShieldError as err:
+        raise MergeShieldError(f"{role}: {err}") from None
+
+
+def _check_architecture(base: Checkpoint, model: Checkpoint, role: str) -> None:
+    """Same blocks and block shapes as the base (a model of another size is refused)."""
+    if model.spec.model_type != base.spec.model_type:
+        raise MergeShieldError(
+            f"{role} {model.path} is a {model.spec.model_type} model, base {base.path} is a "
+            f"{base.spec.model_type} model: not the same architecture"
+        )
+    try:
+        check_same_architecture(base, model)
+    except MergeShieldError as err:
+        raise MergeShieldError(f"{role}: {err}") from None
+
+
+def _outside_names(base: Checkpoint, model: Checkpoint) -> dict[str, str]:
+    """Base name -> the model's name for the 2-D float tensors outside the blocks."""
+    from mergeshield.arrays import FLOAT_CODES
+    from mergeshield.merging.backbone import backbone_prefix
+
+    prefix = backbone_prefix(list(model.shapes), list(base.shapes))
+    names = {}
+    for name in base.spec.residual:
+        other = prefix + name
+        if (
+            len(base.shapes[name]) == 2
+            and base.codes[name] in FLOAT_CODES
+            and model.shapes.get(other) == base.shapes[name]
+            and model.codes[other] in FLOAT_CODES
+        ):
+            names[name] = other
+    return names
+
+
+def _matrices(block_names: tuple[str, ...], tensors: dict) -> list[str]:
+    return [n for n in block_names if tensors[n].dim() == 2]
+
+
+def _score_models(
+    base: Checkpoint,
+    original: Checkpoint,
+    models: list[Checkpoint],
+    *,
+    transforms: dict | None,
+    attack: str | None,
+    rank: int,
+    raw_only: tuple[int, ...] = (),
+) -> list[Scores]:
+    """Stream every block and outside matrix once; ``z`` of each model in each view (only the
+    ``raw`` view for the models whose index is in ``raw_only``)."""
+    from mergeshield.attacks import get_attack
+    from mergeshield.symmetries.transform import BlockTransform, apply_transform
+
+    align = get_attack(attack) if attack else None
+    views = ["raw"] + (["aligned"] if align else []) + (["key"] if transforms is not None else [])
+    model_views = [["raw"] if m in raw_only else views for m in range(len(models))]
+    scores = [
+        Scores(path=str(c.path), z={v: {} for v in vs})
+        for c, vs in zip(models, model_views, strict=True)
+    ]
+    sq = [{v: 0.0 for v in vs} for vs in model_views]  # sum ||s||^2 per view
+    base_sq = 0.0
+    outside = [_outside_names(base, m) for m in models]
+    orig_outside = _outside_names(base, original)
+
+    with ExitStack() as stack:
+        base_r = stack.enter_context(reader(base))
+        orig_r = stack.enter_context(reader(original))
+        readers = [stack.enter_context(reader(m)) for m in models]
+        for i, bspec in enumerate(base.spec.blocks):
+            b = base_r.block(bspec)
+            o = orig_r.block(original.spec.blocks[i], like=bspec)
+            names = _matrices(bspec.tensor_names(), b)
+            mlp = [slot.weight for slot in bspec.mlp.slots().values()]
+            refs = {"raw": {n: residual(o[n] - b[n], b[n], rank) for n in names}}
+            refs["aligned"] = refs["raw"]
+            frame = {"raw": b, "aligned": b}
+            if transforms is not None:
+                t = transforms.get(i, BlockTransform())
+                p = {n: v.clone() for n, v in o.items()}
+                tb = {n: v.clone() for n, v in b.items()}
+                apply_transform(p, bspec, t)
+                apply_transform(tb, bspec, t)
+                refs["key"] = {n: residual(p[n] - b[n], tb[n], rank) for n in names}
+                frame["key"] = tb
+            base_sq += sum(float(b[n].square().sum()) for n in mlp)
+            for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
+                x = rd.block(model.spec.blocks[i], like=bspec)
+                suspect = {"raw": x, "key": x}
+                if "aligned" in model_views[m]:
+                    suspect["aligned"] = align.align_block(
+                        bspec, {n: v.clone() for n, v in x.items()}, b
+                    )
+                for v in model_views[m]:
+                    for n in names:
+                        scores[m].z[v][n] = tensor_z(suspect[v][n] - b[n], refs[v][n])
+                    for n in mlp:
+                        sq[m][v] += float((suspect[v][n] - frame[v][n]).square().sum())
+        for name, oname in orig_outside.items():
+            b = base_r.get(name).double()
+            r = residual(orig_r.get(oname).double() - b, b, rank)
+            for m, rd in enumerate(readers):
+                if name not in outside[m]:
+                    continue
+                z = tensor_z(rd.get(outside[m][name]).double() - b, r)
+                for v in model_views[m]:
+                    scores[m].z[v][name] = z
+    for m, score in enumerate(scores):
+        for v in model_views[m]:
+            zs = list(score.z[v].values())
+            score.Z[v] = sum(zs) / math.sqrt(len(zs))
+            score.distance[v] = math.sqrt(sq[m][v] / max(base_sq, 1e-300))
+        score.statistic = max(score.Z.values())
+    return scores
+
+
+def _check_derived(score: Scores, role: str, base: Path) -> None:
+    nearest = min(score.distance.values())
+    if nearest >= DERIVED:
+        raise MergeShieldError(
+            f"{role} {score.path} is not derived from base {base}: its MLP weights are "
+            f"{nearest:.2f}x the base's norm away from it, even aligned (a fine-tune or merge of "
+            f"the base stays well below {DERIVED:g}x)"
+        )
+
+
+def detect(
+    suspect: str | os.PathLike,
+    original: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    key: str | os.PathLike | None = None,
+    null: list[str | os.PathLike] | tuple = (),
+    alpha: float = ALPHA,
+    rank: int = RANK,
+    attack: str | None = "aga",
+    out: str | os.PathLike | None = None,
+) -> Detection:
+    """Is the owner's release (``original``, fine-tuned from ``base``) inside ``suspect``?
+
+    ``key``: the owner's key file (adds the ``key`` view); ``null``: models that do not contain
+    the release (calibration, see the module docstring); ``attack``: the alignment of the
+    ``aligned`` view (None: no alignment); ``out``: a folder for ``report.json`` and
+    ``detect.png``.  Raises :class:`MergeShieldError` with a one-line message on bad input.
+    """
+    (result,) = detect_all(
+        [suspect], original, base, key=key, null=null, alpha=alpha, rank=rank, attack=attack
+    )
+    if out is not None:
+        write_report(result, Path(out))
+    return result
+
+
+def detect_all(
+    suspects: list[str | os.PathLike],
+    original: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    key: str | os.PathLike | None = None,
+    null: list[str | os.PathLike] | tuple = (),
+    alpha: float = ALPHA,
+    rank: int = RANK,
+    attack: str | None = "aga",
+) -> list[Detection]:
+    """:func:`detect` for several suspects in one streaming pass (the references and the null
+    models are computed once); ``seconds`` of each result is the whole pass."""
+    start = time.perf_counter()
+    if not 0 < alpha < 1:
+        raise MergeShieldError(f"alpha must be in (0, 1), not {alpha}")
+    base_ck = _open(base, "base")
+    orig_ck = _open(original, "original")
+    suspect_cks = [_open(s, "suspect") for s in suspects]
+    null_cks = [_open(n, f"null model {n}") for n in null]
+    _check_architecture(base_ck, orig_ck, "original")
+    for ck in suspect_cks:
+        _check_architecture(base_ck, ck, "suspect")
+    for ck in null_cks:
+        _check_architecture(base_ck, ck, f"null model {ck.path}")
+    transforms = load_key_for(key, orig_ck) if key is not None else None
+
+    orig_score, *scores = _score_models(
+        base_ck,
+        orig_ck,
+        [orig_ck, *suspect_cks, *null_cks],
+        transforms=transforms,
+        attack=attack,
+        rank=rank,
+        raw_only=(0,),
+    )
+    _check_derived(orig_score, "original", base_ck.path)
+    suspect_scores, null_scores = scores[: len(suspect_cks)], scores[len(suspect_cks) :]
+    for score in suspect_scores:
+        _check_derived(score, "suspect", base_ck.path)
+    for score in null_scores:
+        _check_derived(score, "null model", base_ck.path)
+    nulls = [score.statistic for score in null_scores]
+    seconds = time.perf_counter() - start
+
+    results = []
+    for score in suspect_scores:
+        z = score.statistic
+        p_flip = flip_p(z, len(score.Z))
+        p_null = null_p(z, nulls)
+        effect = z / max(orig_score.Z["raw"], 1e-300)
+        p = p_flip if p_null is None else p_null
+        needed = threshold(nulls, len(score.Z), orig_score.Z["raw"], alpha)
+        results.append(
+            Detection(
+                suspect=score.path,
+                original=str(orig_ck.path),
+                base=str(base_ck.path),
+                found=p <= alpha and (p_null is not None or effect >= E_MIN),
+                statistic=z,
+                p_value=p,
+                p_flip=p_flip,
+                p_null=p_null,
+                effect=effect,
+                threshold=needed,
+                alpha=alpha,
+                views=dict(score.Z),
+                null_statistics=nulls,
+                rank=rank,
+                attack=attack,
+                seconds=seconds,
+                scores=score,
+                null_scores=null_scores,
+            )
+        )
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def write_report(result: Detection, out: Path) -> None:
+    """``out/report.json`` and ``out/detect.png`` (the suspect's statistic against the null)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    plot(result, out / "detect.png")
+
+
+def plot(result: Detection, path: Path) -> None:
+    """The null distribution (null models as ticks, or the sign-flip null's N(0, 1) density)
+    and the suspect's statistic, on a symmetric-log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    grid = np.linspace(-4, 4, 201)
+    ax.plot(grid, np.exp(-(grid**2) / 2) / math.sqrt(2 * math.pi), color="grey",
+            label="sign-flip null N(0, 1)")  # fmt: skip
+    for i, z in enumerate(result.null_statistics):
+        ax.axvline(z, color="tab:blue", alpha=0.6, lw=1.5, label="null models" if i == 0 else None)
+    colour = "tab:red" if result.found else "tab:green"
+    ax.axvline(
+        result.threshold,
+        color="black",
+        ls="--",
+        lw=1,
+        label=f"found above (alpha {result.alpha:g})",
+    )
+    ax.axvline(result.statistic, color=colour, lw=2.5, label="suspect")
+    ax.set_xscale("symlog", linthresh=4)
+    ax.set_xlabel("statistic Z (max over views; symlog axis)")
+    ax.set_yticks([])
+    verdict = "FOUND" if result.found else "not found"
+    ax.set_title(
+        f"release {verdict}: Z = {result.statistic:.1f} (found above {result.threshold:.1f}), "
+        f"p = {result.p_value:.1e}"
+    )
+    top = max([result.statistic, result.threshold, 4.0, *result.null_statistics])
+    ax.set_xlim(-5, 2 * top)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["Detection", "Scores", "detect", "detect_all", "residual", "tensor_z"]

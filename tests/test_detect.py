@@ -1,0 +1,261 @@
+"""mergeshield.detect on a tiny BERT family with known task vectors.
+
+Every fine-tune is ``base + L_task + e_model - wd * base``: ``L_task`` the task's direction
+(rank 2 plus a small full-rank part, shared by every fine-tune of that task), ``e_model`` the
+model's own noise, ``wd * base`` weight decay (the same direction for every model).  The
+victim is task 0 with its own noise; same-task hard negatives are task 0 with other noise.
+Merges are real mergekit runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mergeshield.attacks import attack
+from mergeshield.attacks.adaptive import perturb_then_align
+from mergeshield.cli import main
+from mergeshield.detect import detect, detect_all, residual, tensor_z
+from mergeshield.errors import MergeShieldError
+from mergeshield.folders import load_tensors, save_tensors
+from mergeshield.merging import merge
+from mergeshield.protect import protect
+
+CONFIG = dict(
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=99,
+    max_position_embeddings=32,
+)
+TASK_SCALE = 0.02  # per entry, against base weights of about 0.2
+WEIGHT_DECAY = 0.01
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one thread: on the shared 2-core VM two threads spin against other jobs
+    (measured: these tests 9 s on one thread, 75 s on two at load 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(tensors: dict[str, torch.Tensor], config: Path, out: Path, prefix: str = "") -> Path:
+    out.mkdir(parents=True)
+    save_tensors({prefix + k: v.contiguous() for k, v in tensors.items()}, out)
+    shutil.copy2(config / "config.json", out / "config.json")
+    return out
+
+
+def _direction(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """A task's direction: rank 2 plus a full-rank part with a fifth of its norm."""
+    if len(shape) < 2:
+        return torch.randn(shape, generator=gen)
+    cols = math.prod(shape[1:])
+    low = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, cols, generator=gen)
+    low = (low / low.norm() * math.prod(shape) ** 0.5).reshape(shape)
+    return low + 0.2 * torch.randn(shape, generator=gen)
+
+
+def _fine_tune(base: dict[str, torch.Tensor], task: int, noise: int, scale: float = 1.0):
+    """``base + TASK_SCALE (scale L_task + e_noise) - wd base`` for every float tensor."""
+    task_gen = torch.Generator().manual_seed(1000 + task)
+    noise_gen = torch.Generator().manual_seed(2000 + noise)
+    out = {}
+    for name, b in sorted(base.items()):
+        if not b.is_floating_point():
+            out[name] = b
+            continue
+        d = scale * _direction(b.shape, task_gen) + torch.randn(b.shape, generator=noise_gen)
+        out[name] = b + TASK_SCALE * d - WEIGHT_DECAY * b
+    return out
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("detect")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**CONFIG, initializer_range=0.2))
+    model.save_pretrained(root / "base")
+    base = load_tensors(root / "base")
+    paths = {"root": root, "base": root / "base"}
+    # the original as a task model (``bert.`` prefix and a head), like the zoo's
+    victim = _fine_tune(base, task=0, noise=0)
+    victim_task = {"bert." + k: v for k, v in victim.items()}
+    victim_task["classifier.weight"] = torch.randn(3, CONFIG["hidden_size"])
+    victim_task["classifier.bias"] = torch.zeros(3)
+    (root / "original").mkdir()
+    save_tensors(victim_task, root / "original")
+    config = json.loads((root / "base" / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    (root / "original" / "config.json").write_text(json.dumps(config))
+    paths["victim"] = _save(victim, root / "base", root / "victim")
+    for task in (1, 2, 3):
+        paths[f"task{task}"] = _save(
+            _fine_tune(base, task, 10 + task), root / "base", root / f"t{task}"
+        )
+    for seed in range(1, 7):  # same task, other noise, other strength
+        tensors = _fine_tune(base, 0, 100 + seed, scale=0.7 + 0.1 * seed)
+        paths[f"same{seed}"] = _save(tensors, root / "base", root / f"same{seed}")
+    return paths
+
+
+def _merge(fam: dict[str, Path], name: str, method: str, models: list[str], c: float) -> Path:
+    out = fam["root"] / "merges" / name
+    if not out.is_dir():
+        merge(method, fam["base"], [fam[m] for m in models], out, coefficient=c)
+    return out
+
+
+POSITIVES = [
+    ("task_arithmetic", ["victim", "task1"], 0.2),
+    ("task_arithmetic", ["victim", "task1", "task2", "task3"], 1.0),
+    ("ties", ["victim", "task1", "task2", "task3"], 1.0),
+    ("dare_ties", ["victim", "task1", "task2"], 0.5),
+    ("dare_linear", ["victim", "task1"], 0.3),
+    ("breadcrumbs", ["victim", "task1", "task2", "task3"], 0.5),
+    ("della", ["victim", "task1", "task2"], 1.0),
+    ("slerp", ["task1", "victim"], 0.2),  # t = the victim's weight
+    ("linear", ["victim", "task1", "task2", "task3"], 1.0),  # all-task average
+    ("model_stock", ["victim", "task1", "task2"], 1.0),
+]
+
+
+def test_merges_of_the_victim_are_found(fam) -> None:
+    suspects = [_merge(fam, f"{m}-{len(models)}-{c}", m, models, c) for m, models, c in POSITIVES]
+    nulls = [fam[f"same{s}"] for s in (1, 2, 3)] + [fam["task1"]]
+    for null in ([], nulls):
+        results = detect_all(suspects, fam["root"] / "original", fam["base"], null=null)
+        missed = [r.suspect for r in results if not r.found]
+        assert not missed, (null, [(r.suspect, r.statistic, r.effect) for r in results])
+        assert all(r.views["raw"] > 10 for r in results)
+
+
+def test_protected_then_aligned_pruned_or_noised_is_found(fam) -> None:
+    root = fam["root"]
+    prot = root / "protected"
+    protect(fam["victim"], prot, "all", base=fam["base"], key_out=root / "p.key", seed=3)
+    aligned = attack(prot, fam["base"], root / "aligned", "aga")
+    pruned = perturb_then_align(prot, fam["base"], root / "pruned", prune=0.5)
+    noised = perturb_then_align(prot, fam["base"], root / "noised", noise=0.5)
+    fam.update(aligned=aligned, pruned=pruned, noised=noised, protected=prot)
+    suspects = [aligned, pruned, noised]
+    suspects += [_merge(fam, f"{m}-aligned", "task_arithmetic", [m, "task1"], 0.5) for m in
+                 ("aligned", "pruned", "noised")]  # fmt: skip
+    results = detect_all(suspects, root / "original", fam["base"])
+    assert all(r.found for r in results), [(r.suspect, r.statistic, r.effect) for r in results]
+    # merged as published: only the owner's key sees it
+    as_published = _merge(fam, "protected-ta", "task_arithmetic", ["protected", "task1"], 0.5)
+    with_key = detect(as_published, root / "original", fam["base"], key=root / "p.key")
+    assert with_key.found and with_key.views["key"] > max(with_key.views.values()) - 1e-9
+
+
+def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
+    suspects = [fam[f"task{t}"] for t in (1, 2, 3)] + [fam[f"same{s}"] for s in (4, 5, 6)]
+    suspects += [
+        _merge(fam, "null-ties", "ties", ["same4", "task1", "task2"], 1.0),
+        _merge(fam, "null-ta", "task_arithmetic", ["same5", "task3"], 0.5),
+    ]
+    nulls = [fam[f"same{s}"] for s in (1, 2, 3)] + [fam["task1"]]
+    for null in ([], nulls):
+        results = detect_all(suspects, fam["root"] / "original", fam["base"], null=null)
+        false = [(r.suspect, r.statistic, r.p_value) for r in results if r.found]
+        assert not false, null
+    same = detect(fam["same4"], fam["root"] / "original", fam["base"])
+    assert same.effect < 0.1 and same.statistic > 3  # shares the task, not the release
+
+
+def test_residual_and_z() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(64, 80, generator=gen, dtype=torch.float64)
+    low = torch.randn(64, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 80, generator=gen, dtype=torch.float64
+    )
+    noise = 0.1 * torch.randn(64, 80, generator=gen, dtype=torch.float64)
+    r = residual(10 * low + noise - 0.5 * b, b, rank=8)
+    assert abs(float((r * b).sum())) < 1e-8 * float(b.norm() * r.norm())  # no decay direction
+    assert float((r * low).sum()).__abs__() < 0.05 * float(r.norm() * low.norm())  # no low rank
+    # z is scale-invariant and about N(0, 1) for unrelated tensors
+    s = torch.randn(64, 80, generator=gen, dtype=torch.float64)
+    assert tensor_z(3 * s, r) == pytest.approx(tensor_z(s, r))
+    zs = [tensor_z(torch.randn(64, 80, generator=gen, dtype=torch.float64), r) for _ in range(300)]
+    mean = sum(zs) / len(zs)
+    sd = (sum((z - mean) ** 2 for z in zs) / len(zs)) ** 0.5
+    assert abs(mean) < 0.2 and 0.85 < sd < 1.15
+
+
+def test_cli_exit_codes_report_and_bad_inputs(fam, tmp_path, capsys) -> None:
+    root, base = fam["root"], str(fam["base"])
+    suspect = _merge(fam, "cli-ta", "task_arithmetic", ["victim", "task2"], 0.4)
+    args = ["--original", str(root / "original"), "--base", base]
+    assert main(["detect", str(suspect), *args, "--out", str(tmp_path / "r")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("release FOUND") and "\n" not in line
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["found"] and report["line"] == line
+    assert (tmp_path / "r" / "detect.png").stat().st_size > 1000
+    nulls = ["--null", str(fam["same1"]), str(fam["same2"]), str(fam["task1"])]
+    assert main(["detect", str(fam["same3"]), *args, *nulls, "--out", str(tmp_path / "n")]) == 1
+    assert capsys.readouterr().out.startswith("release not found")
+
+    # bad inputs: one line on stderr, exit 2
+    other_size = tmp_path / "wide"
+    BertModel(BertConfig(**{**CONFIG, "hidden_size": 64})).save_pretrained(other_size)
+    unrelated = tmp_path / "unrelated"
+    torch.manual_seed(7)
+    BertModel(BertConfig(**CONFIG, initializer_range=0.2)).save_pretrained(unrelated)
+    cases = {
+        "another size": (["detect", str(suspect), "--original", str(root / "original"),
+                          "--base", str(other_size)], "not the same architecture"),
+        "not derived": (["detect", str(unrelated), *args], "not derived from base"),
+        "missing": (["detect", str(tmp_path / "nope"), *args], "no such folder"),
+        "another architecture": (["detect", str(suspect), *args[:2], "--base",
+                                  str(_vit(tmp_path))], "not the same architecture"),
+    }  # fmt: skip
+    capsys.readouterr()  # the progress bars of save_pretrained
+    for name, (argv, message) in cases.items():
+        assert main([*argv, "--out", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (name, err)
+    with pytest.raises(MergeShieldError, match="alpha"):
+        detect(suspect, root / "original", base, alpha=0)
+
+
+def _vit(tmp_path: Path) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    out = tmp_path / "vit"
+    ViTModel(
+        ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, image_size=16, patch_size=4)
+    ).save_pretrained(out)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-gqa2", "gpt2", "vit", "qwen2"])
+def test_other_families(name, tmp_path) -> None:
+    """A task-arithmetic mix of the victim is found and another task's model is not, on the
+    tiny models of the other families (RoPE and GQA, fused transposed c_attn, ViT, q/k/v
+    biases); the original is compared in its own layout."""
+    from tests.tiny_models import build
+
+    build(name, tmp_path / "base")
+    base = load_tensors(tmp_path / "base")
+    victim, other = _fine_tune(base, 0, 0), _fine_tune(base, 1, 1)
+    mix = {k: b + 0.3 * (victim[k] - b) + 0.3 * (other[k] - b) if b.is_floating_point() else b
+           for k, b in base.items()}  # fmt: skip
+    for label, tensors in (("original", victim), ("other", other), ("mix", mix)):
+        _save(tensors, tmp_path / "base", tmp_path / label)
+    found, not_found = detect_all(
+        [tmp_path / "mix", tmp_path / "other"], tmp_path / "original", tmp_path / "base"
+    )
+    assert found.found and not not_found.found, (found.line(), not_found.line())
