@@ -50,3 +50,18 @@ def test_frontier_command_measures_each_candidate_and_attack(tmp_path, capsys):
         assert abs(cell["weakest"] - min(cell["kept"], rider_kept)) < 1e-9
     assert "aga+prune" in (out / "frontier.md").read_text()
     assert (out / "frontier.png").stat().st_size > 0
+
+
+def test_hardened_release_is_undone_under_the_joint_objective(tmp_path, capsys):
+    """README's hardening statement on the small family: merge+arf hardening then MergeLock, the
+    best candidate of the earlier victim-only study, does not stop a TIES merge that serves both
+    tasks once the release is aligned by AGA: the weakest task keeps more than the 60% a usable
+    merge keeps (the audit's bound for an unprotected merge)."""
+    out = tmp_path / "frontier"
+    args = ["frontier", "--kind", "text", "--setting", "small", "--out", str(out)]
+    args += ["--candidates", "merge+arf/mergelock", "--methods", "ties", "--attacks", "aga"]
+    args += ["--no-finetune", "--steps", "120", "--lr", "3e-5"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "frontier.json").read_text())["summary"][0]
+    assert summary["ties"]["weakest"] > 0.60
+    assert not summary["meets_target"]
