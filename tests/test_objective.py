@@ -21,13 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation import audit as audit_module
-from mergeshield.evaluation.audit import AuditPlan, choose, run_audit
+from mergeshield.evaluation.audit import AuditPlan, run_audit
 from mergeshield.evaluation.zoo import Family
 from mergeshield.objective import (
     HOLDS_TEXT,
     INSERTED_TEXT,
     USEFUL_TEXT,
     check_objective,
+    choose,
     joint_score,
     kept,
     unprotected_verdict,
@@ -95,7 +96,7 @@ TASKS = {"victim": (0.3, 1), "rider": (0.03, 2)}  # task -> (task vector scale, 
 def _predictions(folder: Path, task: str, split: str) -> torch.Tensor:
     from transformers import AutoModel
 
-    from mergeshield.evaluation.zoo import quiet_transformers
+    from mergeshield.evaluation.batches import quiet_transformers
 
     with quiet_transformers():
         model = AutoModel.from_pretrained(folder).eval()

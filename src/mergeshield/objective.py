@@ -89,3 +89,15 @@ def unprotected_verdict(victim_kept: float, partner_kept: Mapping[str, float]) -
     if weakest(victim_kept, partner_kept) >= UNPROTECTED_MIN:
         return "merge works"
     return f"merge itself weak (a task keeps <{UNPROTECTED_MIN:.0%})"
+
+
+def choose(curve: list[tuple[float, float, Mapping[str, float]]], objective: str) -> float:
+    """The coefficient ``objective`` picks from a validation curve ``(c, victim kept,
+    {free-rider: kept})``: the first argmax; NaN never wins (as in
+    :func:`mergeshield.merging.sweep`); NaN when every score is NaN."""
+    best_c, best = math.nan, -math.inf
+    for c, v, p in curve:
+        value = joint_score(v, p, objective)
+        if not math.isnan(value) and value > best:
+            best_c, best = c, value
+    return best_c

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.zoo import quiet_transformers, take_batch
+from mergeshield.evaluation.batches import quiet_transformers, take_batch
 
 if TYPE_CHECKING:
     from mergeshield.evaluation.zoo import Family

@@ -45,6 +45,7 @@ from mergeshield.objective import (
     UNPROTECTED_MIN,
     USEFUL_TEXT,
     check_objective,
+    choose,
     joint_score,
     kept,
     unprotected_verdict,
@@ -375,18 +376,6 @@ def _merge_row(
         "partner_kept": {p: test_view[p][1] for p in partners},
     }
     return row
-
-
-def choose(val_kept: list[tuple[float, float, dict[str, float]]], objective: str) -> float:
-    """The coefficient ``objective`` picks from a validation curve ``(c, victim kept,
-    {free-rider: kept})``: the first argmax, NaN never wins (as in
-    :func:`mergeshield.merging.sweep`)."""
-    best_c, best = math.nan, -math.inf
-    for c, v, p in val_kept:
-        value = joint_score(v, p, objective)
-        if not math.isnan(value) and value > best:
-            best_c, best = c, value
-    return best_c
 
 
 def _kept_on(family: Family, task: str, split: str, backbone: Path) -> float:

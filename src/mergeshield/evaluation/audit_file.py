@@ -247,7 +247,7 @@ def _task(root: Path, value: Any, what: str) -> TaskEntry:
     return TaskEntry(name, model, splits["val"], splits["test"])
 
 
-def materialize(audit: AuditFile, root: Path, *, progress: bool = True):
+def materialize(audit: AuditFile, root: Path):
     """The user's models as a :class:`~mergeshield.evaluation.zoo.Family` under ``root``:
     each split encoded with its own model's tokenizer/processor and label map (``data/``),
     then the base and fine-tuned accuracies measured, as the zoo records them."""
@@ -338,5 +338,5 @@ def run_audit_file(path: Path, out: Path, *, progress: bool = True):
     if audit.builtin:
         return run_audit(audit.plan, out, progress=progress)
     with tempfile.TemporaryDirectory(prefix="mergeshield-family-") as tmp:
-        family = materialize(audit, Path(tmp), progress=progress)
+        family = materialize(audit, Path(tmp))
         return run_audit(audit.plan, out, family=family, progress=progress)

@@ -52,7 +52,7 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import accuracy, load_classifier
 from mergeshield.evaluation.zoo import Family
 from mergeshield.merging import extract_backbone, merge
-from mergeshield.objective import check_objective, joint_score, kept, weakest
+from mergeshield.objective import check_objective, choose, joint_score, kept, weakest
 
 Tensors = dict[str, torch.Tensor]
 TARGET_KEPT = 0.10
@@ -410,17 +410,16 @@ def _search(
         )
         for t in (plan.victim, partner)
     }
-    curve, best = [], None
+    curve, shares = [], []
     for c in grid:
         merged = _merged(method, search, base, deltas, c)
         v, p = victim_scorer(merged, "val"), partner_scorer(merged, "val")
         curve.append((c, v, p))
-        score = joint_score(
-            kept(v, *refs[plan.victim]), {partner: kept(p, *refs[partner])}, plan.objective
-        )
-        if not math.isnan(score) and (best is None or score > best[3]):
-            best = (c, v, p, score)
-    c, v, p, score = best if best is not None else (grid[0], *curve[0][1:], float("nan"))
+        shares.append((c, kept(v, *refs[plan.victim]), {partner: kept(p, *refs[partner])}))
+    chosen = choose(shares, plan.objective)
+    index = 0 if math.isnan(chosen) else [c for c, _, _ in shares].index(chosen)
+    c, v, p = curve[index]
+    score = joint_score(shares[index][1], shares[index][2], plan.objective)
     return MergeResult(method, partner, variant, search, c, v, p, score, curve=curve)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.batches import quiet_transformers, take_batch
 from mergeshield.evaluation.tasks import (
     FASHION_CLASSES,
     IMAGE_TASKS,
@@ -462,11 +463,7 @@ def finetune_classifier(
     classification checkpoint, with the base's tokenizer files, to ``out`` atomically.  The
     labels are the sorted label names of the data.  The zoo's recipe: AdamW, linear warm-up
     and decay, batches of 32."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     from mergeshield.defenses.training_data import encode_examples, read_examples
     from mergeshield.folders import atomic_dir
@@ -497,12 +494,10 @@ def finetune_classifier(
             label2id=label2id,
             local_files_only=True,
         )
-    config = AutoConfig.from_pretrained(base, local_files_only=True)
-    config.label2id, config.num_labels = label2id, len(names)
     data = encode_examples(
         type(examples)(examples.kind, examples.inputs, [label2id[str(y)] for y in examples.labels]),
         base,
-        config,
+        model.config,
         tokenizer_dir=base,
         max_len=max_len,
     )
@@ -599,19 +594,6 @@ def _train(
     return epoch_loss
 
 
-def take_batch(
-    data: dict[str, torch.Tensor], index: torch.Tensor | slice
-) -> dict[str, torch.Tensor]:
-    """Rows ``index`` of every tensor in ``data``; token tensors are cut to the longest row."""
-    batch = {k: v[index] for k, v in data.items()}
-    if "attention_mask" in batch:
-        length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in batch:
-                batch[k] = batch[k][:, :length]
-    return batch
-
-
 # ----------------------------------------------------------------------------- helpers
 
 _Bar = Callable[[str, int], Callable[[], None]]
@@ -644,23 +626,6 @@ def _progress_bar(enabled: bool) -> Iterator[_Bar]:
             return lambda: prog.advance(task_id)
 
         yield bar
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and weight-loading progress bars for a block."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 _TOKENIZERS: dict[str, Any] = {}
