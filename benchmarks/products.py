@@ -41,7 +41,7 @@ from mergeshield.arrays import (
     scale_exactly,
     uint_view,
 )
-from mergeshield.checkpoint import GATHER_CHUNK_BYTES
+from mergeshield.shards import GATHER_CHUNK_BYTES
 from mergeshield.symmetries.linalg import rope_commuting
 from mergeshield.symmetries.transform import map_column_blocks, map_row_blocks, take
 

@@ -7,7 +7,7 @@ separate subprocesses under ``/usr/bin/time`` (wall, user + system CPU, peak RSS
   copies with ``copy_file_range``, one copy inside the kernel, no pass through user space;
 - ``user-copy``: the same files read into user memory and written back in 1 MiB chunks
   (``read`` + ``write``): the floor of any tool that must see the bytes to transform them
-  (1 MiB: larger writes are several times slower here, see ``checkpoint.WRITE_CHUNK``);
+  (1 MiB: larger writes are several times slower here, see ``shards.WRITE_CHUNK``);
 - ``imports``: ``python -c "import mergeshield.protect"``: the interpreter and the libraries
   that any protect run loads first (torch, numpy, safetensors), no I/O;
 - ``protect``: ``mergeshield protect MODEL OUT --defense all --seed RUN --quiet``;

@@ -28,10 +28,12 @@ from safetensors import safe_open
 from mergeshield.architectures.spec import BlockSpec
 from mergeshield.attacks import ATTACKS, attack
 from mergeshield.attacks.matching import read_heads
-from mergeshield.checkpoint import open_checkpoint, reader, rewrite
+from mergeshield.checkpoint import open_checkpoint
 from mergeshield.defenses.base import random_head_permutation
 from mergeshield.errors import MergeShieldError
 from mergeshield.protect import load_key, protect
+from mergeshield.rewrite import rewrite
+from mergeshield.shards import reader
 from mergeshield.symmetries.transform import BlockTransform, apply_transform
 from tests.tiny_models import build, outputs
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeshield.checkpoint import ShardWriter
 from mergeshield.cli import main
+from mergeshield.shards import ShardWriter
 from tests.tiny_models import build
 
 

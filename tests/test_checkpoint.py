@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeshield import checkpoint as checkpoint_module
+from mergeshield import shards as shards_module
 from mergeshield.arrays import Gathered, code_of, to_numpy
-from mergeshield.checkpoint import ShardWriter, WriteBehind
 from mergeshield.errors import MergeShieldError
+from mergeshield.shards import ShardWriter, WriteBehind
 from mergeshield.symmetries.transform import take
 
 
@@ -76,7 +76,7 @@ def test_shard_writer_copies_unchanged_tensors_byte_for_byte(
     import errno
     import os
 
-    from mergeshield.checkpoint import ShardFile
+    from mergeshield.shards import ShardFile
 
     tensors = _tensors()
     meta = {"format": "pt"}
@@ -135,7 +135,7 @@ def test_gathered_tensors_are_written_chunk_by_chunk_exactly(tmp_path, monkeypat
     """A :class:`Gathered` tensor written in chunks (one row, a few rows, whole) gives the bytes
     of writing it made whole, next to plain tensors; a NaN reaching the output raises, after
     ``bad_input`` had its say."""
-    monkeypatch.setattr(checkpoint_module, "GATHER_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(shards_module, "GATHER_CHUNK_BYTES", chunk_bytes)
     tensors = {k: to_numpy(v) for k, v in _tensors().items()}
     rng = np.random.default_rng(7)
     lazy = {

@@ -283,8 +283,8 @@ def test_stored_bf16_transform_is_bit_identical_to_float64_path(tiny, name, inve
     """The norm-weight step, fused row views and every expert's units, on bf16 tensors as
     protect runs them, give exactly the bytes of the float64 transform cast back once."""
     from mergeshield.arrays import Gathered, to_numpy
-    from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext, DefenseOptions
+    from mergeshield.shards import reader
     from mergeshield.symmetries.transform import Float64View, apply_transform
 
     ckpt = open_checkpoint(tiny(name)[0])

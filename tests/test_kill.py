@@ -28,7 +28,7 @@ import importlib, os, sys, time, types
 from pathlib import Path
 
 stage, marker, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-checkpoint = importlib.import_module("mergeshield.checkpoint")
+rewrite = importlib.import_module("mergeshield.rewrite")
 folders = importlib.import_module("mergeshield.folders")
 protect = importlib.import_module("mergeshield.protect")
 
@@ -48,16 +48,16 @@ def after(fn, when=lambda *a: True):
 
 
 if stage == "start":
-    checkpoint.copy_side_files = after(checkpoint.copy_side_files)
+    rewrite.copy_side_files = after(rewrite.copy_side_files)
 elif stage == "shard":
     shards = []
-    real_init = checkpoint.ShardWriter.__init__
+    real_init = rewrite.ShardWriter.__init__
     def init(self, *a, **kw):
         shards.append(a[0])
         if len(shards) == 2:
             pause()
         real_init(self, *a, **kw)
-    checkpoint.ShardWriter.__init__ = init
+    rewrite.ShardWriter.__init__ = init
 elif stage == "key":
     protect.save_key = after(protect.save_key)
 elif stage == "publish":

@@ -258,9 +258,10 @@ def test_barrier_flip_of_permuted_heads_is_the_permuted_flip(checkpoints, family
     """``all`` reorders the flips by kv_perm instead of recomputing them on a permuted copy:
     both give the same matrices, and each flip is a symmetric orthogonal reflection of
     ``flip_fraction * d`` directions computed from the whole query group."""
-    from mergeshield.checkpoint import open_checkpoint, reader
+    from mergeshield.checkpoint import open_checkpoint
     from mergeshield.defenses.base import BlockContext, DefenseOptions, random_head_permutation
     from mergeshield.defenses.published import barrier_flips
+    from mergeshield.shards import reader
     from mergeshield.symmetries.transform import BlockTransform, apply_transform
 
     ckpt = open_checkpoint(checkpoints[family][0])
@@ -315,8 +316,8 @@ def test_stored_dtype_transform_is_bit_identical_to_float64_path(
     exactly the bytes of widening the whole block to float64, transforming and casting back;
     so do MLP weights left as :class:`Gathered` maps to be streamed (``numpy-streamed``)."""
     from mergeshield.arrays import Gathered, to_numpy
-    from mergeshield.checkpoint import reader
     from mergeshield.defenses.base import BlockContext
+    from mergeshield.shards import reader
     from mergeshield.symmetries.transform import Float64View, apply_transform, is_power_of_two
 
     ckpt = open_checkpoint(checkpoints[family][0])
@@ -418,13 +419,13 @@ def test_blocks_transformed_in_parallel_give_the_same_bytes(checkpoints, tmp_pat
     """protect transforms two blocks at once and writes two tensors at once; with one of each
     at a time the output is byte-identical (each block draws from its own generator, and each
     tensor is written at its own offset)."""
-    from mergeshield import checkpoint as checkpoint_module
+    from mergeshield import rewrite as rewrite_module
 
     src = checkpoints["llama-gqa2"][0]
     assert len(open_checkpoint(src).spec.blocks) > 1
     protect(src, tmp_path / "parallel", "all", seed=11)
-    monkeypatch.setattr(checkpoint_module, "BLOCK_WORKERS", 1)
-    monkeypatch.setattr(checkpoint_module, "WRITE_THREADS", 1)
+    monkeypatch.setattr(rewrite_module, "BLOCK_WORKERS", 1)
+    monkeypatch.setattr(rewrite_module, "WRITE_THREADS", 1)
     protect(src, tmp_path / "serial", "all", seed=11)
     for file in sorted((tmp_path / "serial").iterdir()):
         assert file.read_bytes() == (tmp_path / "parallel" / file.name).read_bytes(), file.name

@@ -75,9 +75,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergeshield.checkpoint import Checkpoint, check_same_architecture, open_checkpoint, reader
+from mergeshield.checkpoint import Checkpoint, check_same_architecture, open_checkpoint
 from mergeshield.errors import MergeShieldError
 from mergeshield.protect import load_key_for
+from mergeshield.shards import reader
 
 if TYPE_CHECKING:
     import torch

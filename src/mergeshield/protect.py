@@ -34,13 +34,13 @@ from mergeshield.checkpoint import (
     check_output_path,
     check_same_architecture,
     open_checkpoint,
-    reader,
-    rewrite,
 )
 from mergeshield.defenses import BlockContext, DefenseOptions, get_defense
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import exclusive, output_path
 from mergeshield.progress import progress_bar
+from mergeshield.rewrite import rewrite
+from mergeshield.shards import reader
 from mergeshield.symmetries.transform import (
     BlockTransform,
     Float64View,

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeshield.arrays import LOW_PRECISION_CODES
-from mergeshield.checkpoint import Checkpoint, open_checkpoint, reader
+from mergeshield.checkpoint import Checkpoint, open_checkpoint
 from mergeshield.errors import MergeShieldError
+from mergeshield.shards import reader
 
 if TYPE_CHECKING:
     import torch

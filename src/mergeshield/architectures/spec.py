@@ -9,7 +9,9 @@ of BERT or Llama look the same to every transform.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,24 @@ class Slot:
 
     def names(self) -> tuple[str, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    def view(self, tensors: Mapping[str, Any]) -> tuple[Any, Any]:
+        """``(W, b)`` as ``[out, in]`` / ``[out]`` views into ``tensors`` (numpy arrays or
+        torch tensors; ``b`` is None without a bias)."""
+        w = tensors[self.weight]
+        if self.transposed:
+            w = w.T
+        b = tensors[self.bias] if self.bias is not None else None
+        if self.chunk is not None:
+            index, count = self.chunk
+            size = w.shape[0] // count
+            w = w[index * size : (index + 1) * size]
+            b = b[index * size : (index + 1) * size] if b is not None else None
+        if self.rows is not None:
+            start, stop = self.rows
+            w = w[start:stop]
+            b = b[start:stop] if b is not None else None
+        return w, b
 
 
 @dataclass(frozen=True)

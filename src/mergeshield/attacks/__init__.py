@@ -16,15 +16,11 @@ from typing import TYPE_CHECKING
 
 from mergeshield import __version__
 from mergeshield.architectures.spec import BlockSpec
-from mergeshield.checkpoint import (
-    check_output_path,
-    check_same_architecture,
-    open_checkpoint,
-    reader,
-    rewrite,
-)
+from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
+from mergeshield.rewrite import rewrite
+from mergeshield.shards import reader
 
 if TYPE_CHECKING:
     import torch

@@ -29,7 +29,6 @@ from scipy.optimize import linear_sum_assignment
 
 from mergeshield.architectures.spec import AttentionSpec, MLPSpec, Slot
 from mergeshield.defenses.base import unit_vectors
-from mergeshield.symmetries.transform import view
 
 Tensors = dict[str, torch.Tensor]
 FLUSH = 1e-10  # relative residuals below this are float64 rounding of a zero residual
@@ -41,7 +40,7 @@ PREFER_IDENTITY = 1e-12  # added to off-diagonal costs: exact ties keep heads in
 
 def head_rows(tensors: Tensors, slot: Slot, n: int, d: int) -> torch.Tensor:
     """``(n, d, m)``: head ``i`` is ``[W^i | b^i]`` (rows ``i*d .. (i+1)*d`` of the slot)."""
-    w, b = view(tensors, slot)
+    w, b = slot.view(tensors)
     x = w.reshape(n, d, -1)
     if b is not None:
         x = torch.cat([x, b.reshape(n, d, 1)], dim=2)
@@ -50,7 +49,7 @@ def head_rows(tensors: Tensors, slot: Slot, n: int, d: int) -> torch.Tensor:
 
 def set_head_rows(tensors: Tensors, slot: Slot, x: torch.Tensor) -> None:
     """Inverse of :func:`head_rows`: write ``(n, d, m)`` back into the slot (in place)."""
-    w, b = view(tensors, slot)
+    w, b = slot.view(tensors)
     m = w.shape[1]
     w.copy_(x[..., :m].reshape(w.shape))
     if b is not None:
@@ -59,13 +58,13 @@ def set_head_rows(tensors: Tensors, slot: Slot, x: torch.Tensor) -> None:
 
 def out_heads(tensors: Tensors, slot: Slot, n: int, d: int) -> torch.Tensor:
     """``(n, d, hidden)``: block ``h`` is ``W_O[:, h]^T`` (the output bias is not per head)."""
-    w, _ = view(tensors, slot)
+    w, _ = slot.view(tensors)
     return w.T.reshape(n, d, -1)
 
 
 def set_out_heads(tensors: Tensors, slot: Slot, x: torch.Tensor) -> None:
     """Inverse of :func:`out_heads`."""
-    w, _ = view(tensors, slot)
+    w, _ = slot.view(tensors)
     w.copy_(x.reshape(w.shape[1], w.shape[0]).T)
 
 
@@ -159,9 +158,9 @@ def _unit_parts(mlp: MLPSpec, weights: Tensors) -> dict[str, torch.Tensor]:
     for role, slot in (("up", mlp.up), ("gate", mlp.gate)):
         if slot is None:
             continue
-        w, b = view(weights, slot)
+        w, b = slot.view(weights)
         parts[role] = torch.cat([w, b[:, None]], dim=1) if b is not None else w
-    parts["down"] = view(weights, mlp.down)[0].T
+    parts["down"] = mlp.down.view(weights)[0].T
     return parts
 
 

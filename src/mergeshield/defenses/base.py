@@ -16,7 +16,7 @@ from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
 from mergeshield.arrays import Array, concat, float32, to_numpy
 from mergeshield.errors import MergeShieldError
 from mergeshield.symmetries.linalg import log_uniform, rope_commuting
-from mergeshield.symmetries.transform import BlockTransform, view
+from mergeshield.symmetries.transform import BlockTransform
 
 Tensors = dict[str, Array]
 
@@ -119,11 +119,11 @@ def unit_vectors(mlp: MLPSpec, weights: Tensors) -> Array:
     for slot in (mlp.up, mlp.gate):
         if slot is None:
             continue
-        w, b = view(weights, slot)
+        w, b = slot.view(weights)
         parts.append(w)
         if b is not None:
             parts.append(b[:, None])
-    parts.append(view(weights, mlp.down)[0].T)
+    parts.append(mlp.down.view(weights)[0].T)
     return concat(parts, axis=1)
 
 

@@ -88,7 +88,7 @@ from mergeshield.symmetries.linalg import (
     to_rotary_layout,
 )
 from mergeshield.symmetries.qk_norm import norm_map, pair_maps
-from mergeshield.symmetries.transform import BlockTransform, view
+from mergeshield.symmetries.transform import BlockTransform
 
 PAPER_SCALES = {"diagonal": (0.05, 20.0), "symmetric": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
 MERGELOCK_SCALE = (0.1, 10.0)
@@ -253,8 +253,8 @@ def barrier_flips(ctx: BlockContext) -> np.ndarray:
     """
     att, opt = ctx.block.attention, ctx.options
     d, r, g = att.head_dim, att.group_size, att.n_kv_heads
-    wq = view(ctx.weights, att.q)[0].reshape(att.n_heads, d, -1)
-    wk = view(ctx.weights, att.k)[0].reshape(g, d, -1)
+    wq = att.q.view(ctx.weights)[0].reshape(att.n_heads, d, -1)
+    wk = att.k.view(ctx.weights)[0].reshape(g, d, -1)
     flips = np.repeat(np.eye(d)[None], g, axis=0)
     if att.rope:
         diag = to_numpy(

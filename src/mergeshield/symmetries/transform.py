@@ -78,37 +78,19 @@ class BlockTransform:
         }
 
 
-def view(tensors: Tensors, slot: Slot) -> tuple[Array, Array | None]:
-    """``(W, b)`` of a slot as ``[out, in]`` / ``[out]`` views into ``tensors``."""
-    w = tensors[slot.weight]
-    if slot.transposed:
-        w = w.T
-    b = tensors[slot.bias] if slot.bias is not None else None
-    if slot.chunk is not None:
-        index, count = slot.chunk
-        size = w.shape[0] // count
-        w = w[index * size : (index + 1) * size]
-        b = b[index * size : (index + 1) * size] if b is not None else None
-    if slot.rows is not None:
-        start, stop = slot.rows
-        w = w[start:stop]
-        b = b[start:stop] if b is not None else None
-    return w, b
-
-
 def _set_weight(tensors: Tensors, slot: Slot, new: Array) -> None:
     """Store ``new`` (the slot's ``[out, in]`` weight) in place of the old one: a plain
     slot's tensor is replaced, a transposed or fused (chunk, rows) slot is written through its
     view."""
     if slot.transposed or slot.chunk is not None or slot.rows is not None:
-        view(tensors, slot)[0][...] = new
+        slot.view(tensors)[0][...] = new
     else:
         tensors[slot.weight] = new
 
 
 def _rows(tensors: Tensors, slot: Slot, fn) -> None:
     """Replace ``W`` and ``b`` of a slot by ``fn(W)`` and ``fn(b[:, None])`` (row maps)."""
-    w, b = view(tensors, slot)
+    w, b = slot.view(tensors)
     if b is not None:
         b[...] = fn(b[:, None])[:, 0]
     _set_weight(tensors, slot, fn(w))
@@ -188,7 +170,7 @@ def map_column_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
 def _columns(tensors: Tensors, slot: Slot, mats: np.ndarray, d: int) -> None:
     """``W[:, h] <- W[:, h] mats[h]^T`` for every column block ``h`` (of size ``d``) of a slot's
     ``W``; the bias is untouched."""
-    _set_weight(tensors, slot, map_column_blocks(view(tensors, slot)[0], mats, d))
+    _set_weight(tensors, slot, map_column_blocks(slot.view(tensors)[0], mats, d))
 
 
 def _block_index(perm: np.ndarray, d: int) -> np.ndarray:
@@ -212,7 +194,7 @@ def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> Non
     One gather of the ``[out, in]`` view (:func:`take`), whatever the storage layout (a pure
     data movement, so bit-identical to any other way of permuting).
     """
-    w, b = view(tensors, slot)
+    w, b = slot.view(tensors)
     index = _block_index(perm, d)
     if b is not None:
         b[...] = take(b, index, 0)
@@ -221,7 +203,7 @@ def _permute_rows(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> Non
 
 def _permute_columns(tensors: Tensors, slot: Slot, perm: np.ndarray, d: int) -> None:
     """Column blocks of a slot's ``W`` permuted (column block ``perm[i]`` to ``i``)."""
-    w, _ = view(tensors, slot)
+    w, _ = slot.view(tensors)
     _set_weight(tensors, slot, take(w, _block_index(perm, d), 1))
 
 
@@ -241,7 +223,7 @@ def apply_transform(
 
     ``stream_mlp``: where the MLP step is a permutation, with or without sign flips, of numpy
     arrays (``all``'s and ``params``'s), its weights become :class:`Gathered` maps of the input,
-    computed as they are written (:func:`mergeshield.checkpoint.rewrite`)."""
+    computed as they are written (:func:`mergeshield.rewrite.rewrite`)."""
     att, mlp = block.attention, block.mlp
     d, r = att.head_dim, att.group_size
     mlp_step = partial(_mlp_step, stream=stream_mlp, extras=block.extra_mlps)
@@ -303,7 +285,7 @@ def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> Non
     """In place on the ``[out, in]`` views: ``up`` row ``i`` (and its bias) times ``s_i``,
     ``down`` column ``i`` divided by ``s_i``: in the tensors' dtype when that is exact (powers of
     two), else in float64, rounded once."""
-    (w, b), down = view(tensors, mlp.up), view(tensors, mlp.down)[0]
+    (w, b), down = mlp.up.view(tensors), mlp.down.view(tensors)[0]
     s = 1.0 / scale if inverse else scale
     if not is_power_of_two(scale):
         st = as_matrices(s, w)
