@@ -8,11 +8,10 @@ Python API::
     assert report.ok
 """
 
-__version__ = "0.1.0"
-
-from mergeshield.detect import detect  # noqa: E402
-from mergeshield.errors import MergeShieldError  # noqa: E402
-from mergeshield.protect import protect, unprotect  # noqa: E402
-from mergeshield.verify import verify  # noqa: E402
+from mergeshield.detect import detect
+from mergeshield.errors import MergeShieldError
+from mergeshield.protect import protect, unprotect
+from mergeshield.verify import verify
+from mergeshield.version import __version__
 
 __all__ = ["MergeShieldError", "__version__", "detect", "protect", "unprotect", "verify"]

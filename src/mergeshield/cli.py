@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mergeshield import __version__
+from mergeshield.version import __version__
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
 

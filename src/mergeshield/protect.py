@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mergeshield import __version__
+from mergeshield.version import __version__
 from mergeshield.architectures.spec import BlockSpec, ModelSpec
 from mergeshield.arrays import LOW_PRECISION_CODES
 from mergeshield.checkpoint import (

@@ -96,7 +96,9 @@ class Tower:
 
 
 @dataclass(frozen=True)
-class Family:
+class Architecture:
+    """One adapter per model type: the stored layouts it may use and its towers from the config."""
+
     name: str
     layouts: tuple[Layout, ...]  # alternatives; the one found in the checkpoint is used
     towers: Callable[[Any], list[Tower]]
@@ -380,31 +382,31 @@ QWEN3_MOE = replace(QWEN_MOE, q_norm=QWEN3.q_norm, k_norm=QWEN3.k_norm)
 MIXTRAL = replace(
     LLAMA, moe=MoELayout(experts="block_sparse_moe.experts.{e}.", up="w3", down="w2", gate="w1")
 )
-DECODER_FAMILIES: dict[str, Family] = {
-    "qwen3": Family("qwen3", (QWEN3,), lambda c: [_decoder_tower(c)]),
-    "gemma2": Family("gemma", (LLAMA,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
-    "gemma3_text": Family("gemma", (QWEN3,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
-    "phi3": Family("phi3", (PHI3,), lambda c: [_decoder_tower(c)]),
-    "mixtral": Family("moe", (MIXTRAL,), lambda c: [_mixtral_tower(c)]),
-    "qwen2_moe": Family("moe", (QWEN_MOE,), lambda c: [_qwen_moe_tower(c, 60)]),
-    "qwen3_moe": Family("moe", (QWEN3_MOE,), lambda c: [_qwen_moe_tower(c, 128)]),
+DECODER_FAMILIES: dict[str, Architecture] = {
+    "qwen3": Architecture("qwen3", (QWEN3,), lambda c: [_decoder_tower(c)]),
+    "gemma2": Architecture("gemma", (LLAMA,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
+    "gemma3_text": Architecture("gemma", (QWEN3,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
+    "phi3": Architecture("phi3", (PHI3,), lambda c: [_decoder_tower(c)]),
+    "mixtral": Architecture("moe", (MIXTRAL,), lambda c: [_mixtral_tower(c)]),
+    "qwen2_moe": Architecture("moe", (QWEN_MOE,), lambda c: [_qwen_moe_tower(c, 60)]),
+    "qwen3_moe": Architecture("moe", (QWEN3_MOE,), lambda c: [_qwen_moe_tower(c, 128)]),
 }
 
-FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", (BERT,), lambda c: [_encoder_tower(c)]),
-    "roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
-    "vit": Family("vit", (VIT, VIT_V5), lambda c: [_encoder_tower(c)]),
-    "clip": Family("clip", (CLIP,), _clip_towers),
-    "clip_text_model": Family("clip", (CLIP,), _clip_tower_alone("text_model.")),
-    "clip_vision_model": Family("clip", (CLIP,), _clip_tower_alone("vision_model.")),
-    "gpt2": Family("gpt2", (GPT2,), lambda c: [_gpt2_tower(c)]),
-    "llama": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
-    "mistral": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
-    "qwen2": Family("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
+FAMILIES: dict[str, Architecture] = {
+    "bert": Architecture("bert", (BERT,), lambda c: [_encoder_tower(c)]),
+    "roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
+    "vit": Architecture("vit", (VIT, VIT_V5), lambda c: [_encoder_tower(c)]),
+    "clip": Architecture("clip", (CLIP,), _clip_towers),
+    "clip_text_model": Architecture("clip", (CLIP,), _clip_tower_alone("text_model.")),
+    "clip_vision_model": Architecture("clip", (CLIP,), _clip_tower_alone("vision_model.")),
+    "gpt2": Architecture("gpt2", (GPT2,), lambda c: [_gpt2_tower(c)]),
+    "llama": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
+    "mistral": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
+    "qwen2": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
     # encoder / seq2seq families (issue 16)
-    "xlm-roberta": Family("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
-    "distilbert": Family("distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)]),
-    "t5": Family("t5", (), _t5_towers),
+    "xlm-roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
+    "distilbert": Architecture("distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)]),
+    "t5": Architecture("t5", (), _t5_towers),
 } | DECODER_FAMILIES
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))

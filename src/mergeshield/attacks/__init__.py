@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergeshield import __version__
+from mergeshield.version import __version__
 from mergeshield.architectures.spec import BlockSpec
 from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
 from mergeshield.errors import MergeShieldError
