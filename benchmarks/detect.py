@@ -43,10 +43,10 @@ from mergeshield.attacks import attack
 from mergeshield.attacks.adaptive import finetune_recovery, perturb_then_align
 from mergeshield.detect import E_MIN, detect, detect_all
 from mergeshield.evaluation import zoo
-from mergeshield.evaluation.tasks import load_task
 from mergeshield.folders import atomic_dir, load_tensors, save_tensors
 from mergeshield.merging import METHODS, backbone_prefix, extract_backbone, merge
 from mergeshield.protect import protect
+from mergeshield.tasks import load_task
 
 COEFFICIENTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 CALIBRATION_SEEDS = (1, 2, 3)

@@ -88,7 +88,8 @@ def user_files(tmp_path_factory) -> Path:
 
 
 def test_audit_file_end_to_end(user_files, tmp_path, capsys):
-    from mergeshield.evaluation.accuracy import accuracy, load_classifier
+    from mergeshield.evaluation.accuracy import accuracy
+    from mergeshield.modeling import load_classifier
 
     out = tmp_path / "report"
     assert main(["audit", "--config", str(user_files / "audit.yml"), "--out", str(out)]) == 0

@@ -22,20 +22,15 @@ from transformers import (
 
 from mergeshield.architectures import AttentionSpec, Slot
 from mergeshield.attacks.adaptive import insert, insertion_config, perturb_update
-from mergeshield.defenses.harden import (
-    HardenConfig,
-    aga_recovery,
-    backbone_map,
-    harden,
-    load_folder_tensors,
-    parse_method,
-    sample_scale,
-    uniform_divergence,
-)
-from mergeshield.defenses.training_data import read_examples
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.frontier import merge_in_memory, trim
+from mergeshield.folders import load_tensors as load_folder_tensors
+from mergeshield.hardening.components import aga_recovery, sample_scale, uniform_divergence
+from mergeshield.hardening.config import HardenConfig, parse_method
+from mergeshield.hardening.data import read_examples
+from mergeshield.hardening.harden import harden
 from mergeshield.merging import extract_backbone, merge
+from mergeshield.modeling import backbone_map
 
 WORDS = ["good", "bad", "cat", "dog", "sun", "rain", "tree", "car", "blue", "red", "one", "two"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -183,7 +178,7 @@ def test_aga_recovery_removes_exactly_the_row_space_part_of_tau() -> None:
     tau = {k: 0.05 * torch.randn_like(v) for k, v in base.items()}
     params = {f"bert.{k}": base[k] + tau[k] for k in base}
     names = {f"bert.{k}": k for k in base}
-    rec = aga_recovery(params, base, names, [att], ridge=0.0)
+    rec = aga_recovery(params, base, names, [att])
     q = torch.cat([params["bert.q.weight"], params["bert.q.bias"][:, None]], 1)
     tau_q = torch.cat([tau["q.weight"], tau["q.bias"][:, None]], 1)
     rec_q = torch.cat([rec["bert.q.weight"], rec["bert.q.bias"][:, None]], 1)
@@ -317,8 +312,8 @@ def test_real_small_family_trap2_keeps_standalone(tmp_path: Path) -> None:
     """A short TRAP2+merge hardening of the MiniLM ``wordnet_noun`` model keeps its
     standalone accuracy within 2 points and drops the plain lambda = 0.5 merge."""
     from mergeshield.evaluation.accuracy import evaluate
-    from mergeshield.evaluation.tasks import load_task
     from mergeshield.evaluation.zoo import build_family
+    from mergeshield.tasks import load_task
 
     fam = build_family("text", "small", progress=False)
     s = fam.manifest["settings"]
@@ -381,7 +376,7 @@ def test_cli_harden_then_protect_round_trips_with_the_key(
         ({"--data": "missing.jsonl"}, "not found"),
         ({"--method": "trap3"}, "unknown harden method"),
         ({"--key-out": "k.key"}, "needs --then-protect"),
-        ({"--steps": "0"}, "--steps must be at least 1"),
+        ({"--steps": "0"}, "steps must be at least 1"),
         ({"out": "exists"}, "already exists"),
         ({"--data": "images"}, "holds image"),
     ],
@@ -555,7 +550,7 @@ def test_finetune_recovery_on_an_image_classifier_with_stored_names(tmp_path: Pa
     from transformers import ViTForImageClassification
 
     from mergeshield.attacks.adaptive import finetune_recovery
-    from mergeshield.evaluation.frontier import stored_to_module_names
+    from mergeshield.modeling import stored_to_module_names
 
     config = tiny_vit_config()
     torch.manual_seed(0)

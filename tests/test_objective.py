@@ -96,7 +96,7 @@ TASKS = {"victim": (0.3, 1), "rider": (0.03, 2)}  # task -> (task vector scale, 
 def _predictions(folder: Path, task: str, split: str) -> torch.Tensor:
     from transformers import AutoModel
 
-    from mergeshield.evaluation.batches import quiet_transformers
+    from mergeshield.modeling import quiet_transformers
 
     with quiet_transformers():
         model = AutoModel.from_pretrained(folder).eval()

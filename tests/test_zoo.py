@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from mergeshield import tasks as tasks_mod
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation import accuracy as acc_mod
-from mergeshield.evaluation import tasks as tasks_mod
 from mergeshield.evaluation import zoo as zoo_mod
-from mergeshield.evaluation.accuracy import evaluate, evaluate_backbone, swap_backbone
-from mergeshield.evaluation.tasks import IMAGE_TASKS, TEXT_TASKS, load_task
+from mergeshield.evaluation.accuracy import evaluate, evaluate_backbone
 from mergeshield.evaluation.zoo import ZooSettings, build_family
+from mergeshield.modeling import swap_backbone
+from mergeshield.tasks import IMAGE_TASKS, TEXT_TASKS, load_task
 
 # Tiny settings: a few optimizer steps, enough to move the weights, not to learn the task well.
 TINY_TEXT = ZooSettings(

@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mergeshield.version import __version__
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
+from mergeshield.version import __version__
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mergeshield never downloads anything
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -109,12 +109,6 @@ def _run_protect(args) -> int:
 
     keep_freed_memory()  # this process streams one checkpoint, then exits
 
-    if not 0 < args.flip_fraction <= 1:
-        raise MergeShieldError("--flip-fraction must be in (0, 1]")
-    if not args.max_cond >= 1:  # NaN fails too
-        raise MergeShieldError("--max-cond must be at least 1 (or inf)")
-    if args.scale and not (0 < args.scale[0] <= args.scale[1] < math.inf):
-        raise MergeShieldError("--scale needs finite 0 < LOW <= HIGH")
     options = DefenseOptions(
         scaling=args.scaling,
         scale=tuple(args.scale) if args.scale else None,
@@ -233,7 +227,7 @@ def _run_unprotect(args) -> int:
 
 def _add_harden(sub) -> None:
     from mergeshield.defenses import DEFENSES
-    from mergeshield.defenses.harden_config import COMPONENTS, HardenConfig
+    from mergeshield.hardening.config import COMPONENTS, HardenConfig
 
     defaults = HardenConfig()
     p = sub.add_parser(
@@ -301,32 +295,19 @@ def _add_harden(sub) -> None:
 
 
 def _run_harden(args) -> int:
-    import secrets
-    import shutil
-    import tempfile
+    from mergeshield.hardening.harden import harden_and_protect
 
-    from mergeshield.checkpoint import check_output_path, open_checkpoint
-    from mergeshield.defenses.harden import harden, parse_method
-    from mergeshield.protect import protect
-
-    parse_method(args.method)
-    for name in ("steps", "batch_size", "max_len"):
-        if getattr(args, name) < 1:
-            raise MergeShieldError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.lam < 0:
-        raise MergeShieldError("--lr must be positive and --lam non-negative")
-    if not 0 <= args.prune_fraction < 1:
-        raise MergeShieldError("--prune-fraction must lie in [0, 1)")
-    if args.key_out and not args.then_protect:
-        raise MergeShieldError("--key-out needs --then-protect (hardening alone has no key)")
-    open_checkpoint(args.model)
-    open_checkpoint(args.base)
-    for proxy in args.proxies:
-        open_checkpoint(proxy)
-    check_output_path(args.model, args.out, args.overwrite, [args.base, *args.proxies, args.data])
-    seed = args.seed if args.seed is not None else secrets.randbits(63)
-    options = dict(
+    result = harden_and_protect(
+        args.model,
+        args.base,
+        args.data,
+        args.out,
         method=args.method,
+        defense=args.then_protect,
+        seed=args.seed,
+        key_out=args.key_out,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -335,29 +316,10 @@ def _run_harden(args) -> int:
         prune_fraction=args.prune_fraction,
         proxies=tuple(str(p) for p in args.proxies),
         train_embeddings=args.train_embeddings,
-        seed=seed,
-        progress=not args.quiet,
     )
-    if not args.then_protect:
-        harden(args.model, args.base, args.data, args.out, **options)
+    if args.then_protect is None:
         print(f"hardened {args.model} with {args.method} -> {args.out}")
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.harden-", dir=args.out.parent))
-    try:
-        hardened = harden(args.model, args.base, args.data, work / "hardened", **options)
-        result = protect(
-            hardened,
-            args.out,
-            args.then_protect,
-            base=args.base,
-            seed=args.seed,
-            key_out=args.key_out,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(f"hardened {args.model} with {args.method}, then {result.defense} -> {result.output}")
     if result.key:
         print(f"key (secret, do not publish): {result.key}")

@@ -231,3 +231,23 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             _remove(old)
         finally:
             _remove(tmp)
+
+
+# The files that hold a tokenizer's vocabulary (one of them is enough to load one).
+VOCABULARY_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+# What a model folder needs besides weights and config to be used: tokenizer and image
+# preprocessing.  Copied from the base or the release into every model mergeshield trains.
+PREPROCESSING_FILES = VOCABULARY_FILES + (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "preprocessor_config.json",
+)  # fmt: skip
+
+
+def copy_preprocessing_files(src: Path, dst: Path) -> None:
+    """Copy the :data:`PREPROCESSING_FILES` that ``src`` has into ``dst``."""
+    for name in PREPROCESSING_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)

@@ -26,7 +26,6 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mergeshield.version import __version__
 from mergeshield.architectures.spec import BlockSpec, ModelSpec
 from mergeshield.arrays import LOW_PRECISION_CODES
 from mergeshield.checkpoint import (
@@ -46,6 +45,7 @@ from mergeshield.symmetries.transform import (
     Float64View,
     apply_transform,
 )
+from mergeshield.version import __version__
 
 KEY_FORMAT = "mergeshield-key/2"  # /1 (before key ids and content hashes) is refused
 KEY_ID = "mergeshield_key_id"  # the published metadata field binding an output to its key

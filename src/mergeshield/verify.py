@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mergeshield.arrays import LOW_PRECISION_CODES
 from mergeshield.checkpoint import Checkpoint, open_checkpoint
 from mergeshield.errors import MergeShieldError
+from mergeshield.folders import VOCABULARY_FILES
 from mergeshield.shards import reader
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ OUTPUT_FIELDS = ("logits", "logits_per_image", "last_hidden_state", "image_embed
 # README: SmolLM2's bf16 logit error is 2.2x a plain round trip's; tests allow MiniLM 3x.
 LOW_PRECISION_FACTOR = 4.0
 ROUND_TRIP_SCALE = 1.3  # not a power of two: w * 1.3 rounds afresh
-TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model",
-)  # fmt: skip
 
 
 @dataclass
@@ -131,9 +128,9 @@ def make_inputs(
 
 def load_tokenizer(folder: Path) -> Any:
     """The tokenizer saved in ``folder``; one error line when it has none or it fails."""
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+    if not any((Path(folder) / name).is_file() for name in VOCABULARY_FILES):
         raise MergeShieldError(
-            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); --text needs them "
+            f"{folder}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); --text needs them "
             "(leave --text out to compare on random token ids)"
         )
     from transformers import AutoTokenizer

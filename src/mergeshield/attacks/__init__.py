@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergeshield.version import __version__
 from mergeshield.architectures.spec import BlockSpec
 from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
 from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
 from mergeshield.rewrite import rewrite
 from mergeshield.shards import reader
+from mergeshield.version import __version__
 
 if TYPE_CHECKING:
     import torch

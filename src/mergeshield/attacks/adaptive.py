@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.folders import load_tensors, save_tensors
+from mergeshield.merging.backbone import backbone_prefix
 from mergeshield.merging.mergekit_runner import run_mergekit
 from mergeshield.merging.methods import get_method
 
@@ -173,31 +175,16 @@ def perturb_then_align(
     """Align ``protected`` to ``base`` with ``attack``, then prune/noise the aligned update
     (:func:`perturb_update`) in place in ``out``: a denoising step after alignment, which
     removes what alignment left over of a pruned/noised symmetry.  Returns ``out``."""
-    from safetensors.torch import save_file
-
     from mergeshield.attacks import attack as run_attack
-    from mergeshield.defenses.harden import load_folder_tensors
 
     run_attack(protected, base, out, attack)
-    tensors = load_folder_tensors(Path(out))
-    base_t = load_folder_tensors(Path(base))
-    prefix = _prefix(tensors, base_t)
+    tensors = load_tensors(Path(out))
+    base_t = load_tensors(Path(base))
+    prefix = backbone_prefix(list(tensors), list(base_t))
     shifted = {prefix + k: v for k, v in base_t.items()}
     new = perturb_update(tensors, shifted, prune=prune, noise=noise, seed=seed)
-    files = sorted(Path(out).glob("*.safetensors"))
-    for f in files:
-        f.unlink()
-    save_file(
-        {k: v.contiguous() for k, v in new.items()},
-        str(Path(out) / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    for file in sorted(Path(out).glob("*.safetensors")):
+        file.unlink()
+    (Path(out) / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_tensors(new, Path(out))
     return Path(out)
-
-
-def _prefix(tensors: Tensors, base: Tensors) -> str:
-    """The prefix (``"bert."`` or ``""``) that maps base tensor names into ``tensors``."""
-    for prefix in ("", "bert.", "vit.", "model."):
-        if sum((prefix + k) in tensors for k in base) > len(base) // 2:
-            return prefix
-    raise MergeShieldError("cannot match the base tensors to the model's")

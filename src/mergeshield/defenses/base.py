@@ -7,8 +7,9 @@ transform is exact by construction; defenses differ only in how they sample it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +20,14 @@ from mergeshield.symmetries.linalg import log_uniform, rope_commuting
 from mergeshield.symmetries.transform import BlockTransform
 
 Tensors = dict[str, Array]
+
+
+# PaRaMS' attention variants (their scale ranges: defenses.published.PAPER_SCALES).
+SCALINGS = ("diagonal", "symmetric", "nonsymmetric")
+
+
+def _fail(message: str) -> None:
+    raise MergeShieldError(message)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,23 @@ class DefenseOptions:
     exact_assignment_max: int = 16384
     low_precision: bool | None = None
 
+    def __post_init__(self) -> None:
+        """One-line errors for knobs no defense can use (the CLI's flags are these fields)."""
+        if self.scaling not in SCALINGS:
+            _fail(f"unknown PaRaMS scaling {self.scaling!r}; choose from {', '.join(SCALINGS)}")
+        if self.scale is not None and not (
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] < math.inf
+        ):
+            _fail("--scale needs finite 0 < LOW <= HIGH")
+        if self.max_cond is not None and not self.max_cond >= 1:  # NaN fails too
+            _fail("--max-cond must be at least 1 (or inf: unbounded)")
+        if not 0 < self.flip_fraction <= 1:  # NaN fails too
+            _fail("--flip-fraction must be in (0, 1]")
+        if not (isinstance(self.exact_assignment_max, int) and self.exact_assignment_max >= 0):
+            _fail("exact_assignment_max must be a non-negative int")
+        if self.low_precision not in (None, True, False):
+            _fail("low_precision must be None, True or False")
+
 
 @dataclass
 class BlockContext:
@@ -65,7 +91,6 @@ class Defense:
     summary: str
     sample: Callable[[BlockContext], BlockTransform]
     uses_base: bool = False
-    options: tuple[str, ...] = field(default_factory=tuple)
 
 
 DEFENSES: dict[str, Defense] = {}

@@ -154,10 +154,6 @@ def _normed_qk(
 def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
     """PaRaMS attention matrices ``(A per kv head for QK, B per kv head for VO)``."""
     att, rng, opt = ctx.block.attention, ctx.rng, ctx.options
-    if opt.scaling not in PAPER_SCALES:
-        raise MergeShieldError(
-            f"unknown PaRaMS scaling {opt.scaling!r}; choose from {', '.join(PAPER_SCALES)}"
-        )
     lo, hi = opt.scale or PAPER_SCALES[opt.scaling]
     d, n, half = att.head_dim, att.n_kv_heads, att.head_dim // 2
     qk, vo = [], []
@@ -357,7 +353,6 @@ register(
         "PaRaMS: MLP permutation far from the base + per-head attention scaling",
         params,
         uses_base=True,
-        options=("scaling", "scale", "max_cond"),
     )
 )
 register(
@@ -365,7 +360,6 @@ register(
         "mergelock",
         "MergeLock: independent random invertible QK and VO matrices per head",
         mergelock,
-        options=("scale", "max_cond"),
     )
 )
 register(
@@ -373,7 +367,6 @@ register(
         "mergebarrier",
         "MergeBarrier: orthogonal flip of each head's top QK eigen-directions",
         mergebarrier,
-        options=("flip_fraction",),
     )
 )
 register(
@@ -382,6 +375,5 @@ register(
         "all exact transforms: heads, MLP units, QK, VO",
         all_transforms,
         uses_base=True,
-        options=("scale", "max_cond", "flip_fraction"),
     )
 )

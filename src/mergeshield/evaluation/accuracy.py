@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.batches import quiet_transformers, take_batch
+from mergeshield.modeling import load_classifier, swap_backbone, take_batch
 
 if TYPE_CHECKING:
-    from mergeshield.evaluation.zoo import Family
+    from mergeshield.evaluation.family import Family
 
 EVAL_BATCH_SIZE = 128
 
@@ -80,62 +80,6 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> float:
             logits = model(**batch).logits
             correct += int((logits.argmax(-1) == labels).sum())
     return correct / n
-
-
-def load_classifier(folder: Path, kind: str) -> torch.nn.Module:
-    """A classification checkpoint loaded with ``AutoModelFor{Sequence,Image}Classification``
-    from a local folder (no remote code, no hub access), in eval mode."""
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise MergeShieldError(f"{folder} is not a model checkpoint folder (no config.json)")
-    auto = AutoModelForSequenceClassification if kind == "text" else AutoModelForImageClassification
-    with quiet_transformers():
-        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    return model.eval()
-
-
-def swap_backbone(model: torch.nn.Module, backbone: Path) -> list[str]:
-    """Copy the base-model weights stored in folder ``backbone`` into ``model.base_model``.
-
-    The folder is read with the stock ``from_pretrained`` of the base-model class (so both the
-    base layout and a full ``bert.``/``vit.``-prefixed checkpoint work, with transformers' own
-    tensor-name conversions) and ``model.config`` (so a folder without ``config.json``, such as
-    ``mergekit-pytorch`` output, works too).  Every base-model tensor must be present except the
-    BERT pooler, which stays the task model's when absent.  Returns the names (relative to
-    ``model.base_model``) of the replaced tensors.
-    """
-    backbone = Path(backbone)
-    if not backbone.is_dir():
-        raise MergeShieldError(f"backbone {backbone} is not a checkpoint folder")
-    target = model.base_model.state_dict()
-    try:
-        with quiet_transformers():
-            loaded, info = type(model.base_model).from_pretrained(
-                backbone,
-                config=model.config,
-                local_files_only=True,
-                dtype=torch.float32,
-                ignore_mismatched_sizes=True,
-                output_loading_info=True,
-            )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MergeShieldError(f"cannot read backbone {backbone}: {first}") from err
-    if info["mismatched_keys"]:
-        name = sorted(info["mismatched_keys"])[0]
-        raise MergeShieldError(f"backbone {backbone}: tensor {name} has the wrong shape")
-    missing = set(info["missing_keys"])
-    absent = sorted(k for k in missing if k in target and not k.startswith("pooler."))
-    if absent:
-        raise MergeShieldError(
-            f"backbone {backbone} lacks {len(absent)} of the {len(target)} tensors of a "
-            f"{type(model.base_model).__name__} (e.g. {absent[0]})"
-        )
-    new = {k: v for k, v in loaded.state_dict().items() if k in target and k not in missing}
-    model.base_model.load_state_dict(new, strict=False)
-    return sorted(new)
 
 
 @functools.lru_cache(maxsize=64)

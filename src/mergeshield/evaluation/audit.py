@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import evaluate
-from mergeshield.evaluation.zoo import Family, build_family
+from mergeshield.evaluation.family import Family
+from mergeshield.evaluation.zoo import build_family
 from mergeshield.folders import atomic_dir, load_tensors
 from mergeshield.merging import extract_backbone, get_method, merge, sweep
 from mergeshield.objective import (

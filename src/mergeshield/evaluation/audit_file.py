@@ -23,7 +23,7 @@ A built-in family (the ones ``--kind`` builds): ``family: {kind: text, setting: 
 tasks by name (``victim: wordnet_noun``, ``free_riders: [wordnet_verb]``); the package ships
 these as ``families/*.yml`` (:func:`builtin_file`).
 
-Data splits are anything :func:`mergeshield.defenses.training_data.read_examples` reads: JSONL
+Data splits are anything :func:`mergeshield.hardening.data.read_examples` reads: JSONL
 or CSV text with ``text`` and ``label``, an image folder ``root/<label>/<image>``, a
 ``datasets`` ``save_to_disk`` folder.  Each task is scored with its own model's head, so the
 labels must be that head's (``config.label2id`` names or ids).  Paths are relative to the
@@ -255,10 +255,10 @@ def materialize(audit: AuditFile, root: Path):
 
     import torch
 
-    from mergeshield.defenses.training_data import encode_examples, read_examples
     from mergeshield.evaluation.accuracy import evaluate
-    from mergeshield.evaluation.zoo import Family
+    from mergeshield.evaluation.family import Family
     from mergeshield.folders import read_config
+    from mergeshield.hardening.data import encode_examples, read_examples
     from mergeshield.merging import extract_backbone
 
     assert audit.base is not None

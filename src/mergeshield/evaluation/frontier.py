@@ -1,7 +1,7 @@
 """The frontier study: standalone cost of a protection vs what the best attack still merges.
 
 For each candidate release of the victim task (unprotected, a symmetry defense, a hardened
-model from :mod:`mergeshield.defenses.harden`, or hardened then symmetry-protected):
+model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protected):
 
 1. **standalone**: test accuracy of the release with its own head;
 2. **attacked variants**: the release as is, and aligned to the public base by each attack of
@@ -47,11 +47,12 @@ from typing import Any
 import torch
 
 from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then_align
-from mergeshield.defenses.harden import load_folder_tensors, stored_to_module_names
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.accuracy import accuracy, load_classifier
-from mergeshield.evaluation.zoo import Family
+from mergeshield.evaluation.accuracy import accuracy
+from mergeshield.evaluation.family import Family
+from mergeshield.folders import load_tensors
 from mergeshield.merging import extract_backbone, merge
+from mergeshield.modeling import load_classifier, stored_to_module_names
 from mergeshield.objective import check_objective, choose, joint_score, kept, weakest
 
 Tensors = dict[str, torch.Tensor]
@@ -223,9 +224,7 @@ class Scorer:
 
 
 def backbone_tensors(folder: Path) -> Tensors:
-    return {
-        k: v.float() if v.is_floating_point() else v for k, v in load_folder_tensors(folder).items()
-    }
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(folder).items()}
 
 
 # ----------------------------------------------------------------------------- one release
@@ -435,8 +434,8 @@ def _finetune_attack(
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
     tau_partner``, on ``n`` victim training examples; test accuracy along the way."""
-    from mergeshield.evaluation.tasks import load_task
     from mergeshield.evaluation.zoo import encode_split  # the zoo's own tokenization
+    from mergeshield.tasks import load_task
 
     n, steps = plan.finetune
     s = family.manifest["settings"]
@@ -483,9 +482,9 @@ def build_candidate(
 ) -> Path:
     """The release folder of ``candidate`` (hardened and/or protected), built under ``folder``
     unless already there."""
-    from mergeshield.defenses.harden import harden
-    from mergeshield.evaluation.tasks import load_task
+    from mergeshield.hardening.harden import harden
     from mergeshield.protect import protect
+    from mergeshield.tasks import load_task
 
     model = family.tasks[plan.victim]
     if candidate.harden is not None:
@@ -603,7 +602,7 @@ def parse_candidate(text: str) -> Candidate:
     """``unprotected``, a defense (``mergelock``), a harden method (``trap2+merge``) or both
     (``trap2+merge/mergelock``: harden, then protect)."""
     from mergeshield.defenses import DEFENSES
-    from mergeshield.defenses.harden import parse_method
+    from mergeshield.hardening.config import parse_method
 
     if text == "unprotected":
         return Candidate(text)

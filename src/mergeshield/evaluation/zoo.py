@@ -37,15 +37,17 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.batches import quiet_transformers, take_batch
-from mergeshield.evaluation.tasks import (
+from mergeshield.evaluation.family import Family
+from mergeshield.folders import copy_preprocessing_files
+from mergeshield.modeling import quiet_transformers, take_batch
+from mergeshield.tasks import (
     FASHION_CLASSES,
     IMAGE_TASKS,
     TEXT_TASKS,
@@ -57,13 +59,6 @@ from mergeshield.evaluation.tasks import (
 
 ZOO_VERSION = "1"
 KINDS = ("text", "image")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
 
 
 @dataclass(frozen=True)
@@ -132,50 +127,6 @@ SETTINGS: dict[tuple[str, str], ZooSettings] = {
         pretrain_epochs=4,
     ),
 }
-
-
-@dataclass
-class Family:
-    """A built family: absolute paths, label names and test accuracies per task.
-
-    ``finetuned_accuracy[t]``: test accuracy of the fine-tuned model of task ``t``.
-    ``base_accuracy[t]``: test accuracy of the *base* backbone combined with task ``t``'s
-    fine-tuned classification head (the floor a merged backbone is compared against).
-    """
-
-    kind: str
-    setting: str
-    root: Path
-    base: Path
-    tasks: dict[str, Path]
-    labels: dict[str, list[str]]
-    base_accuracy: dict[str, float]
-    finetuned_accuracy: dict[str, float]
-    build_seconds: float = 0.0
-    reused: bool = False
-    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def load(cls, root: Path) -> Family:
-        """The family whose ``manifest.json`` is in ``root``."""
-        path = Path(root) / "manifest.json"
-        if not path.is_file():
-            raise MergeShieldError(f"no family manifest at {path}: build it with build_family()")
-        m = json.loads(path.read_text())
-        root = path.parent.resolve()
-        return cls(
-            kind=m["kind"],
-            setting=m["setting"],
-            root=root,
-            base=root / m["base"],
-            tasks={t: root / e["path"] for t, e in m["tasks"].items()},
-            labels={t: e["labels"] for t, e in m["tasks"].items()},
-            base_accuracy={t: e["base_accuracy"] for t, e in m["tasks"].items()},
-            finetuned_accuracy={t: e["finetuned_accuracy"] for t, e in m["tasks"].items()},
-            build_seconds=m["build_seconds"],
-            reused=True,
-            manifest=m,
-        )
 
 
 def default_cache_dir() -> Path:
@@ -435,10 +386,7 @@ def _finetune(
     )
     with quiet_transformers():
         model.save_pretrained(out)
-    if family.kind == "text":
-        for name in TOKENIZER_FILES:
-            if (family.base / name).is_file():
-                shutil.copy2(family.base / name, out / name)
+    copy_preprocessing_files(family.base, out)
     return {
         "task": data.name,
         "base": "../../base",
@@ -459,14 +407,14 @@ def finetune_classifier(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` (the whole model plus a new head) on the examples in ``train`` (any
-    format :func:`mergeshield.defenses.training_data.read_examples` reads) and save the
+    format :func:`mergeshield.hardening.data.read_examples` reads) and save the
     classification checkpoint, with the base's tokenizer files, to ``out`` atomically.  The
     labels are the sorted label names of the data.  The zoo's recipe: AdamW, linear warm-up
     and decay, batches of 32."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from mergeshield.defenses.training_data import encode_examples, read_examples
     from mergeshield.folders import atomic_dir
+    from mergeshield.hardening.data import encode_examples, read_examples
 
     base, out = Path(base), Path(out)
     if not (base / "config.json").is_file():
@@ -518,9 +466,7 @@ def finetune_classifier(
         )
     with atomic_dir(out) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (base / name).is_file():
-                shutil.copy2(base / name, tmp / name)
+        copy_preprocessing_files(base, tmp)
     return {
         "labels": names,
         "n_train": len(examples),

@@ -9,7 +9,7 @@ Accepted sources (``labels`` are ints or label names from the model's ``config.l
 * a Hugging Face ``datasets`` folder written by ``save_to_disk`` (a ``DatasetDict`` uses its
   ``train`` split), with a ``label``/``labels`` column and a ``text``/``sentence`` or
   ``image``/``img`` column;
-* a :class:`~mergeshield.evaluation.tasks.TaskData` (its train split) or a sequence of
+* a :class:`~mergeshield.tasks.TaskData` (its train split) or a sequence of
   ``(input, label)`` pairs.
 
 Images are resized (bilinear) to the model's ``config.image_size`` and mapped to ``[-1, 1]``
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.tasks import TaskData
+from mergeshield.tasks import TaskData
 
 Tensors = dict[str, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
