@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -231,6 +232,33 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             _remove(old)
         finally:
             _remove(tmp)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block has written it, it is synced to
+    disk (with permissions ``mode``, e.g. ``0o600`` for a key; default: what the umask
+    gives a new file) and renamed onto ``path``.
+    Deleted on any error, so ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # The files that hold a tokenizer's vocabulary (one of them is enough to load one).

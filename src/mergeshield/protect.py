@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import tempfile
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from mergeshield.checkpoint import (
 )
 from mergeshield.defenses import BlockContext, DefenseOptions, get_defense
 from mergeshield.errors import MergeShieldError
-from mergeshield.folders import exclusive, output_path
+from mergeshield.folders import atomic_file, exclusive, output_path
 from mergeshield.progress import progress_bar
 from mergeshield.rewrite import rewrite
 from mergeshield.shards import reader
@@ -260,20 +259,8 @@ def save_key(
         "content_sha256": _content_hash(tensors),
         "mergeshield_version": __version__,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o600)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path, mode=0o600) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 _FIELDS = tuple(f.name for f in fields(BlockTransform))  # every transform parameter

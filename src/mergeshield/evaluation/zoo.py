@@ -36,7 +36,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,9 @@ import torch
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.family import Family
-from mergeshield.folders import copy_preprocessing_files
+from mergeshield.folders import atomic_file, copy_preprocessing_files
 from mergeshield.modeling import quiet_transformers, take_batch
+from mergeshield.progress import Bars, progress_bars
 from mergeshield.tasks import (
     FASHION_CLASSES,
     IMAGE_TASKS,
@@ -203,7 +204,7 @@ def build_family(
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     start = time.perf_counter()
-    with _progress_bar(progress) as bar:
+    with progress_bars(progress) as bar:
         base_info = _build_base(root, kind, settings, base, bar)
         family = Family(kind, setting_name, root.resolve(), root.resolve() / "base", {}, {}, {}, {})
         entries = {}
@@ -229,7 +230,8 @@ def build_family(
             else "image: pixel_values [N,1,H,W] = (grey/255 - 0.5) / 0.5"
         ),
     }
-    _atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    with atomic_file(root / "manifest.json") as tmp_file:
+        tmp_file.write_text(json.dumps(manifest, indent=2) + "\n")
     family = Family.load(root)
     family.reused = False
     return family
@@ -239,7 +241,7 @@ def build_family(
 
 
 def _build_base(
-    root: Path, kind: str, settings: ZooSettings, base: Path | None, bar: _Bar
+    root: Path, kind: str, settings: ZooSettings, base: Path | None, bar: Bars
 ) -> dict[str, Any]:
     """Write ``root/base`` (copy of ``base``, or a ViT pretrained here) unless it exists.
 
@@ -258,7 +260,7 @@ def _build_base(
     return json.loads((target / "mergeshield_base.json").read_text())
 
 
-def _pretrain_vit(out: Path, settings: ZooSettings, bar: _Bar) -> dict[str, Any]:
+def _pretrain_vit(out: Path, settings: ZooSettings, bar: Bars) -> dict[str, Any]:
     """Pretrain a small ViT on 10-class Fashion-MNIST and save its backbone (``ViTModel``)."""
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
@@ -304,7 +306,7 @@ def _pretrain_vit(out: Path, settings: ZooSettings, bar: _Bar) -> dict[str, Any]
     }
 
 
-def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> dict[str, Any]:
+def _build_task(family: Family, task: str, settings: ZooSettings, bar: Bars) -> dict[str, Any]:
     """Fine-tune ``family.base`` on ``task`` (unless already done) and measure its accuracies."""
     from mergeshield.evaluation.accuracy import evaluate
 
@@ -318,9 +320,8 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> 
     if not data_path.is_file():
         tensors = {s: encode_split(family, data, s, settings) for s in ("val", "test")}
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = data_path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{task}.pt")
-        torch.save({"labels": data.labels, **tensors}, tmp_file)
-        os.replace(tmp_file, data_path)
+        with atomic_file(data_path) as tmp_file:
+            torch.save({"labels": data.labels, **tensors}, tmp_file)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         with _temporary_dir(target.parent, task) as tmp:
@@ -353,7 +354,7 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: _Bar) -> 
 
 
 def _finetune(
-    family: Family, data: TaskData, settings: ZooSettings, out: Path, bar: _Bar
+    family: Family, data: TaskData, settings: ZooSettings, out: Path, bar: Bars
 ) -> dict[str, Any]:
     """Fine-tune the whole base model plus a new head on ``data.train``; save it to ``out``."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
@@ -453,7 +454,7 @@ def finetune_classifier(
         n_train=len(examples), n_val=0, n_test=0, epochs=epochs, lr=lr, max_len=max_len, seed=seed
     )
     start = time.perf_counter()
-    with _progress_bar(progress) as bar:
+    with progress_bars(progress) as bar:
         loss = _train(
             model,
             data.tensors,
@@ -507,7 +508,7 @@ def _train(
     lr: float,
     settings: ZooSettings,
     seed: int,
-    bar: _Bar,
+    bar: Bars,
     label: str,
 ) -> float:
     """AdamW with linear warm-up/decay and grad-norm clipping at 1; returns the last epoch's
@@ -541,38 +542,6 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-_Bar = Callable[[str, int], Callable[[], None]]
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[_Bar]:
-    """Yield ``bar(label, total) -> advance``: a rich progress bar per call, or no-ops."""
-    if not enabled:
-        yield lambda label, total: lambda: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns) as prog:
-
-        def bar(label: str, total: int) -> Callable[[], None]:
-            task_id = prog.add_task(label, total=total)
-            return lambda: prog.advance(task_id)
-
-        yield bar
-
 
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -637,13 +606,6 @@ def _remove_stale_temporaries(root: Path) -> None:
                 tmp.unlink(missing_ok=True)
         except PermissionError:
             continue
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _transformers_version() -> str:
