@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # From the bottom up; a module belongs to the layer of its longest matching name.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version", "progress"),
+    ("errors", "version", "progress", "registry"),
     ("folders", "arrays", "allocator", "convert", "objective"),
     ("architectures", "symmetries", "modeling", "tasks"),
     ("checkpoint", "shards", "rewrite"),

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from mergeshield.architectures.spec import BlockSpec
 from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
-from mergeshield.errors import MergeShieldError
 from mergeshield.progress import progress_bar
+from mergeshield.registry import Registry
 from mergeshield.rewrite import rewrite
 from mergeshield.shards import reader
 from mergeshield.version import __version__
@@ -43,32 +43,27 @@ class Attack:
         return getattr(align, self.function)(block, prot, base)
 
 
-ATTACKS: dict[str, Attack] = {
-    a.name: a
-    for a in (
-        Attack(
-            "aga",
-            "anchor alignment: per-head ridge least squares to the base, Hungarian on MLP units",
-            "aga",
-        ),
-        Attack(
-            "rebasin",
-            "Git Re-Basin weight matching: head and MLP unit permutations only",
-            "rebasin",
-        ),
-        Attack(
-            "procrustes",
-            "orthogonal Procrustes per head (jointly on QK and on VO, exact), Hungarian on MLP",
-            "procrustes",
-        ),
+ATTACKS: Registry[Attack] = Registry("attack")
+ATTACKS.register(
+    Attack(
+        "aga",
+        "anchor alignment: per-head ridge least squares to the base, Hungarian on MLP units",
+        "aga",
     )
-}
-
-
-def get_attack(name: str) -> Attack:
-    if name not in ATTACKS:
-        raise MergeShieldError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    return ATTACKS[name]
+)
+ATTACKS.register(
+    Attack(
+        "rebasin", "Git Re-Basin weight matching: head and MLP unit permutations only", "rebasin"
+    )
+)
+ATTACKS.register(
+    Attack(
+        "procrustes",
+        "orthogonal Procrustes per head (jointly on QK and on VO, exact), Hungarian on MLP",
+        "procrustes",
+    )
+)
+get_attack = ATTACKS.lookup
 
 
 def attack(

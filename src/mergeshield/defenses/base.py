@@ -16,6 +16,7 @@ import numpy as np
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
 from mergeshield.arrays import Array, concat, float32, to_numpy
 from mergeshield.errors import MergeShieldError
+from mergeshield.registry import Registry
 from mergeshield.symmetries.linalg import log_uniform, rope_commuting
 from mergeshield.symmetries.transform import BlockTransform
 
@@ -93,18 +94,9 @@ class Defense:
     uses_base: bool = False
 
 
-DEFENSES: dict[str, Defense] = {}
-
-
-def register(defense: Defense) -> Defense:
-    DEFENSES[defense.name] = defense
-    return defense
-
-
-def get_defense(name: str) -> Defense:
-    if name not in DEFENSES:
-        raise MergeShieldError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-    return DEFENSES[name]
+DEFENSES: Registry[Defense] = Registry("defense")
+register = DEFENSES.register
+get_defense = DEFENSES.lookup
 
 
 # --- shared sampling pieces -------------------------------------------------------------

@@ -23,6 +23,7 @@ from mergeshield.attacks.matching import head_rows, out_heads
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors
 from mergeshield.hardening.config import COMPONENTS, HardenConfig
+from mergeshield.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
 
@@ -71,14 +72,15 @@ class Component:
         """Change the trained weights once, after the last step (default: nothing)."""
 
 
-REGISTRY: dict[str, Component] = {}
+REGISTRY: Registry[Component] = Registry("harden component")
 
 
 def register(component: type[Component]) -> type[Component]:
-    """Add one instance of ``component`` to :data:`REGISTRY` under its ``name``."""
-    if component.name not in COMPONENTS:
-        raise AssertionError(f"{component.name} is not in hardening.config.COMPONENTS")
-    REGISTRY[component.name] = component()
+    """Register one instance of ``component`` (a class decorator); its name must be one of
+    :data:`mergeshield.hardening.config.COMPONENTS`, in that order."""
+    if component.name != COMPONENTS[len(REGISTRY)]:
+        raise AssertionError(f"{component.name} is not the next of hardening.config.COMPONENTS")
+    REGISTRY.register(component())
     return component
 
 
