@@ -139,106 +139,150 @@ def rewrite(
     (``protect`` writes its key there); if it fails, nothing is published.
     """
     check_output_path(checkpoint.path, out, overwrite, also)
-    blocks = checkpoint.spec.blocks
-    block_of = {n: i for i, b in enumerate(blocks) for n in b.tensor_names()}
-    layouts = {
-        shard: {n: (checkpoint.codes[n], checkpoint.shapes[n]) for n in names}
-        for shard, names in checkpoint.shards.items()
-    }
-    # blocks in the order the output first needs them
-    needed = [block_of[n] for lay in layouts.values() for n in file_order(lay) if n in block_of]
-    needed = list(dict.fromkeys(needed))
-    workers = BLOCK_WORKERS if arrays and not wide else 1
+    with (
+        no_cyclic_gc(),
+        reader(checkpoint) as src,
+        atomic_folder(out, overwrite) as tmp,
+        WriteBehind(WRITE_BEHIND_BYTES, WRITE_THREADS) as writes,
+        BlockStream(src, transform_block, wide, arrays, on_block) as stream,
+    ):
+        left_out = copy_side_files(checkpoint.path, tmp)
+        for shard, names in checkpoint.shards.items():
+            layout = {n: (checkpoint.codes[n], checkpoint.shapes[n]) for n in names}
+            kept = {
+                k: v
+                for k, v in src.shard(shard).metadata.items()
+                if not k.startswith("mergeshield_")
+            }
+            _write_shard(src, stream, writes, ShardWriter(tmp / shard, layout, kept | metadata))
+            src.release(shard)  # its pages leave this process's RSS
+        if before_publish is not None:
+            before_publish()
+    return left_out
+
+
+Finished = dict[str, np.ndarray | Gathered]
+
+
+class BlockStream:
+    """The blocks of ``src``'s checkpoint transformed, cast back to their stored dtypes and
+    checked, handed out tensor by tensor in the order the output shards ask for them; with
+    ``BLOCK_WORKERS`` (numpy, stored dtype) the next blocks are computed ahead on a pool."""
+
+    def __init__(
+        self,
+        src: TensorReader,
+        transform_block: BlockFn,
+        wide: bool,
+        arrays: bool,
+        on_block: Callable[[], None] | None,
+    ) -> None:
+        checkpoint = src.checkpoint
+        self.src, self.transform_block, self.on_block = src, transform_block, on_block
+        self.wide, self.arrays = wide, arrays
+        self.blocks = checkpoint.spec.blocks
+        self.block_of = {n: i for i, b in enumerate(self.blocks) for n in b.tensor_names()}
+        # blocks in the order the output first needs them
+        order = [
+            self.block_of[n]
+            for names in checkpoint.shards.values()
+            for n in file_order({m: (checkpoint.codes[m], checkpoint.shapes[m]) for m in names})
+            if n in self.block_of
+        ]
+        self.needed = list(dict.fromkeys(order))
+        self.workers = BLOCK_WORKERS if arrays and not wide else 1
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mergeshield-block")
+        self.in_flight: dict[int, Future[Finished]] = {}
+        self.pending: Finished = {}  # finished tensors not yet written (blocks across shards)
+
+    def __enter__(self) -> BlockStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self.in_flight.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` belongs to a block (else it is copied as it is)."""
+        return name in self.block_of
+
+    def block_for(self, name: str) -> BlockSpec:
+        return self.blocks[self.block_of[name]]
+
+    def pop(self, name: str) -> np.ndarray | Gathered:
+        """The finished tensor ``name``, its block computed (or awaited) when first asked."""
+        if name not in self.pending:
+            self.pending |= self._take(self.block_of[name])
+            if self.on_block is not None:
+                self.on_block()
+        return self.pending.pop(name)
+
+    def _take(self, index: int) -> Finished:
+        """Wait for block ``index``, with the next ``workers - 1`` blocks started."""
+        position = self.needed.index(index)
+        for ahead in self.needed[position : position + self.workers]:
+            if ahead not in self.in_flight:
+                self.in_flight[ahead] = self.pool.submit(self._finished, ahead)
+        return self.in_flight.pop(index).result()
 
     @np.errstate(over="ignore", invalid="ignore")  # overflow is checked and named below
-    def finished_block(src: TensorReader, index: int) -> dict[str, np.ndarray | Gathered]:
+    def _finished(self, index: int) -> Finished:
         """Block ``index`` transformed and cast back to the stored dtypes, checked."""
-        block = blocks[index]
+        src, block, codes = self.src, self.blocks[index], self.src.checkpoint.codes
         # The outputs are checked for NaN and Inf, and the inputs only when an output fails
         # (every input tensor is an output too): half the checks.
-        tensors = src.block(block, wide=wide, arrays=arrays, check=False)
+        tensors = src.block(block, wide=self.wide, arrays=self.arrays, check=False)
         try:
-            new = transform_block(index, block, tensors)
+            new = self.transform_block(index, block, tensors)
         except Exception:
             src.check_block(block)  # bad input, not a bug: say so
             raise
         del tensors
-        done: dict[str, np.ndarray | Gathered] = {}
+        done: Finished = {}
         for key in list(new):
             value = new.pop(key)
             if isinstance(value, Gathered):
-                if CODE_OF.get(value.dtype) == checkpoint.codes[key]:
+                if CODE_OF.get(value.dtype) == codes[key]:
                     done[key] = value  # made, checked and written in chunks by the writer
                     continue
                 value = value.materialize()
             if not all_finite(value):
                 src.check_block(block)
                 _fail(f"{key}: transform produced NaN or Inf (ill-conditioned?)")
-            done[key] = stored(value, checkpoint.codes[key])
+            done[key] = stored(value, codes[key])
         return done
 
-    with (
-        no_cyclic_gc(),
-        reader(checkpoint) as src,
-        atomic_folder(out, overwrite) as tmp,
-        WriteBehind(WRITE_BEHIND_BYTES, WRITE_THREADS) as writes,
-        ThreadPoolExecutor(workers, thread_name_prefix="mergeshield-block") as pool,
-    ):
-        left_out = copy_side_files(checkpoint.path, tmp)
-        in_flight: dict[int, Future[dict[str, np.ndarray | Gathered]]] = {}
 
-        def take_block(index: int) -> dict[str, np.ndarray | Gathered]:
-            """Wait for block ``index``, with the next ``workers - 1`` blocks started."""
-            position = needed.index(index)
-            for ahead in needed[position : position + workers]:
-                if ahead not in in_flight:
-                    in_flight[ahead] = pool.submit(finished_block, src, ahead)
-            return in_flight.pop(index).result()
+def _write_shard(
+    src: TensorReader, stream: BlockStream, writes: WriteBehind, writer: ShardWriter
+) -> None:
+    """Write every tensor of ``writer``'s shard: block tensors from ``stream``, the others
+    (embeddings, norms outside blocks) copied from the input, all through ``writes``."""
 
-        def checked_copy(writer: ShardWriter, name: str) -> None:
-            src.get_array(name)  # refuses NaN and Inf
-            writer.copy(name, src.file(name))
+    def checked_copy(name: str) -> None:
+        src.get_array(name)  # refuses NaN and Inf
+        writer.copy(name, src.file(name))
 
-        pending: dict[str, np.ndarray | Gathered] = {}
-        try:
-            for shard, layout in layouts.items():
-                shard_meta = {
-                    k: v
-                    for k, v in src.shard(shard).metadata.items()
-                    if not k.startswith("mergeshield_")
-                }
-                writer = ShardWriter(tmp / shard, layout, shard_meta | metadata)
-                try:
-                    for name in writer.order:
-                        if name not in block_of:
-                            # checked for NaN and Inf through the map, then copied, by a writer
-                            # thread while the first blocks are transformed (an 8B model's
-                            # embeddings: 0.5 s of page faults)
-                            job = functools.partial(checked_copy, writer, name)
-                            writes.submit(job, 0)
-                            continue
-                        if name not in pending:
-                            pending |= take_block(block_of[name])
-                            if on_block is not None:
-                                on_block()
-                        array = pending.pop(name)
-                        if isinstance(array, Gathered):
-                            bad_input = functools.partial(src.check_block, blocks[block_of[name]])
-                            job = functools.partial(writer.write_gathered, name, array, bad_input)
-                            writes.submit(job, GATHER_CHUNK_BYTES)
-                        else:
-                            job = functools.partial(writer.write, name, array)
-                            writes.submit(job, array.nbytes)
-                        del array, job
-                    writes.wait()
-                finally:
-                    writes.wait(reraise=False)  # nothing may write to a closed file
-                    writer.close()
-                writer.check_complete()
-                src.release(shard)  # its pages leave this process's RSS
-        finally:
-            for future in in_flight.values():
-                future.cancel()
-        if before_publish is not None:
-            before_publish()
-    return left_out
+    try:
+        for name in writer.order:
+            if not stream.holds(name):
+                # checked for NaN and Inf through the map, then copied, by a writer thread
+                # while the first blocks are transformed (an 8B model's embeddings: 0.5 s of
+                # page faults)
+                writes.submit(functools.partial(checked_copy, name), 0)
+                continue
+            array = stream.pop(name)
+            if isinstance(array, Gathered):
+                bad_input = functools.partial(src.check_block, stream.block_for(name))
+                job = functools.partial(writer.write_gathered, name, array, bad_input)
+                writes.submit(job, GATHER_CHUNK_BYTES)
+            else:
+                job = functools.partial(writer.write, name, array)
+                writes.submit(job, array.nbytes)
+            del array, job
+        writes.wait()
+    finally:
+        writes.wait(reraise=False)  # nothing may write to a closed file
+        writer.close()
+    writer.check_complete()
