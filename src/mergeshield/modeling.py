@@ -5,7 +5,7 @@ Everything that loads a transformers model for training or scoring stands on thi
 :func:`swap_backbone` (a merged backbone into a task model), :func:`stored_to_module_names`
 (the one mapping between the names a checkpoint stores and the names a loaded module uses),
 :func:`backbone_map` (a task model's backbone parameters to base tensors), :func:`take_batch`,
-and :func:`quiet_transformers`.
+:func:`quiet_transformers`, and :func:`train_steps`, the one supervised training loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import contextlib
 import functools
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +36,44 @@ def take_batch(
             if k in batch:
                 batch[k] = batch[k][:, :length]
     return batch
+
+
+def train_steps(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup: tuple[int, int] | None = None,
+    after_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """The one supervised training loop: for each row index in ``batches``, the model's own
+    loss on :func:`take_batch` of ``data`` (inputs and ``labels``), AdamW, gradient norm
+    clipped at 1, and ``after_step(step, loss)`` (steps count from 1).  ``warmup = (w, total)``:
+    linear warm-up over ``w`` steps, then linear decay to 0 at ``total``.  Returns the losses;
+    the model is left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = None
+    if warmup is not None:
+        from transformers import get_linear_schedule_with_warmup
+
+        sched = get_linear_schedule_with_warmup(opt, *warmup)
+    losses: list[float] = []
+    for step, index in enumerate(batches, start=1):
+        model.train()
+        loss = model(**take_batch(data, index)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(step, losses[-1])
+    model.eval()
+    return losses
 
 
 @contextlib.contextmanager

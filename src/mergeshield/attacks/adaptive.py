@@ -29,6 +29,7 @@ from mergeshield.folders import load_tensors, save_tensors
 from mergeshield.merging.backbone import backbone_prefix
 from mergeshield.merging.mergekit_runner import run_mergekit
 from mergeshield.merging.methods import get_method
+from mergeshield.modeling import train_steps
 
 Tensors = dict[str, torch.Tensor]
 INSERTION_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della")
@@ -109,26 +110,17 @@ def finetune_recovery(
     n = min(n_examples, len(train["labels"]))
     data = {k: v[:n] for k, v in train.items()}
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    curve = [(0, evaluate(model))]
+    order = [torch.randint(0, n, (min(batch_size, n),), generator=gen) for _ in range(steps)]
     checkpoints = {max(1, steps // 2), steps}
-    for step in range(1, steps + 1):
-        model.train()
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        batch = {k: v[idx] for k, v in data.items()}
-        if "attention_mask" in batch:  # text: cut the padding shared by the whole batch
-            length = max(int(batch["attention_mask"].sum(1).max()), 1)
-            batch["input_ids"] = batch["input_ids"][:, :length]
-            batch["attention_mask"] = batch["attention_mask"][:, :length]
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    model.eval()
+    curve = [(0, evaluate(model))]
+
+    def after_step(step: int, loss: float) -> None:
         if step in checkpoints:
             model.eval()
             curve.append((step, evaluate(model)))
-    model.eval()
+
+    train_steps(model, data, order, lr=lr, after_step=after_step)
     return curve
 
 

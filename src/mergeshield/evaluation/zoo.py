@@ -46,7 +46,7 @@ import torch
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.family import Family
 from mergeshield.folders import atomic_file, copy_preprocessing_files
-from mergeshield.modeling import quiet_transformers, take_batch
+from mergeshield.modeling import quiet_transformers, train_steps
 from mergeshield.progress import Bars, progress_bars
 from mergeshield.tasks import (
     FASHION_CLASSES,
@@ -511,34 +511,31 @@ def _train(
     bar: Bars,
     label: str,
 ) -> float:
-    """AdamW with linear warm-up/decay and grad-norm clipping at 1; returns the last epoch's
-    mean training loss."""
-    from transformers import get_linear_schedule_with_warmup
-
+    """:func:`mergeshield.modeling.train` for ``epochs`` shuffled epochs with linear warm-up
+    and decay; returns the last epoch's mean training loss."""
     n = len(data["labels"])
-    steps_per_epoch = math.ceil(n / settings.batch_size)
+    size = settings.batch_size
+    steps_per_epoch = math.ceil(n / size)
     total = steps_per_epoch * epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(settings.warmup_frac * total), total)
     gen = torch.Generator().manual_seed(seed)
+    order = [
+        perm[i : i + size]
+        for _ in range(epochs)
+        for perm in [torch.randperm(n, generator=gen)]
+        for i in range(0, n, size)
+    ]
     advance = bar(label, total)
-    model.train()
-    epoch_loss = float("nan")
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        losses = []
-        for i in range(0, n, settings.batch_size):
-            loss = model(**take_batch(data, perm[i : i + settings.batch_size])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            advance()
-        epoch_loss = sum(losses) / len(losses)
-    model.eval()
-    return epoch_loss
+    losses = train_steps(
+        model,
+        data,
+        order,
+        lr=lr,
+        weight_decay=settings.weight_decay,
+        warmup=(int(settings.warmup_frac * total), total),
+        after_step=lambda step, loss: advance(),
+    )
+    last = losses[-steps_per_epoch:]
+    return sum(last) / len(last) if last else float("nan")
 
 
 # ----------------------------------------------------------------------------- helpers
