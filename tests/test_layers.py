@@ -10,6 +10,7 @@ the top and nothing inside may import it.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,16 @@ def imports(file: Path, known: set[str]) -> set[str]:
     return found
 
 
-def graph() -> dict[str, set[str]]:
+@functools.cache
+def _graph(src: Path) -> dict[str, frozenset[str]]:
     mods = modules()
     known = set(mods)
-    return {m: imports(f, known) - {m} for m, f in mods.items()}
+    return {m: frozenset(imports(f, known) - {m}) for m, f in mods.items()}
+
+
+def graph() -> dict[str, frozenset[str]]:
+    """Module -> the mergeshield modules it imports (parsed once per source tree)."""
+    return _graph(SRC)
 
 
 def test_every_module_is_in_a_layer():
