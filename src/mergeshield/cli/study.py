@@ -1,0 +1,324 @@
+"""Commands that measure: audit, finetune, frontier, demo."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.objective import OBJECTIVES
+
+
+def _audit_arguments(p, defaults) -> None:
+    p.add_argument("--out", "-o", type=Path, default=defaults["out"], help="report folder")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="an audit file (YAML: your base, release, free-riders and data; see the README); "
+        "it replaces the plan options below",
+    )
+    p.add_argument("--kind", choices=["text", "image"], default="text", help="task family")
+    p.add_argument(
+        "--setting",
+        choices=["small", "full"],
+        default="small",
+        help="small: builds in minutes (CI, demo); full: real numbers",
+    )
+    p.add_argument("--victim", help="victim task (default: the family's first task)")
+    p.add_argument("--free-riders", nargs="+", help="free-rider tasks (default: all others)")
+    p.add_argument(
+        "--defenses",
+        nargs="*",
+        default=defaults["defenses"],
+        help="defenses to audit (none: only the unprotected merges)",
+    )
+    p.add_argument("--methods", nargs="+", default=defaults["methods"])
+    p.add_argument("--attacks", nargs="*", default=defaults["attacks"])
+    p.add_argument(
+        "--grid",
+        type=float,
+        nargs="+",
+        default=defaults["grid"],
+        help="coefficients the attacker tries (default: each method's grid)",
+    )
+    p.add_argument(
+        "--grid-stride",
+        type=int,
+        default=1,
+        metavar="K",
+        help="try every K-th coefficient of each method's grid, the largest always included",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="*",
+        help="free-riders merged pairwise with the victim (default: all; none: only --merge-all)",
+    )
+    p.add_argument(
+        "--attacked-only",
+        action="store_true",
+        help="merge only the attacked variants (adds an attack to an earlier audit)",
+    )
+    p.add_argument(
+        "--merge-all",
+        action="store_true",
+        help="also merge the victim with all free-riders at once",
+    )
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default="min",
+        help="the attacker's score of a merge: min (default: the weakest merged task's share "
+        "of gain kept), mean (the papers' average), victim (the victim's share alone)",
+    )
+    p.add_argument(
+        "--no-protocol",
+        action="store_true",
+        help="skip the papers' fixed merges (task arithmetic 0.3 and 0.8, TIES, averaging)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="measure defenses against real merges and adaptive attacks",
+        description="Build (or reuse) a family of fine-tuned models, protect the victim with each "
+        "defense, merge it with the free-riders through mergekit at the attacker's best "
+        "coefficient, optionally after adaptive attacks, and write report.md, report.json and "
+        "PNG plots.",
+    )
+    _audit_arguments(
+        p,
+        {
+            "out": Path("reports/audit"),
+            "defenses": ["params", "mergelock", "mergebarrier"],
+            "methods": ["task_arithmetic", "ties", "dare_ties", "linear"],
+            "attacks": ["aga"],
+            "grid": None,
+        },
+    )
+    p.set_defaults(run=_run_audit)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole story on the real MiniLM-L6 model, in one command",
+        description="Fine-tune MiniLM-L6 on real text tasks (cached after the first run), protect "
+        "the victim with PaRaMS, MergeLock and MergeBarrier, merge it with a free-rider's model "
+        "through mergekit, attack it with anchor alignment (AGA), and print the verdicts. The "
+        "audit it runs is the shipped file mergeshield/evaluation/families/demo.yml.",
+    )
+    p.add_argument("--out", "-o", type=Path, default=Path("reports/demo"), help="report folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(run=_run_audit, demo=True)
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a classifier from a base model on your data (to build a family)",
+        description="Fine-tune BASE (the whole model and a new head) on TRAIN: JSONL/CSV text "
+        "with 'text' and 'label', an image folder root/<label>/*, or a datasets folder. The "
+        "labels are the data's sorted label names. Writes a classification checkpoint to OUT.",
+    )
+    p.add_argument("base", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--train", type=Path, required=True, help="training data")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-length", type=int, default=32, help="token limit of text inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from mergeshield.evaluation.zoo import finetune_classifier
+
+    info = finetune_classifier(
+        args.base,
+        args.train,
+        args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        max_len=args.max_length,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"fine-tuned {args.base} on {info['n_train']} examples ({len(info['labels'])} labels, "
+        f"final loss {info['final_epoch_loss']}) -> {args.out}"
+    )
+    return 0
+
+
+def _add_frontier(sub) -> None:
+    p = sub.add_parser(
+        "frontier",
+        help="standalone cost vs what the best adaptive attack still merges, per candidate",
+        description="For each candidate release of the victim (unprotected, a defense, a "
+        "hardened model, or hardened then protected), measure its standalone accuracy and the "
+        "victim accuracy of the best merge an informed attacker reaches (alignment attacks x "
+        "coefficient sweep and coefficient-1 insertion, plus a short fine-tune); write "
+        "frontier.md, frontier.json and frontier.png.",
+    )
+    p.add_argument("--out", "-o", type=Path, default=Path("reports/frontier"))
+    p.add_argument("--kind", choices=["text", "image"], default="text")
+    p.add_argument("--setting", choices=["small", "full"], default="small")
+    p.add_argument("--victim", help="victim task (default: the family's first)")
+    p.add_argument("--free-riders", nargs="+", help="default: the family's last task")
+    p.add_argument(
+        "--proxies", nargs="*", help="proxy fine-tunes for 'merge' (default: the second task)"
+    )
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        default=["unprotected", "mergelock", "trap2+merge", "trap2+merge/mergelock"],
+        help="'unprotected', a defense, a harden method, or HARDEN/DEFENSE",
+    )
+    p.add_argument("--steps", type=int, default=60, help="harden steps")
+    p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=["none", "aga", "rebasin", "procrustes"],
+        help="none, aga, rebasin, procrustes; an alignment attack may be followed by +prune "
+        "or +noise (=fraction): the aligned update is then pruned or noised",
+    )
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune attack")
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default="min",
+        help="the attacker's score of a merge (as in audit)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(run=_run_frontier)
+
+
+def _run_frontier(args) -> int:
+    import shutil
+
+    from mergeshield.evaluation.frontier import (
+        FrontierPlan,
+        parse_attack,
+        parse_candidate,
+        run_frontier,
+    )
+    from mergeshield.evaluation.zoo import build_family
+
+    candidates = [parse_candidate(c) for c in args.candidates]
+    unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
+    if unknown:
+        raise MergeShieldError(f"frontier methods are task_arithmetic and ties, not {unknown}")
+    for attack in args.attacks:
+        parse_attack(attack)
+    if args.out.exists() and any(args.out.iterdir()):
+        if not args.overwrite:
+            raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
+        shutil.rmtree(args.out)
+    family = build_family(args.kind, args.setting)
+    tasks = list(family.tasks)
+    victim = args.victim or tasks[0]
+    proxies = args.proxies if args.proxies is not None else tasks[1:2]
+    riders = args.free_riders or [t for t in tasks if t not in (victim, *proxies)][-1:]
+    for t in (victim, *proxies, *riders):
+        if t not in family.tasks:
+            raise MergeShieldError(f"task {t!r} is not in the {args.kind} family ({tasks})")
+    defaults = FrontierPlan()
+    plan = FrontierPlan(
+        victim=victim,
+        free_riders=tuple(riders),
+        proxies=tuple(proxies),
+        methods=tuple(args.methods),
+        grids={m: defaults.grids[m] for m in args.methods},
+        attacks=tuple(args.attacks),
+        finetune=None if args.no_finetune else defaults.finetune,
+        objective=args.objective,
+        seed=args.seed,
+    )
+    candidates = [
+        c if c.harden is None else replace(c, harden_kwargs={"steps": args.steps, "lr": args.lr})
+        for c in candidates
+    ]
+    results = run_frontier(plan, candidates, args.out, family=family)
+    for r in results:
+        s = r.summary()
+        kept = ", ".join(
+            f"{m} victim {s[m]['kept']:.0%} / free-rider {s[m]['partner_kept']:.0%} "
+            f"({s[m]['attack']})"
+            for m in plan.methods
+        )
+        print(f"{r.name}: standalone {r.standalone:.3f}; best joint attack keeps: {kept}")
+    print(f"report: {args.out / 'frontier.md'}")
+    return 0
+
+
+def _run_audit(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergeshield.evaluation.audit import (
+        HEADER,
+        PAPER_SETTINGS,
+        AuditPlan,
+        run_audit,
+        summary_table,
+    )
+    from mergeshield.evaluation.audit_file import builtin_file, run_audit_file
+
+    if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
+        raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
+    config = builtin_file("demo") if getattr(args, "demo", False) else args.config
+    if config is not None:
+        result = run_audit_file(config, args.out)
+    else:
+        plan = AuditPlan(
+            kind=args.kind,
+            setting=args.setting,
+            victim=args.victim,
+            free_riders=tuple(args.free_riders) if args.free_riders else None,
+            defenses=tuple(args.defenses),
+            methods=tuple(args.methods),
+            attacks=tuple(args.attacks),
+            grid=tuple(args.grid) if args.grid else None,
+            grid_stride=args.grid_stride,
+            pairs=tuple(args.pairs) if args.pairs is not None else None,
+            merge_all=args.merge_all,
+            attacked_only=args.attacked_only,
+            objective=args.objective,
+            protocol=() if args.no_protocol else PAPER_SETTINGS,
+            seed=args.seed,
+        )
+        result = run_audit(plan, args.out)
+    plan = result.plan
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    table = Table(
+        title=f"victim: {result.victim}; gain kept = share of fine-tuning gain surviving the "
+        f"merge; attacker's objective: {plan.objective}"
+    )
+    for column in HEADER:
+        table.add_column(column)
+    for row in summary_table(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "standalone victim accuracy: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result.standalone.items())
+    )
+    console.print(f"report: {args.out / 'report.md'} ({result.seconds:.0f} s)")
+    return 0
+
+
+COMMANDS: list[Callable] = [
+    _add_audit,
+    _add_finetune,
+    _add_frontier,
+    _add_demo,
+]
