@@ -10,106 +10,27 @@ model type of each sub-config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
+from mergeshield.architectures.families import FAMILIES
 from mergeshield.errors import MergeShieldError
 
-_ENCODER = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "hidden_act": "gelu",
-}
-_DECODER = _ENCODER | {  # Llama's defaults; Mistral and Qwen2 differ in two fields
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "intermediate_size": 11008,
-    "num_key_value_heads": None,
-    "head_dim": None,
-    "hidden_act": "silu",
-}
-
-# --- decoder families of issue 16 -------------------------------------------------------
-_GEMMA = {
-    "hidden_size": 2304,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 8,
-    "intermediate_size": 9216,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh",
-}
-_ROTARY = {"rope_parameters": None, "rope_scaling": None, "partial_rotary_factor": None}
-_EXPERTS = {"num_experts": None, "num_local_experts": None}  # either name; families.py's default
-_QWEN_MOE = _EXPERTS | {
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": None,
-    "moe_intermediate_size": 1408,
-}
-DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen3": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128},
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
-    "phi3": _DECODER | {"hidden_size": 3072, "intermediate_size": 8192} | _ROTARY,
-    "mixtral": _DECODER | _EXPERTS | {"intermediate_size": 14336, "num_key_value_heads": 8},
-    "qwen2_moe": _DECODER
-    | _QWEN_MOE
-    | {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24}
-    | {"num_attention_heads": 16, "num_key_value_heads": 16}
-    | {"shared_expert_intermediate_size": 5632},
-    "qwen3_moe": _DECODER
-    | _QWEN_MOE
-    | {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24}
-    | {"num_attention_heads": 32, "num_key_value_heads": 4}
-    | {"moe_intermediate_size": 768},
-}
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "bert": _ENCODER,
-    "roberta": _ENCODER,
-    "vit": _ENCODER,
-    "clip_text_model": _ENCODER
-    | {"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
-    | {"hidden_act": "quick_gelu"},
-    "clip_vision_model": _ENCODER | {"hidden_act": "quick_gelu"},
-    "gpt2": {
-        "n_layer": 12,
-        "n_embd": 768,
-        "n_head": 12,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-    },
-    "llama": _DECODER,
-    "mistral": _DECODER | {"intermediate_size": 14336, "num_key_value_heads": 8},
-    "qwen2": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32},
-    # encoder / seq2seq families (issue 16)
-    "xlm-roberta": _ENCODER,
-    "distilbert": {
-        "dim": 768,
-        "n_layers": 6,
-        "n_heads": 12,
-        "hidden_dim": 3072,
-        "activation": "gelu",
-    },
-    "t5": {
-        "d_model": 512,
-        "d_kv": 64,
-        "d_ff": 2048,
-        "num_layers": 6,
-        "num_decoder_layers": None,
-        "num_heads": 8,
-        "feed_forward_proj": "relu",
-    },
-} | DECODER_DEFAULTS
-SUB_CONFIGS: dict[str, dict[str, str]] = {
-    "clip": {"text_config": "clip_text_model", "vision_config": "clip_vision_model"},
+# Per model type: the fields its adapter reads, with transformers' defaults (kept beside the
+# adapter in families.FAMILIES); composite types (CLIP) name the model type of each sub-config.
+DEFAULTS: dict[str, Mapping[str, Any]] = {t: a.defaults for t, a in FAMILIES.items() if a.defaults}
+SUB_CONFIGS: dict[str, Mapping[str, str]] = {
+    t: a.sub_configs for t, a in FAMILIES.items() if a.sub_configs
 }
 _STRINGS = {"hidden_act", "activation_function", "activation", "feed_forward_proj"}
 _STRINGS |= {"hidden_activation"}
-_FREE = {"mlp_only_layers"} | set(_ROTARY)  # checked where read (families._rotary_fraction)
+_FREE = {
+    "mlp_only_layers",
+    "rope_parameters",
+    "rope_scaling",
+    "partial_rotary_factor",
+}  # checked where read (families._rotary_fraction)
 
 
 def read_config(raw: dict[str, Any], model_type: str | None = None) -> SimpleNamespace:

@@ -8,8 +8,8 @@ a family is a few declarative lines and no transform ever branches on the model 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec, ModelSpec, Slot
@@ -97,11 +97,15 @@ class Tower:
 
 @dataclass(frozen=True)
 class Architecture:
-    """One adapter per model type: the stored layouts it may use and its towers from the config."""
+    """One adapter per model type: the stored layouts it may use, its towers from the config,
+    and the ``config.json`` fields it reads with transformers' defaults for them
+    (:mod:`mergeshield.architectures.config`; a composite type names its sub-configs' types)."""
 
     name: str
     layouts: tuple[Layout, ...]  # alternatives; the one found in the checkpoint is used
     towers: Callable[[Any], list[Tower]]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    sub_configs: Mapping[str, str] = field(default_factory=dict)
 
 
 def _encoder_tower(cfg: Any, prefix: str = "") -> Tower:
@@ -136,8 +140,8 @@ def _llama_tower(cfg: Any) -> Tower:
 
 def _rotary_fraction(cfg: Any) -> float:
     """``partial_rotary_factor`` where the config keeps it (Phi-3: in ``rope_parameters``)."""
-    for field in ("rope_parameters", "rope_scaling"):
-        params = getattr(cfg, field, None)
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(cfg, name, None)
         if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
             return float(params["partial_rotary_factor"])
     return float(getattr(cfg, "partial_rotary_factor", None) or 1.0)
@@ -382,31 +386,112 @@ QWEN3_MOE = replace(QWEN_MOE, q_norm=QWEN3.q_norm, k_norm=QWEN3.k_norm)
 MIXTRAL = replace(
     LLAMA, moe=MoELayout(experts="block_sparse_moe.experts.{e}.", up="w3", down="w2", gate="w1")
 )
-DECODER_FAMILIES: dict[str, Architecture] = {
-    "qwen3": Architecture("qwen3", (QWEN3,), lambda c: [_decoder_tower(c)]),
-    "gemma2": Architecture("gemma", (LLAMA,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
-    "gemma3_text": Architecture("gemma", (QWEN3,), lambda c: [_decoder_tower(c, norm_offset=1.0)]),
-    "phi3": Architecture("phi3", (PHI3,), lambda c: [_decoder_tower(c)]),
-    "mixtral": Architecture("moe", (MIXTRAL,), lambda c: [_mixtral_tower(c)]),
-    "qwen2_moe": Architecture("moe", (QWEN_MOE,), lambda c: [_qwen_moe_tower(c, 60)]),
-    "qwen3_moe": Architecture("moe", (QWEN3_MOE,), lambda c: [_qwen_moe_tower(c, 128)]),
+_ENCODER = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+}
+_DECODER = _ENCODER | {  # Llama's defaults; Mistral and Qwen2 differ in two fields
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "intermediate_size": 11008,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "hidden_act": "silu",
 }
 
+# --- decoder families of issue 16 -------------------------------------------------------
+_GEMMA = {
+    "hidden_size": 2304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "intermediate_size": 9216,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+_ROTARY = {"rope_parameters": None, "rope_scaling": None, "partial_rotary_factor": None}
+_EXPERTS = {"num_experts": None, "num_local_experts": None}  # either name; the tower's default
+_QWEN_MOE = _EXPERTS | {
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": None,
+    "moe_intermediate_size": 1408,
+}
+_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128},
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": _DECODER | {"hidden_size": 3072, "intermediate_size": 8192} | _ROTARY,
+    "mixtral": _DECODER | _EXPERTS | {"intermediate_size": 14336, "num_key_value_heads": 8},
+    "qwen2_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24}
+    | {"num_attention_heads": 16, "num_key_value_heads": 16}
+    | {"shared_expert_intermediate_size": 5632},
+    "qwen3_moe": _DECODER
+    | _QWEN_MOE
+    | {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24}
+    | {"num_attention_heads": 32, "num_key_value_heads": 4}
+    | {"moe_intermediate_size": 768},
+}
+_CLIP_TEXT = (
+    _ENCODER
+    | {"hidden_size": 512, "num_attention_heads": 8}
+    | {
+        "intermediate_size": 2048,
+        "hidden_act": "quick_gelu",
+    }
+)
+_CLIP_VISION = _ENCODER | {"hidden_act": "quick_gelu"}
+_GPT2 = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_inner": None}
+_GPT2 |= {"activation_function": "gelu_new"}
+_DISTILBERT = {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072}
+_DISTILBERT |= {"activation": "gelu"}
+_T5 = {"d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6}
+_T5 |= {"num_decoder_layers": None, "num_heads": 8, "feed_forward_proj": "relu"}
+_MISTRAL = _DECODER | {"intermediate_size": 14336, "num_key_value_heads": 8}
+_QWEN2 = _DECODER | {"intermediate_size": 22016, "num_key_value_heads": 32}
+
+
+def _decoder(name: str, layout: Layout, towers: Callable[[Any], list[Tower]], model_type: str):
+    return Architecture(name, (layout,), towers, _DECODER_DEFAULTS[model_type])
+
+
+DECODER_FAMILIES: dict[str, Architecture] = {
+    "qwen3": _decoder("qwen3", QWEN3, lambda c: [_decoder_tower(c)], "qwen3"),
+    "gemma2": _decoder("gemma", LLAMA, lambda c: [_decoder_tower(c, norm_offset=1.0)], "gemma2"),
+    "gemma3_text": _decoder(
+        "gemma", QWEN3, lambda c: [_decoder_tower(c, norm_offset=1.0)], "gemma3_text"
+    ),
+    "phi3": _decoder("phi3", PHI3, lambda c: [_decoder_tower(c)], "phi3"),
+    "mixtral": _decoder("moe", MIXTRAL, lambda c: [_mixtral_tower(c)], "mixtral"),
+    "qwen2_moe": _decoder("moe", QWEN_MOE, lambda c: [_qwen_moe_tower(c, 60)], "qwen2_moe"),
+    "qwen3_moe": _decoder("moe", QWEN3_MOE, lambda c: [_qwen_moe_tower(c, 128)], "qwen3_moe"),
+}
+_CLIP_PARTS = {"text_config": "clip_text_model", "vision_config": "clip_vision_model"}
+
 FAMILIES: dict[str, Architecture] = {
-    "bert": Architecture("bert", (BERT,), lambda c: [_encoder_tower(c)]),
-    "roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
-    "vit": Architecture("vit", (VIT, VIT_V5), lambda c: [_encoder_tower(c)]),
-    "clip": Architecture("clip", (CLIP,), _clip_towers),
-    "clip_text_model": Architecture("clip", (CLIP,), _clip_tower_alone("text_model.")),
-    "clip_vision_model": Architecture("clip", (CLIP,), _clip_tower_alone("vision_model.")),
-    "gpt2": Architecture("gpt2", (GPT2,), lambda c: [_gpt2_tower(c)]),
-    "llama": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
-    "mistral": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
-    "qwen2": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)]),
+    "bert": Architecture("bert", (BERT,), lambda c: [_encoder_tower(c)], _ENCODER),
+    "roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)], _ENCODER),
+    "vit": Architecture("vit", (VIT, VIT_V5), lambda c: [_encoder_tower(c)], _ENCODER),
+    "clip": Architecture("clip", (CLIP,), _clip_towers, sub_configs=_CLIP_PARTS),
+    "clip_text_model": Architecture("clip", (CLIP,), _clip_tower_alone("text_model."), _CLIP_TEXT),
+    "clip_vision_model": Architecture(
+        "clip", (CLIP,), _clip_tower_alone("vision_model."), _CLIP_VISION
+    ),
+    "gpt2": Architecture("gpt2", (GPT2,), lambda c: [_gpt2_tower(c)], _GPT2),
+    "llama": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)], _DECODER),
+    "mistral": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)], _MISTRAL),
+    "qwen2": Architecture("llama", (LLAMA,), lambda c: [_llama_tower(c)], _QWEN2),
     # encoder / seq2seq families (issue 16)
-    "xlm-roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)]),
-    "distilbert": Architecture("distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)]),
-    "t5": Architecture("t5", (), _t5_towers),
+    "xlm-roberta": Architecture("roberta", (BERT,), lambda c: [_encoder_tower(c)], _ENCODER),
+    "distilbert": Architecture(
+        "distilbert", (DISTILBERT,), lambda c: [_distilbert_tower(c)], _DISTILBERT
+    ),
+    "t5": Architecture("t5", (), _t5_towers, _T5),
 } | DECODER_FAMILIES
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
