@@ -137,6 +137,29 @@ def finetuned(
     return cached(out, build)
 
 
+def many_nulls(family: zoo.Family, work: Path, n: int, first_seed: int = 100) -> dict[str, Path]:
+    """``n`` independent fine-tunes of the base that do not contain the victim, for the
+    false-positive rate: two of every three fine-tune the victim's own task (the hard
+    negatives: other seed, other balanced data split, the victim's recipe), the third cycles
+    through the other tasks.  Seeds ``first_seed, first_seed + 1, ...`` (none shared with the
+    calibration models); each is an independent run of the zoo's fine-tune, so the rule of
+    three applies: 0 false positives in ``n`` bounds the FPR below ``3 / n`` (95%)."""
+    tasks = list(family.tasks)
+    victim, others = tasks[0], tasks[1:]
+    out = {}
+    start = time.perf_counter()
+    for i in range(n):
+        seed = first_seed + i
+        task = victim if i % 3 != 2 else others[(i // 3) % len(others)]
+        name = f"{task}-seed{seed}"
+        model = same_task_model(family, task, seed, work / "many" / name)
+        out[name] = backbone(model, family.base, work / "bb-many" / name)
+        if (i + 1) % 10 == 0:
+            took = time.perf_counter() - start
+            print(f"  null fine-tunes {i + 1}/{n} in {took:.0f} s", flush=True)
+    return out
+
+
 def knob_grid(method: str) -> tuple[float, ...]:
     return (1.0,) if METHODS[method].knob is None else COEFFICIENTS
 
@@ -315,6 +338,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timing repetitions")
     parser.add_argument("--timing-only", action="store_true", help="skip the TPR/FPR study")
     parser.add_argument(
+        "--many-nulls",
+        type=int,
+        default=0,
+        help="only the false-positive study: build this many independent null fine-tunes "
+        "(many_nulls) and score them against the calibration null models",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -342,6 +372,22 @@ def main() -> None:
     base = family.base
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
+        return
+    if args.many_nulls:
+        start = time.perf_counter()
+        nulls = many_nulls(family, work, args.many_nulls)
+        built = time.perf_counter() - start
+        rows = score(models, base, nulls)
+        results["command"] += f" --many-nulls {args.many_nulls}"
+        results["build_seconds"] = round(built)
+        results["many_nulls"] = rows
+        (work / "results-many-nulls.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\n{results['command']}  ({results['date']}, {results['machine']})")
+        for mode in ("with", "without"):
+            false = {k: v["statistic"] for k, v in rows.items() if v[mode]}
+            print(f"{mode} null models: FPR {rate(rows, mode, True)}; false positives {false}")
+        stats = sorted(((v["statistic"], k) for k, v in rows.items()), reverse=True)
+        print(f"largest statistics: {stats[:5]}; built in {built:.0f} s")
         return
     results["positives"] = score(models, base, models["positives"])
     results["nulls"] = score(models, base, models["nulls"])

