@@ -193,6 +193,20 @@ def test_residual_and_z() -> None:
     assert abs(mean) < 0.2 and 0.85 < sd < 1.15
 
 
+def test_float32_statistic_matches_float64(fam) -> None:
+    """The streaming pass reads and scores in float32: its raw-view ``Z`` equals the same sum
+    computed here from the stored tensors in float64, to 1e-4 relative."""
+    suspect = _merge(fam, "f64-ta", "task_arithmetic", ["victim", "task1"], 0.6)
+    result = detect(suspect, fam["root"] / "original", fam["base"], attack=None)
+    b, o, x = (load_tensors(p) for p in (fam["base"], fam["victim"], suspect))
+    zs = []
+    for name in result.scores.z["raw"]:
+        b64 = b[name].double()
+        zs.append(tensor_z(x[name].double() - b64, residual(o[name].double() - b64, b64)))
+    assert len(zs) > 10
+    assert result.views["raw"] == pytest.approx(sum(zs) / math.sqrt(len(zs)), rel=1e-4)
+
+
 def test_cli_exit_codes_report_and_bad_inputs(fam, tmp_path, capsys) -> None:
     root, base = fam["root"], str(fam["base"])
     suspect = _merge(fam, "cli-ta", "task_arithmetic", ["victim", "task2"], 0.4)
