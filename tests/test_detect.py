@@ -159,6 +159,19 @@ def test_protected_then_aligned_pruned_or_noised_is_found(fam) -> None:
     assert with_key.found and with_key.views["key"] > max(with_key.views.values()) - 1e-9
 
 
+def test_alignment_runs_only_off_the_base_frame(fam, tmp_path) -> None:
+    """A merge in the base's frame is not aligned (its aligned view is its raw view); the
+    protected release itself (units permuted, heads transformed) is, and only aligned is it
+    found."""
+    in_frame = _merge(fam, "frame-ta", "task_arithmetic", ["victim", "task1"], 0.5)
+    prot = tmp_path / "p"
+    protect(fam["victim"], prot, "all", base=fam["base"], seed=5)
+    merged, protected = detect_all([in_frame, prot], fam["root"] / "original", fam["base"])
+    assert merged.views["aligned"] == merged.views["raw"]
+    assert protected.views["aligned"] > 2 * max(protected.views["raw"], 1.0)  # measured 4.2x
+    assert protected.found
+
+
 def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
     suspects = [fam[f"task{t}"] for t in (1, 2, 3)] + [fam[f"same{s}"] for s in (4, 5, 6)]
     suspects += [
