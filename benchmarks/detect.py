@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -263,6 +264,17 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     }
 
 
+def signless(scores) -> float:
+    """A sign-agnostic combination, measured beside the statistic but not used by detect:
+    ``max_v (sum_t z_t^2 - T) / sqrt(2 T)`` (standardized chi-square with ``T`` degrees of
+    freedom under the sign-flip null's independent N(0, 1) ``z_t``)."""
+    out = []
+    for zs in scores.z.values():
+        t = len(zs)
+        out.append((sum(z * z for z in zs.values()) - t) / math.sqrt(2 * t))
+    return max(out)
+
+
 def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, dict]:
     """detect_all with the calibration null models, in batches; both verdicts from one pass:
     ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
@@ -284,6 +296,8 @@ def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, d
                 "effect": round(r.effect, 3),
                 "view": max(r.views, key=r.views.get),
                 "null_statistics": [round(z, 2) for z in r.null_statistics],
+                "signless": round(signless(r.scores), 2),
+                "signless_nulls": [round(signless(n), 2) for n in r.null_scores],
             }
         print(f"  scored {i + len(part)}/{len(items)} in {results[0].seconds:.0f} s", flush=True)
     return out
@@ -467,6 +481,14 @@ def main() -> None:
             f"range {min(w):.3f} to {max(w):.3f}; sign of z = sign of w in {agree}/{len(w)}"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for key in ("signless",):
+        pos = sorted((v[key], k) for k, v in results["positives"].items())[:3]
+        neg = sorted(((v[key], k) for k, v in results["nulls"].items()), reverse=True)[:3]
+        calibration = next(iter(results["positives"].values()))["signless_nulls"]
+        print(
+            f"{key} (not used): smallest positives {pos}; largest nulls {neg}; "
+            f"calibration nulls {calibration}"
+        )
     pos = [v["statistic"] for v in results["positives"].values()]
     neg = [v["statistic"] for v in results["nulls"].values()]
     print(f"statistic: positives min {min(pos):.1f}, nulls max {max(neg):.1f}")

@@ -184,7 +184,7 @@ def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
         false = [(r.suspect, r.statistic, r.p_value) for r in results if r.found]
         assert not false, null
     same = detect(fam["same4"], fam["root"] / "original", fam["base"])
-    assert same.effect < 0.1 and same.statistic > 3  # shares the task, not the release
+    assert same.effect < 0.1 and same.scores.signed["raw"] > 3  # shares the task, not the release
 
 
 def test_residual_and_z() -> None:
@@ -217,7 +217,9 @@ def test_float32_statistic_matches_float64(fam) -> None:
         b64 = b[name].double()
         zs.append(tensor_z(x[name].double() - b64, residual(o[name].double() - b64, b64)))
     assert len(zs) > 10
-    assert result.views["raw"] == pytest.approx(sum(zs) / math.sqrt(len(zs)), rel=1e-4)
+    assert result.scores.signed["raw"] == pytest.approx(sum(zs) / math.sqrt(len(zs)), rel=1e-4)
+    expected = (sum(z * z for z in zs) - len(zs)) / math.sqrt(2 * len(zs))
+    assert result.views["raw"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_cli_exit_codes_report_and_bad_inputs(fam, tmp_path, capsys) -> None:
