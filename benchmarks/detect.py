@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import shutil
 import statistics
@@ -264,17 +263,6 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     }
 
 
-def signless(scores) -> float:
-    """A sign-agnostic combination, measured beside the statistic but not used by detect:
-    ``max_v (sum_t z_t^2 - T) / sqrt(2 T)`` (standardized chi-square with ``T`` degrees of
-    freedom under the sign-flip null's independent N(0, 1) ``z_t``)."""
-    out = []
-    for zs in scores.z.values():
-        t = len(zs)
-        out.append((sum(z * z for z in zs.values()) - t) / math.sqrt(2 * t))
-    return max(out)
-
-
 def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, dict]:
     """detect_all with the calibration null models, in batches; both verdicts from one pass:
     ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
@@ -296,8 +284,8 @@ def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, d
                 "effect": round(r.effect, 3),
                 "view": max(r.views, key=r.views.get),
                 "null_statistics": [round(z, 2) for z in r.null_statistics],
-                "signless": round(signless(r.scores), 2),
-                "signless_nulls": [round(signless(n), 2) for n in r.null_scores],
+                "signed": round(max(r.scores.signed.values()), 2),
+                "signed_nulls": [round(max(n.signed.values()), 2) for n in r.null_scores],
             }
         print(f"  scored {i + len(part)}/{len(items)} in {results[0].seconds:.0f} s", flush=True)
     return out
