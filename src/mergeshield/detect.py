@@ -24,10 +24,10 @@ part is spread over all of them.  Weight decay moves every fine-tune along ``-b`
 reference is the *residual* ``r = P_b (o - [o]_k)``, where ``[o]_k`` is the best rank-``k``
 approximation of ``o`` (``k = min(RANK, min(shape) // 2)``) and ``P_b`` removes the component
 along ``b`` (the key view uses ``T(theta_original) - b`` for ``o`` and ``T(b)`` for ``b``).
-Measured on the text family (rank 0 / 8 / 32, ``Z`` below): same-task fine-tunes 650 / 104 /
-39-45, merges of the release 1280-1810 / 820-1200 / 630-910; on the small ViT (width 64) a
-cap of ``min(shape) // 8`` left same-task fine-tunes at 9-13 against all-task merges at
-18-27, ``// 2`` at 0.2-1.7 against 4.8-10.7.  Per matrix,
+Measured on the text family (rank 0 / 8 / 32, signed sums ``sum z_t / sqrt(T)``): same-task
+fine-tunes 650 / 104 / 39-45, merges of the release 1280-1810 / 820-1200 / 630-910; on the
+small ViT (width 64) a cap of ``min(shape) // 8`` left same-task fine-tunes at 9-13 against
+all-task merges at 18-27, ``// 2`` at 0.2-1.7 against 4.8-10.7.  Per matrix,
 
     z_t = <s, r> / sqrt(sum_i (s_i r_i)^2)
 
