@@ -61,9 +61,14 @@ def cached(path: Path, build) -> Path:
     return path
 
 
-def same_task_model(family: zoo.Family, task: str, seed: int, out: Path) -> Path:
-    """The zoo's fine-tune of ``task`` with another seed and another balanced data split."""
+def same_task_model(
+    family: zoo.Family, task: str, seed: int, out: Path, epochs: int | None = None
+) -> Path:
+    """The zoo's fine-tune of ``task`` with another seed and another balanced data split
+    (``epochs``: instead of the zoo's)."""
     settings = dataclasses.replace(zoo.SETTINGS[(family.kind, family.setting)], seed=seed)
+    if epochs is not None:
+        settings = dataclasses.replace(settings, epochs=epochs)
 
     def build(tmp: Path) -> None:
         data = load_task(
@@ -135,6 +140,32 @@ def finetuned(
             shutil.rmtree(tmp / folder)
 
     return cached(out, build)
+
+
+def many_nulls(
+    family: zoo.Family, work: Path, n: int, first_seed: int = 100, epochs: int | None = None
+) -> dict[str, Path]:
+    """``n`` independent fine-tunes of the base that do not contain the victim, for the
+    false-positive rate: two of every three fine-tune the victim's own task (the hard
+    negatives: other seed, other balanced data split, the victim's recipe, or with
+    ``epochs`` a shorter one), the third cycles through the other tasks.  Seeds
+    ``first_seed, first_seed + 1, ...`` (none shared with the calibration models); each is an
+    independent run of the zoo's fine-tune, so the rule of three applies: 0 false positives
+    in ``n`` bounds the FPR below ``3 / n`` (95%)."""
+    tasks = list(family.tasks)
+    victim, others = tasks[0], tasks[1:]
+    out = {}
+    start = time.perf_counter()
+    for i in range(n):
+        seed = first_seed + i
+        task = victim if i % 3 != 2 else others[(i // 3) % len(others)]
+        name = f"{task}-seed{seed}" + (f"-epochs{epochs}" if epochs is not None else "")
+        model = same_task_model(family, task, seed, work / "many" / name, epochs)
+        out[name] = backbone(model, family.base, work / "bb-many" / name)
+        if (i + 1) % 10 == 0:
+            took = time.perf_counter() - start
+            print(f"  null fine-tunes {i + 1}/{n} in {took:.0f} s", flush=True)
+    return out
 
 
 def knob_grid(method: str) -> tuple[float, ...]:
@@ -222,6 +253,7 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     )
     return {
         "victim": bb[victim],
+        "backbones": [bb[t] for t in tasks],
         "original": family.tasks[victim],
         "key": key,
         "positives": positives,
@@ -252,9 +284,32 @@ def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, d
                 "effect": round(r.effect, 3),
                 "view": max(r.views, key=r.views.get),
                 "null_statistics": [round(z, 2) for z in r.null_statistics],
+                "signed": round(max(r.scores.signed.values()), 2),
+                "signed_nulls": [round(max(n.signed.values()), 2) for n in r.null_scores],
             }
         print(f"  scored {i + len(part)}/{len(items)} in {results[0].seconds:.0f} s", flush=True)
     return out
+
+
+def explain(models: dict, base: Path, path: Path) -> dict[str, dict]:
+    """Why a positive is missed: per matrix, the victim's least-squares weight ``w`` in the
+    suspect's task vector (fitted on every task's task vector together: ``x - b ~ sum_j w_j
+    (theta_j - b)``) next to the matrix's ``z`` (raw view).  ``Z`` sums ``z`` with signs, so
+    it cancels where ``w`` changes sign across matrices."""
+    import torch
+
+    (result,) = detect_all([path], models["original"], base)
+    b, x = load_tensors(base), load_tensors(path)
+    tasks = [load_tensors(t) for t in models["backbones"]]
+    rows = {}
+    for name, z in result.scores.z["raw"].items():
+        if name not in x or name not in b or b[name].dim() != 2:
+            continue
+        cols = torch.stack([(t[name] - b[name]).double().reshape(-1) for t in tasks], 1)
+        target = (x[name] - b[name]).double().reshape(-1, 1)
+        w = float(torch.linalg.lstsq(cols, target).solution[0, 0])
+        rows[name] = {"weight": round(w, 4), "z": round(z, 2)}
+    return rows
 
 
 def timing(models: dict, family: zoo.Family, work: Path, runs: int) -> dict:
@@ -315,6 +370,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timing repetitions")
     parser.add_argument("--timing-only", action="store_true", help="skip the TPR/FPR study")
     parser.add_argument(
+        "--many-nulls",
+        type=int,
+        default=0,
+        help="only the false-positive study: build this many independent null fine-tunes "
+        "(many_nulls) and score them against the calibration null models",
+    )
+    parser.add_argument(
+        "--short-nulls",
+        type=int,
+        default=0,
+        help="with --many-nulls: this many more, fine-tuned one epoch (seeds from 1000)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -343,6 +411,33 @@ def main() -> None:
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
         return
+    if args.many_nulls:
+        start = time.perf_counter()
+        nulls = many_nulls(family, work, args.many_nulls)
+        nulls |= many_nulls(family, work, args.short_nulls, first_seed=1000, epochs=1)
+        built = time.perf_counter() - start
+        rows = score(models, base, nulls)
+        results["command"] += f" --many-nulls {args.many_nulls} --short-nulls {args.short_nulls}"
+        results["build_seconds"] = round(built)
+        results["many_nulls"] = rows
+        (work / "results-many-nulls.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\n{results['command']}  ({results['date']}, {results['machine']})")
+        victim = list(family.tasks)[0]
+        groups = {
+            "all": rows,
+            "same task": {k: v for k, v in rows.items() if k.startswith(victim + "-")},
+            "other tasks": {k: v for k, v in rows.items() if not k.startswith(victim + "-")},
+            "one epoch": {k: v for k, v in rows.items() if k.endswith("-epochs1")},
+        }
+        for group, part in groups.items():
+            if not part:
+                continue
+            top = max(part.values(), key=lambda v: v["statistic"])
+            cells = [f"{mode} null models {rate(part, mode, True)}" for mode in ("with", "without")]
+            worst = f"{top['statistic']} (effect {top['effect']}, p_null {top['p_null']:.2g})"
+            print(f"FPR, {group}: " + ", ".join(cells) + f"; largest statistic {worst}")
+        print(f"built in {built:.0f} s")
+        return
     results["positives"] = score(models, base, models["positives"])
     results["nulls"] = score(models, base, models["nulls"])
     results["key positives, with --key"] = score(
@@ -364,6 +459,24 @@ def main() -> None:
         missed = {k: v["statistic"] for k, v in rows[0].items() if not v[mode]}
         false = {k: v["statistic"] for k, v in rows[1].items() if v[mode]}
         print(f"\n{label}: missed {missed}; false positives {false}\n")
+    missed = [k for k, v in results["positives"].items() if not (v["with"] and v["without"])]
+    results["explain"] = {k: explain(models, base, models["positives"][k]) for k in missed}
+    for name, rows in results["explain"].items():
+        w = [r["weight"] for r in rows.values()]
+        agree = sum((r["weight"] > 0) == (r["z"] > 0) for r in rows.values())
+        print(
+            f"missed {name}: victim weight per matrix median {statistics.median(w):.3f}, "
+            f"range {min(w):.3f} to {max(w):.3f}; sign of z = sign of w in {agree}/{len(w)}"
+        )
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for key in ("signless",):
+        pos = sorted((v[key], k) for k, v in results["positives"].items())[:3]
+        neg = sorted(((v[key], k) for k, v in results["nulls"].items()), reverse=True)[:3]
+        calibration = next(iter(results["positives"].values()))["signless_nulls"]
+        print(
+            f"{key} (not used): smallest positives {pos}; largest nulls {neg}; "
+            f"calibration nulls {calibration}"
+        )
     pos = [v["statistic"] for v in results["positives"].values()]
     neg = [v["statistic"] for v in results["nulls"].values()]
     print(f"statistic: positives min {min(pos):.1f}, nulls max {max(neg):.1f}")

@@ -159,6 +159,19 @@ def test_protected_then_aligned_pruned_or_noised_is_found(fam) -> None:
     assert with_key.found and with_key.views["key"] > max(with_key.views.values()) - 1e-9
 
 
+def test_alignment_runs_only_off_the_base_frame(fam, tmp_path) -> None:
+    """A merge in the base's frame is not aligned (its aligned view is its raw view); the
+    protected release itself (units permuted, heads transformed) is, and only aligned is it
+    found."""
+    in_frame = _merge(fam, "frame-ta", "task_arithmetic", ["victim", "task1"], 0.5)
+    prot = tmp_path / "p"
+    protect(fam["victim"], prot, "all", base=fam["base"], seed=5)
+    merged, protected = detect_all([in_frame, prot], fam["root"] / "original", fam["base"])
+    assert merged.views["aligned"] == merged.views["raw"]
+    assert protected.views["aligned"] > 2 * max(protected.views["raw"], 1.0)  # measured 4.2x
+    assert protected.found
+
+
 def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
     suspects = [fam[f"task{t}"] for t in (1, 2, 3)] + [fam[f"same{s}"] for s in (4, 5, 6)]
     suspects += [
@@ -171,7 +184,7 @@ def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
         false = [(r.suspect, r.statistic, r.p_value) for r in results if r.found]
         assert not false, null
     same = detect(fam["same4"], fam["root"] / "original", fam["base"])
-    assert same.effect < 0.1 and same.statistic > 3  # shares the task, not the release
+    assert same.effect < 0.1 and same.scores.signed["raw"] > 3  # shares the task, not the release
 
 
 def test_residual_and_z() -> None:
@@ -191,6 +204,22 @@ def test_residual_and_z() -> None:
     mean = sum(zs) / len(zs)
     sd = (sum((z - mean) ** 2 for z in zs) / len(zs)) ** 0.5
     assert abs(mean) < 0.2 and 0.85 < sd < 1.15
+
+
+def test_float32_statistic_matches_float64(fam) -> None:
+    """The streaming pass reads and scores in float32: its raw-view ``Z`` equals the same sum
+    computed here from the stored tensors in float64, to 1e-4 relative."""
+    suspect = _merge(fam, "f64-ta", "task_arithmetic", ["victim", "task1"], 0.6)
+    result = detect(suspect, fam["root"] / "original", fam["base"], attack=None)
+    b, o, x = (load_tensors(p) for p in (fam["base"], fam["victim"], suspect))
+    zs = []
+    for name in result.scores.z["raw"]:
+        b64 = b[name].double()
+        zs.append(tensor_z(x[name].double() - b64, residual(o[name].double() - b64, b64)))
+    assert len(zs) > 10
+    assert result.scores.signed["raw"] == pytest.approx(sum(zs) / math.sqrt(len(zs)), rel=1e-4)
+    expected = (sum(z * z for z in zs) - len(zs)) / math.sqrt(2 * len(zs))
+    assert result.views["raw"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_cli_exit_codes_report_and_bad_inputs(fam, tmp_path, capsys) -> None:
