@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergeshield.attacks.adaptive import insert
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors, save_tensors
 from mergeshield.merging import METHODS, merge
@@ -108,6 +109,19 @@ def test_sweep_reuses_one_sparsification_and_keeps_mergekit_draws(tmp_path) -> N
     torch.manual_seed(5)
     prepare("dare_linear", base_t, models_t, seed=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_weighted_insertion_matches_mergekit(method, tmp_path) -> None:
+    """Model weights (1, c) at lambda 1 (the frontier's coefficient-1 insertion), as
+    ``attacks.adaptive.insert`` makes mergekit merge."""
+    base, tasks = _task_models(tmp_path, "bert")
+    out = insert(base, tasks[0], [tasks[1]], tmp_path / "m", coefficient=0.3, method=method)
+    models = [load_tensors(t) for t in tasks[:2]]
+    ours = merge_tensors(
+        method, load_tensors(base), models, coefficient=1.0, params={"weights": [1.0, 0.3]}
+    )
+    assert _relative_error(ours, load_tensors(out)) <= RELATIVE
 
 
 def test_other_seeds_draw_other_masks(tmp_path) -> None:
