@@ -145,6 +145,19 @@ def test_masks_keep_the_documented_counts() -> None:
     assert kept[:90].sum() == 0 and kept[90:990].all() and kept[990:].sum() == 0
 
 
+def test_masks_resolve_tied_magnitudes_as_mergekit_does() -> None:
+    """Real fine-tunes have equal float32 |δ| at the top-k threshold (the MiniLM TIES merge
+    differed by 0.5% before this): the kernels then keep exactly mergekit's entries."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randint(-6, 7, (40, 25), generator=g).float() * 0.01
+    for density in (0.1, 0.2, 0.5):
+        assert torch.equal(delta * magnitude_mask(delta, density), magnitude(delta, density))
+        got = delta * outlier_mask(delta, density, 0.05)
+        assert torch.equal(got, magnitude_outliers(delta, density, gamma=0.05))
+
+
 def test_every_registered_method_has_a_kernel() -> None:
     assert set(TASK_VECTOR_RULES) | {"linear", "slerp", "model_stock"} == set(METHODS)
 

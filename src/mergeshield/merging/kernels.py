@@ -9,7 +9,8 @@ reported merges are recomputed by mergekit (:mod:`mergeshield.evaluation.audit`)
 Why it is fast: mergekit's time goes into the per-tensor work, not I/O (about 1 % is reading
 and writing safetensors); for TIES most of it is ``torch.argsort`` of every |δ| in
 ``sparsify.magnitude``.  Here (a) the top-k mask takes a k-th value threshold instead of a full
-sort, and (b) a sweep over the coefficient c sparsifies and elects signs once: for every
+sort (falling back to mergekit's sort only for tensors with ties at the threshold), and (b)
+a sweep over the coefficient c sparsifies and elects signs once: for every
 task-vector method merge(c) = θ₀ + c·Δ with Δ independent of c, slerp's angles do not depend
 on t, and linear is one weighted sum per c.
 
@@ -92,18 +93,26 @@ def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """1 on the k = max(1, ⌊density·n⌋) entries of largest |δ| (all entries at the k-th
-    largest value: mergekit's argsort breaks such exact ties arbitrarily), else 0."""
+    """1 on the k = max(1, ⌊density·n⌋) entries of largest |δ|, else 0.
+
+    A k-th value threshold instead of mergekit's full sort; where entries tie at the threshold
+    (real fine-tunes have equal float32 magnitudes) the tied ones are chosen as mergekit
+    does, by its own ``torch.argsort(|δ|, descending=True)[:k]``."""
     n = delta.numel()
     k = max(1, int(density * n))
     w = delta.abs().reshape(-1).float()
-    threshold = _kth_smallest(w, n - k + 1)
-    return (w >= threshold).reshape(delta.shape).to(delta.dtype)
+    keep = w >= _kth_smallest(w, n - k + 1)
+    if int(keep.sum()) != k:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.argsort(w, descending=True)[:k]] = True
+    return keep.reshape(delta.shape).to(delta.dtype)
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: in ascending |δ| order drop n_bot = max(0, n − ⌊density·n⌋ − ⌊gamma·n⌋)
-    entries, keep the next ⌊density·n⌋ (the ⌊gamma·n⌋ largest and the smallest dropped)."""
+    entries, keep the next ⌊density·n⌋ (the ⌊gamma·n⌋ largest and the smallest dropped).
+    Ties at either edge are resolved by mergekit's own ``torch.sort``, as in
+    :func:`magnitude_mask`."""
     n = delta.numel()
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
@@ -111,7 +120,11 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
         return torch.zeros_like(delta)
     w = delta.abs().reshape(-1).float()
     low, high = _kth_smallest(w, n_bot + 1), _kth_smallest(w, n_bot + target)
-    return ((w >= low) & (w <= high)).reshape(delta.shape).to(delta.dtype)
+    keep = (w >= low) & (w <= high)
+    if int(keep.sum()) != target:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(w, descending=False).indices[n_bot : n_bot + target]] = True
+    return keep.reshape(delta.shape).to(delta.dtype)
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
