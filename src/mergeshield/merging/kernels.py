@@ -8,11 +8,12 @@ reported merges are recomputed by mergekit (:mod:`mergeshield.evaluation.audit`)
 
 Why it is fast: mergekit's time goes into the per-tensor work, not I/O (about 1 % is reading
 and writing safetensors); for TIES most of it is ``torch.argsort`` of every |δ| in
-``sparsify.magnitude``.  Here (a) the top-k mask takes a k-th value threshold instead of a full
-sort (falling back to mergekit's sort only for tensors with ties at the threshold), and (b)
-a sweep over the coefficient c sparsifies and elects signs once: for every
-task-vector method merge(c) = θ₀ + c·Δ with Δ independent of c, slerp's angles do not depend
-on t, and linear is one weighted sum per c.
+``sparsify.magnitude``.  Here a sweep over the coefficient c sparsifies and elects signs once:
+for every task-vector method merge(c) = θ₀ + c·Δ with Δ independent of c, slerp's angles do not
+depend on t, and linear is one weighted sum per c.  The top-k masks take a k-th value threshold
+instead of a full sort, but where entries tie at the threshold (most large tensors of a real
+MiniLM fine-tune: equal float32 magnitudes) mergekit's own sort decides which are kept, so the
+first TIES or breadcrumbs merge costs about what mergekit's does.
 
 Sparsification, per task vector δ (n entries), as mergekit's ``sparsify``:
 
