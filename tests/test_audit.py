@@ -79,6 +79,8 @@ def test_reported_merges_are_scored_independently(audit, tmp_path):
             ("wordnet_verb", row["partner_accuracy"]["wordnet_verb"]),
         ):
             assert evaluate(family.tasks[task], task, family=family, backbone=merged) == acc
+        # the in-memory sweep's merge scores as mergekit's does (within one test example)
+        assert row["kernel_check"]["agrees"], row["kernel_check"]
         # the chosen coefficient maximizes the weakest validation share (first on ties)
         scores = [min(v, *p.values()) for _, v, p in row["val_kept"]]
         assert row["coefficient"] == row["val_kept"][scores.index(max(scores))][0]

@@ -23,13 +23,12 @@ from transformers import (
 from mergeshield.architectures import AttentionSpec, Slot
 from mergeshield.attacks.adaptive import insert, insertion_config, perturb_update
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.frontier import merge_in_memory, trim
 from mergeshield.folders import load_tensors as load_folder_tensors
 from mergeshield.hardening.components import aga_recovery, sample_scale, uniform_divergence
 from mergeshield.hardening.config import HardenConfig, parse_method
 from mergeshield.hardening.data import read_examples
 from mergeshield.hardening.harden import harden
-from mergeshield.merging import extract_backbone, merge
+from mergeshield.merging import extract_backbone
 from mergeshield.modeling import backbone_map
 
 WORDS = ["good", "bad", "cat", "dog", "sun", "rain", "tree", "car", "blue", "red", "one", "two"]
@@ -191,14 +190,6 @@ def test_aga_recovery_removes_exactly_the_row_space_part_of_tau() -> None:
             torch.testing.assert_close(r_all[rows], x - t_all[rows] @ pi)
 
 
-def test_in_memory_task_arithmetic_insertion_formula() -> None:
-    base = {"w": torch.zeros(4), "i": torch.arange(3)}
-    tv, to = {"w": torch.ones(4)}, {"w": torch.full((4,), 2.0)}
-    merged = merge_in_memory("task_arithmetic", base, [tv, to], [1.0, 0.5], 1.0)
-    torch.testing.assert_close(merged["w"], torch.full((4,), 2.0))
-    assert merged["i"] is base["i"]
-
-
 def test_insertion_config_weights() -> None:
     cfg = insertion_config(Path("/b"), Path("/v"), [Path("/o1"), Path("/o2")], 0.4, "ties")
     assert cfg["merge_method"] == "ties"
@@ -242,17 +233,6 @@ def test_coefficient_one_insertion_by_mergekit_matches_the_formula(
         if b[name].is_floating_point():
             expect = b[name] + (v[name] - b[name]) + 0.3 * (o[name] - b[name])
             torch.testing.assert_close(m[name], expect, atol=1e-5, rtol=1e-5)
-
-
-def test_in_memory_ties_matches_mergekit(toy: dict[str, Path], tmp_path: Path) -> None:
-    victim, other = _backbones(toy, tmp_path)
-    out = merge("ties", toy["base"], [victim, other], tmp_path / "t", coefficient=1.5)
-    b, v, o, m = (load_folder_tensors(p) for p in (toy["base"], victim, other, out))
-    deltas = [{k: trim(t[k] - b[k], 0.2) for k in b if b[k].is_floating_point()} for t in (v, o)]
-    mine = merge_in_memory("ties", b, deltas, [1.0, 1.0], 1.5)
-    for name in b:
-        if b[name].is_floating_point():
-            torch.testing.assert_close(mine[name], m[name], atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- harden

@@ -9,10 +9,15 @@ victim task and its free-riders:
    of them) by each mergekit method; the attacker sweeps the merge coefficient and keeps the
    one with the best *joint* validation score over all merged tasks
    (:mod:`mergeshield.objective`: by default the smallest share of gain kept, since a
-   free-rider wants one model that keeps every task);
-3. at that coefficient the merged backbone is scored on the test split of the victim task and
-   of each free-rider task, each with its own fine-tuned head.  The coefficient that the
-   victim-only view (``objective="victim"``) would pick is scored too, for comparison.
+   free-rider wants one model that keeps every task).  The sweep runs in memory
+   (:mod:`mergeshield.merging.kernels`, parity-tested against mergekit): no folder per
+   coefficient;
+3. at that coefficient the merge is computed again by mergekit and that backbone is scored on
+   the test split of the victim task and of each free-rider task, each with its own
+   fine-tuned head (the reported figures).  The in-memory merge's test accuracies are kept
+   next to them (``MergeRow.kernel_check``); more than one test example apart on any task is
+   flagged in the report.  The coefficient that the victim-only view (``objective="victim"``)
+   would pick is scored too, for comparison, in memory, as are the papers' fixed merges.
 
 Each merged task's share of its fine-tuning gain that survives is
 ``kept = (acc_merged - acc_base) / (acc_finetuned - acc_base)``; the verdicts are those of
@@ -32,14 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import evaluate
 from mergeshield.evaluation.family import Family
+from mergeshield.evaluation.frontier import Scorer
 from mergeshield.evaluation.zoo import build_family
 from mergeshield.folders import atomic_dir, load_tensors
-from mergeshield.merging import extract_backbone, get_method, merge, sweep
+from mergeshield.merging import extract_backbone, get_method, merge
+from mergeshield.merging.kernels import Tensors, prepare
 from mergeshield.objective import (
     HOLDS,
     INSERTED_TEXT,
@@ -102,8 +107,10 @@ class MergeRow:
 
     ``sweep``: ``(coefficient, joint validation score)`` for each coefficient tried;
     ``val_kept``: ``(coefficient, victim kept, {free-rider: kept})`` on validation data.
-    Test accuracies and shares kept are at ``coefficient``; ``victim_view`` holds the same
-    test figures at the coefficient the victim-only objective picks.
+    Test accuracies and shares kept are at ``coefficient``, of mergekit's merge; ``victim_view``
+    holds the same test figures (in-memory merge) at the coefficient the victim-only objective
+    picks; ``kernel_check`` the in-memory merge's test accuracies at ``coefficient`` and how
+    many test examples they are apart from mergekit's (``agrees``: at most one on every task).
     """
 
     variant: str  # "unprotected", a defense, or "defense+attack"
@@ -120,6 +127,7 @@ class MergeRow:
     partner_accuracy: dict[str, float]
     partner_kept: dict[str, float]
     victim_view: dict[str, Any] = field(default_factory=dict)
+    kernel_check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def joint(self) -> float:
@@ -207,6 +215,8 @@ def run_audit(
         }
         for name, (model, _, _) in variants.items():
             result.standalone[name] = evaluate(model, victim, family=family)
+        memory = InMemory(family, [victim, *riders])
+        rider_tensors = {t: load_tensors(b) for t, b in backbones.items()}
         runs = []
         for method in plan.methods:
             for partners in groups:
@@ -223,6 +233,7 @@ def run_audit(
             backbone = extract_backbone(
                 model, family.base, work / "vb" / name.replace("+", "-then-")
             )
+            variant_tensors = load_tensors(backbone)
             for method, partners in runs:
                 done += 1
                 if progress:
@@ -231,17 +242,22 @@ def run_audit(
                     )
                 row = _merge_row(
                     plan,
-                    family,
+                    memory,
                     victim,
-                    name,
-                    defense,
-                    attack,
+                    (name, defense, attack),
                     method,
                     partners,
-                    backbone,
-                    [backbones[p] for p in partners],
+                    [
+                        (backbone, variant_tensors),
+                        *((backbones[p], rider_tensors[p]) for p in partners),
+                    ],
                     work,
                 )
+                if not row.kernel_check["agrees"] and progress:
+                    console.print(
+                        f"[red]in-memory merge and mergekit differ by "
+                        f"{row.kernel_check['examples_apart']} test examples[/red]"
+                    )
                 result.merges.append(row)
                 with partial.open("a") as log:  # progress survives a crash of a long run
                     log.write(json.dumps(asdict(row)) + "\n")
@@ -251,19 +267,18 @@ def run_audit(
                         result.protocol.append(
                             _protocol_row(
                                 plan,
-                                family,
+                                memory,
                                 victim,
                                 name,
                                 method,
                                 coefficient,
                                 partners,
-                                [backbone, *(backbones[p] for p in partners)],
-                                work,
+                                [variant_tensors, *(rider_tensors[p] for p in partners)],
                             )
                         )
             if attack == "":
                 result.interpolation[name] = _interpolate(
-                    plan, family, victim, backbone, result.standalone[name], work
+                    plan, memory, victim, variant_tensors, result.standalone[name]
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -310,79 +325,90 @@ def _variants(
     return variants
 
 
+class InMemory:
+    """The audit's in-memory side: the base's tensors and, per task, a classifier with the
+    task's own fine-tuned head that scores backbone tensors (base layout) on a split.
+
+    The seam for other scorers: :meth:`scores` maps merged tensors to (accuracy, kept)."""
+
+    def __init__(self, family: Family, tasks: list[str]) -> None:
+        self.family = family
+        self.base = load_tensors(family.base)
+        self.scorers = {t: Scorer(family, t, family.tasks[t]) for t in tasks}
+
+    def scores(
+        self, tensors: Tensors, tasks: list[str], split: str
+    ) -> dict[str, tuple[float, float]]:
+        """task -> (accuracy on ``split``, share of gain kept) of a merged backbone."""
+        out = {}
+        for task in tasks:
+            acc = self.scorers[task](tensors, split)
+            out[task] = (acc, kept(acc, *_references(self.family, task, split)))
+        return out
+
+    def test_size(self, task: str) -> int:
+        return len(self.scorers[task].data["test"]["labels"])
+
+
 def _merge_row(
     plan: AuditPlan,
-    family: Family,
+    memory: InMemory,
     victim: str,
-    name: str,
-    defense: str,
-    attack: str,
+    variant: tuple[str, str, str],
     method: str,
     partners: list[str],
-    backbone: Path,
-    partner_backbones: list[Path],
+    models: list[tuple[Path, Tensors]],
     work: Path,
 ) -> MergeRow:
-    """Sweep ``method``'s grid, keep the coefficient with the best joint validation score, and
-    score the merge at it (and at the victim-only view's choice) on the test split."""
-    shares: list[tuple[float, dict[str, float]]] = []
-
-    def score(path: Path) -> float:
-        values = [_kept_on(family, t, "val", path) for t in (victim, *partners)]
-        v, p = values[0], dict(zip(partners, values[1:], strict=True))
-        shares.append((v, p))
-        return joint_score(v, p, plan.objective)
-
-    best = work / "best"
-    models = [backbone, *partner_backbones]
-    result = sweep(
-        method,
-        family.base,
-        models,
-        score,
-        grid=coefficient_grid(plan, method),
-        workdir=work / "sweep",
-        keep_best=best,
-        seed=plan.seed,
+    """Sweep ``method``'s grid in memory, keep the coefficient with the best joint validation
+    score, merge at it again with mergekit and score that merge on the test split (the victim-
+    only view's choice is scored in memory).  ``variant``: (name, defense, attack);
+    ``models``: (backbone folder, its tensors) for the variant and each partner."""
+    family, tasks = memory.family, [victim, *partners]
+    at = prepare(method, memory.base, [t for _, t in models], seed=plan.seed)
+    val_kept: list[tuple[float, float, dict[str, float]]] = []
+    for c in coefficient_grid(plan, method):
+        val = memory.scores(at(c), tasks, "val")
+        val_kept.append((c, val[victim][1], {p: val[p][1] for p in partners}))
+    coefficient = choose(val_kept, plan.objective)
+    if math.isnan(coefficient):
+        raise MergeShieldError(f"every score of the {method} sweep was NaN")
+    in_memory = memory.scores(at(coefficient), tasks, "test")
+    folder = work / "best"
+    merge(
+        method, family.base, [f for f, _ in models], folder, coefficient=coefficient, seed=plan.seed
     )
-    val_kept = [(c, v, p) for (c, _), (v, p) in zip(result.scores, shares, strict=True)]
-    test = _test_scores(family, victim, partners, best)
-    shutil.rmtree(best, ignore_errors=True)
+    test = memory.scores(load_tensors(folder), tasks, "test")
+    shutil.rmtree(folder, ignore_errors=True)
+    apart = {t: round(abs(test[t][0] - in_memory[t][0]) * memory.test_size(t)) for t in tasks}
     row = MergeRow(
-        variant=name,
-        defense=defense,
-        attack=attack,
+        variant=variant[0],
+        defense=variant[1],
+        attack=variant[2],
         method=method,
         partners=partners,
         objective=plan.objective,
-        coefficient=result.best_coefficient,
-        sweep=list(result.scores),
+        coefficient=coefficient,
+        sweep=[(c, joint_score(v, p, plan.objective)) for c, v, p in val_kept],
         val_kept=val_kept,
         victim_accuracy=test[victim][0],
         victim_kept=test[victim][1],
         partner_accuracy={p: test[p][0] for p in partners},
         partner_kept={p: test[p][1] for p in partners},
+        kernel_check={
+            "accuracy": {t: in_memory[t][0] for t in tasks},
+            "examples_apart": apart,
+            "agrees": max(apart.values()) <= 1,
+        },
     )
     victim_choice = choose(val_kept, "victim")
-    if victim_choice == row.coefficient:
-        test_view = test
-    else:
-        folder = work / "victim-view"
-        merge(method, family.base, models, folder, coefficient=victim_choice, seed=plan.seed)
-        test_view = _test_scores(family, victim, partners, folder)
-        shutil.rmtree(folder, ignore_errors=True)
+    view = test if victim_choice == coefficient else memory.scores(at(victim_choice), tasks, "test")
     row.victim_view = {
         "coefficient": victim_choice,
-        "victim_kept": test_view[victim][1],
-        "partner_kept": {p: test_view[p][1] for p in partners},
+        "victim_kept": view[victim][1],
+        "partner_kept": {p: view[p][1] for p in partners},
     }
     return row
-
-
-def _kept_on(family: Family, task: str, split: str, backbone: Path) -> float:
-    """Share of ``task``'s gain kept by ``backbone`` (with the task's own head) on ``split``."""
-    acc = evaluate(family.tasks[task], task, family=family, split=split, backbone=backbone)
-    return kept(acc, *_references(family, task, split))
 
 
 def _references(family: Family, task: str, split: str) -> tuple[float, float]:
@@ -393,36 +419,21 @@ def _references(family: Family, task: str, split: str) -> tuple[float, float]:
     return entry[f"base_{split}_accuracy"], entry[f"finetuned_{split}_accuracy"]
 
 
-def _test_scores(
-    family: Family, victim: str, partners: list[str], backbone: Path
-) -> dict[str, tuple[float, float]]:
-    """task -> (test accuracy, share of gain kept) of a merged backbone."""
-    out = {}
-    for task in (victim, *partners):
-        acc = evaluate(family.tasks[task], task, family=family, backbone=backbone)
-        out[task] = (acc, kept(acc, *_references(family, task, "test")))
-    return out
-
-
 def _protocol_row(
     plan: AuditPlan,
-    family: Family,
+    memory: InMemory,
     victim: str,
     name: str,
     method: str,
     coefficient: float,
     partners: list[str],
-    models: list[Path],
-    work: Path,
+    models: list[Tensors],
 ) -> ProtocolRow:
-    """The papers' fixed merge: no search, mean test accuracy over the merged tasks."""
-    folder = work / "protocol"
+    """The papers' fixed merge (in memory): no search, mean test accuracy over the tasks."""
     params = {"density": 0.2} if method == "ties" else None
-    merge(
-        method, family.base, models, folder, coefficient=coefficient, params=params, seed=plan.seed
-    )
-    accuracy = {t: a for t, (a, _) in _test_scores(family, victim, partners, folder).items()}
-    shutil.rmtree(folder, ignore_errors=True)
+    merged = prepare(method, memory.base, models, params=params, seed=plan.seed)(coefficient)
+    scores = memory.scores(merged, [victim, *partners], "test")
+    accuracy = {t: a for t, (a, _) in scores.items()}
     return ProtocolRow(
         variant=name,
         method=method,
@@ -459,32 +470,26 @@ def coefficient_grid(plan: AuditPlan, method: str) -> tuple[float, ...]:
 
 
 def _interpolate(
-    plan: AuditPlan, family: Family, victim: str, backbone: Path, standalone: float, work: Path
+    plan: AuditPlan, memory: InMemory, victim: str, theta: Tensors, standalone: float
 ) -> list[tuple[float, float]]:
     """Victim accuracy of ``theta_base + alpha (theta - theta_base)`` for each alpha.
 
     The end points are known without a forward pass: alpha 0 is the base backbone (the
     family's base accuracy) and alpha 1 the model itself (its standalone accuracy).
     """
-    base, theta = load_tensors(family.base), load_tensors(backbone)
+    base = memory.base
     points = []
     for alpha in plan.interpolation:
         if alpha == 0.0:
-            points.append((alpha, family.base_accuracy[victim]))
+            points.append((alpha, memory.family.base_accuracy[victim]))
             continue
         if alpha == 1.0:
             points.append((alpha, standalone))
             continue
-        folder = work / "interpolated"
-        folder.mkdir(parents=True, exist_ok=True)
         mixed = {
             k: (b + alpha * (theta[k] - b)) if b.is_floating_point() else b for k, b in base.items()
         }
-        save_file(mixed, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy2(family.base / "config.json", folder / "config.json")
-        acc = evaluate(family.tasks[victim], victim, family=family, backbone=folder)
-        points.append((alpha, acc))
-        shutil.rmtree(folder)
+        points.append((alpha, memory.scorers[victim](mixed, "test")))
     return points
 
 
@@ -597,7 +602,9 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         f"at most {HOLDS:.0%} (the merged model is the release itself); *{USEFUL_TEXT}* when "
         f"every merged task keeps more than {HOLDS:.0%}. An unprotected merge should keep at "
         f"least {UNPROTECTED_MIN:.0%} of every task's gain. The last column is what the "
-        "victim-only objective would have chosen (test shares kept at its coefficient).",
+        "victim-only objective would have chosen (test shares kept at its coefficient). The "
+        "sweeps run in memory (parity-tested kernels); each chosen merge is computed again by "
+        f"mergekit and its figures are the ones shown ({_agreement(result)}).",
         "",
         "## Tasks",
         "",
@@ -653,9 +660,30 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _agreement(result: AuditResult) -> str:
+    """How far the in-memory merges' test accuracies are from mergekit's, in test examples."""
+    checks = [r.kernel_check for r in result.merges if r.kernel_check]
+    if not checks:
+        return "no merge rows"
+    worst = max(max(c["examples_apart"].values()) for c in checks)
+    agree = sum(c["agrees"] for c in checks)
+    return f"{agree} of {len(checks)} within one test example; at most {worst} apart"
+
+
 def _findings(result: AuditResult) -> list[str]:
     """Plain statements of what the merges show, in the free-rider's terms."""
     lines = []
+    apart = [r for r in result.merges if r.kernel_check and not r.kernel_check["agrees"]]
+    if apart:
+        lines.append(
+            "- **The in-memory sweep and mergekit disagree** (more than one test example apart) "
+            "for "
+            + "; ".join(
+                f"{r.variant}/{r.method}@{r.coefficient:g} {r.kernel_check['examples_apart']}"
+                for r in apart
+            )
+            + ": the reported figures are mergekit's, but the sweep that chose them is suspect."
+        )
     protected = [r for r in result.merges if r.defense != "none"]
     weak = [r for r in result.merges if r.defense == "none" and r.weakest < UNPROTECTED_MIN]
     if weak:

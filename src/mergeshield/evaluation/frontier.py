@@ -18,7 +18,7 @@ model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protec
 5. **best attack** per method = the variant/search with the best validation joint score;
    its *test* accuracies are reported, re-merged by real mergekit when
    ``verify_mergekit`` (the sweeps themselves run the same formulas in memory, see
-   :func:`merge_in_memory`, because mergekit takes 8 to 26 s per MiniLM merge on 2 cores);
+   :mod:`mergeshield.merging.kernels`, parity-tested against mergekit);
 6. optionally the **short fine-tune** attack from the best task-arithmetic merge
    (:func:`mergeshield.attacks.adaptive.finetune_recovery`), next to the same fine-tune from
    ``theta_0 + lam tau_free-rider`` (a merge without the victim).
@@ -52,6 +52,7 @@ from mergeshield.evaluation.accuracy import accuracy
 from mergeshield.evaluation.family import Family
 from mergeshield.folders import load_tensors
 from mergeshield.merging import extract_backbone, merge
+from mergeshield.merging.kernels import merge_tensors, prepare
 from mergeshield.modeling import load_classifier, stored_to_module_names
 from mergeshield.objective import check_objective, choose, joint_score, kept, weakest
 
@@ -156,56 +157,6 @@ def _prefer(mergekit_value: float, in_memory: float) -> float:
     return in_memory if math.isnan(mergekit_value) else mergekit_value
 
 
-# ----------------------------------------------------------------------------- merging
-
-
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's ``magnitude`` sparsification: keep the ``density`` fraction of largest
-    ``|delta|`` (at least one entry), zero the rest."""
-    if density >= 1:
-        return delta
-    k = max(1, int(density * delta.numel()))
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-    return delta * (delta.abs() >= threshold)
-
-
-def merge_in_memory(
-    method: str,
-    base: Tensors,
-    deltas: Sequence[Tensors],
-    weights: Sequence[float],
-    coefficient: float,
-    density: float = 0.2,
-) -> Tensors:
-    """mergekit 0.1.5's formulas, per float tensor (others copied from ``base``):
-
-    * ``task_arithmetic``: ``theta_0 + lambda sum_i w_i delta_i``;
-    * ``ties``: ``d_i = w_i trim(delta_i, density)``, ``s = sign(sum_i d_i)`` (0 counts as +),
-      ``m_i = [sign(d_i) = s]``, ``theta_0 + lambda sum_i m_i d_i / max(sum_i w_i m_i, 1 if 0)``.
-
-    ``deltas`` for ``ties`` must already be trimmed (:func:`trim`) so that sweeps reuse them.
-    """
-    out: Tensors = {}
-    for name, b in base.items():
-        if not b.is_floating_point() or name not in deltas[0]:
-            out[name] = b
-            continue
-        if method == "task_arithmetic":
-            mixed = sum(w * d[name] for w, d in zip(weights, deltas, strict=True))
-        elif method == "ties":
-            stack = torch.stack([w * d[name] for w, d in zip(weights, deltas, strict=True)])
-            wts = torch.tensor(list(weights), dtype=stack.dtype).reshape(-1, *[1] * b.dim())
-            majority = (stack.sum(0) >= 0).to(stack.dtype) * 2 - 1
-            mask = (stack.sign() == majority).to(stack.dtype)
-            divisor = (wts * mask).sum(0)
-            divisor[divisor == 0] = 1
-            mixed = (stack * mask).sum(0) / divisor
-        else:
-            raise ValueError(f"in-memory merge supports task_arithmetic and ties, not {method}")
-        out[name] = b + coefficient * mixed
-    return out
-
-
 class Scorer:
     """Accuracy of a backbone (tensors in the base layout) with a fixed classifier head."""
 
@@ -267,7 +218,7 @@ def evaluate_release(
             p: extract_backbone(family.tasks[p], family.base, work / "partners" / p)
             for p in plan.free_riders
         }
-        partner_deltas = {p: _delta(backbone_tensors(f), base) for p, f in partner_folders.items()}
+        partner_models = {p: backbone_tensors(f) for p, f in partner_folders.items()}
         variant_folders: dict[str, Path] = {}
         for attack_name in plan.attacks:
             source = released
@@ -284,13 +235,10 @@ def evaluate_release(
                 source, family.base, work / "variants" / folder_name
             )
         for variant, folder in variant_folders.items():
-            delta = _delta(backbone_tensors(folder), base)
-            trimmed = {k: trim(v, 0.2) for k, v in delta.items()}
+            theta = backbone_tensors(folder)
             for partner in plan.free_riders:
-                pd = partner_deltas[partner]
-                pd_trim = {k: trim(v, 0.2) for k, v in pd.items()}
                 for method in plan.methods:
-                    deltas = [trimmed, pd_trim] if method == "ties" else [delta, pd]
+                    models = [theta, partner_models[partner]]
                     for search in ("sweep", "insertion"):
                         row = _search(
                             plan,
@@ -300,7 +248,7 @@ def evaluate_release(
                             partner,
                             variant,
                             base,
-                            deltas,
+                            models,
                             victim_scorer,
                             partner_scorers[partner],
                         )
@@ -315,12 +263,8 @@ def evaluate_release(
         for method in plan.methods:
             rows = [r for r in result.rows if r.method == method]
             best = max(rows, key=lambda r: -math.inf if math.isnan(r.val_joint) else r.val_joint)
-            deltas_best = _delta(backbone_tensors(variant_folders[best.variant]), base)
-            pd = partner_deltas[best.partner]
-            if method == "ties":
-                deltas_best = {k: trim(v, 0.2) for k, v in deltas_best.items()}
-                pd = {k: trim(v, 0.2) for k, v in pd.items()}
-            merged = _merged(method, best.search, base, [deltas_best, pd], best.coefficient)
+            models = [backbone_tensors(variant_folders[best.variant]), partner_models[best.partner]]
+            merged = _merged(method, best.search, base, models, best.coefficient, plan.seed)
             best.test_victim = victim_scorer(merged, "test")
             best.test_partner = partner_scorers[best.partner](merged, "test")
             if plan.verify_mergekit:
@@ -366,7 +310,7 @@ def evaluate_release(
                 released,
                 base,
                 variant_folders,
-                partner_deltas,
+                partner_models,
                 result.best["task_arithmetic"],
             )
     finally:
@@ -376,15 +320,17 @@ def evaluate_release(
     return result
 
 
-def _delta(tensors: Tensors, base: Tensors) -> Tensors:
-    return {k: tensors[k] - b for k, b in base.items() if b.is_floating_point() and k in tensors}
-
-
-def _merged(method: str, search: str, base: Tensors, deltas: list[Tensors], c: float) -> Tensors:
-    """Sweep: both task vectors scaled by ``c``; insertion: weights ``(1, c)``, ``lambda = 1``."""
+def _merged(
+    method: str, search: str, base: Tensors, models: list[Tensors], c: float, seed: int = 0
+) -> Tensors:
+    """Sweep: ``method`` at coefficient ``c``; insertion: model weights ``(1, c)`` at
+    ``lambda = 1`` (:func:`mergeshield.attacks.adaptive.insertion_config`), in memory."""
     if search == "insertion":
-        return merge_in_memory(method, base, deltas, [1.0, c], 1.0)
-    return merge_in_memory(method, base, deltas, [1.0, 1.0], c)
+        weights = [1.0, *[c] * (len(models) - 1)]
+        return merge_tensors(
+            method, base, models, coefficient=1.0, params={"weights": weights}, seed=seed
+        )
+    return merge_tensors(method, base, models, coefficient=c, seed=seed)
 
 
 def _search(
@@ -395,7 +341,7 @@ def _search(
     partner: str,
     variant: str,
     base: Tensors,
-    deltas: list[Tensors],
+    models: list[Tensors],
     victim_scorer: Scorer,
     partner_scorer: Scorer,
 ) -> MergeResult:
@@ -410,8 +356,9 @@ def _search(
         for t in (plan.victim, partner)
     }
     curve, shares = [], []
+    sweep = prepare(method, base, models, seed=plan.seed) if search == "sweep" else None
     for c in grid:
-        merged = _merged(method, search, base, deltas, c)
+        merged = sweep(c) if sweep else _merged(method, search, base, models, c, plan.seed)
         v, p = victim_scorer(merged, "val"), partner_scorer(merged, "val")
         curve.append((c, v, p))
         shares.append((c, kept(v, *refs[plan.victim]), {partner: kept(p, *refs[partner])}))
@@ -429,7 +376,7 @@ def _finetune_attack(
     released: Path,
     base: Tensors,
     variant_folders: dict[str, Path],
-    partner_deltas: dict[str, Tensors],
+    partner_models: dict[str, Tensors],
     best: MergeResult,
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
@@ -446,16 +393,13 @@ def _finetune_attack(
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
     test = Scorer(family, victim, released).data["test"]
-    delta = _delta(backbone_tensors(variant_folders[best.variant]), base)
-    pd = partner_deltas[best.partner]
+    theta = backbone_tensors(variant_folders[best.variant])
+    partner = partner_models[best.partner]
+    c = best.coefficient
     starts = {
-        "best_merge": _merged("task_arithmetic", best.search, base, [delta, pd], best.coefficient),
-        "merge_without_victim": merge_in_memory(
-            "task_arithmetic",
-            base,
-            [pd],
-            [1.0],
-            best.coefficient if best.search == "sweep" else 1.0,
+        "best_merge": _merged("task_arithmetic", best.search, base, [theta, partner], c),
+        "merge_without_victim": merge_tensors(
+            "task_arithmetic", base, [partner], coefficient=c if best.search == "sweep" else 1.0
         ),
     }
     out: dict[str, Any] = {"examples": n, "steps": steps}

@@ -4,6 +4,9 @@
 * :func:`merge` runs one method of :data:`METHODS` at one coefficient (formulas in
   ``methods.py``); :func:`sweep` is the strong attacker that tries a whole grid of coefficients
   and keeps the best-scoring merge.
+* ``kernels.py`` is the task-vector room: the same nine formulas on tensors in memory
+  (sparsify, sign election, linear, slerp, model_stock), parity-tested against mergekit, for
+  sweeps that need no folder per coefficient (:func:`~mergeshield.merging.kernels.prepare`).
 * ``mergekit_runner.py`` holds every contact with mergekit's internals, including the one
   context manager that works around its known bugs (:func:`mergekit_workarounds`).
 """
