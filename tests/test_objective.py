@@ -93,13 +93,21 @@ SEEDS = {"val": 11, "test": 12}
 TASKS = {"victim": (0.3, 1), "rider": (0.03, 2)}  # task -> (task vector scale, seed)
 
 
-def _predictions(folder: Path, task: str, split: str) -> torch.Tensor:
+def _model(folder: Path, tensors: dict[str, torch.Tensor] | None = None):
     from transformers import AutoModel
 
     from mergeshield.modeling import quiet_transformers
 
     with quiet_transformers():
         model = AutoModel.from_pretrained(folder).eval()
+    if tensors is not None:
+        model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def _predictions(folder: Path, task: str, split: str, tensors=None) -> torch.Tensor:
+    """The task's fixed random head on the model in ``folder`` (with ``tensors`` loaded)."""
+    model = _model(folder, tensors)
     head = torch.randn(48, 6, generator=torch.Generator().manual_seed(TASKS[task][1]))
     with torch.no_grad():
         return (model(input_ids=_inputs(split)).last_hidden_state @ head).argmax(-1)
@@ -150,9 +158,23 @@ def tiny_family(tmp_path_factory) -> Family:
     return family
 
 
+class _AgreementScorer:
+    """The audit's in-memory scorer for the tiny family: agreement of merged tensors with the
+    task's fine-tune (what :func:`_agreement` measures on folders)."""
+
+    def __init__(self, family: Family, task: str, head_model: Path) -> None:
+        self.family, self.task = family, task
+        self.data = {s: {"labels": _labels(family.tasks[task], task, s)} for s in SEEDS}
+
+    def __call__(self, backbone: dict[str, torch.Tensor], split: str) -> float:
+        got = _predictions(self.family.base, self.task, split, tensors=backbone)
+        return float((got == self.data[split]["labels"]).mean(dtype=torch.float64))
+
+
 @pytest.fixture
 def functional_score(monkeypatch):
     monkeypatch.setattr(audit_module, "evaluate", _agreement)
+    monkeypatch.setattr(audit_module, "Scorer", _AgreementScorer)
     return _agreement
 
 

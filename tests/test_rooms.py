@@ -16,6 +16,7 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_file
 from mergeshield.hardening.components import REGISTRY as COMPONENT_REGISTRY
 from mergeshield.hardening.config import COMPONENTS, HardenConfig
+from mergeshield.merging import METHODS
 from mergeshield.modeling import train_steps
 from mergeshield.registry import Registry
 
@@ -26,6 +27,11 @@ from mergeshield.registry import Registry
         (DEFENSES, {"params", "mergelock", "mergebarrier", "all"}),
         (ATTACKS, {"aga", "rebasin", "procrustes"}),
         (COMPONENT_REGISTRY, set(COMPONENTS)),
+        (
+            METHODS,
+            {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"}
+            | {"breadcrumbs", "della", "slerp", "model_stock"},
+        ),
     ],
 )
 def test_every_registry_is_one_style_and_names_its_choices(registry, names):

@@ -27,12 +27,13 @@ import torch
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors, save_tensors
 from mergeshield.merging.backbone import backbone_prefix
+from mergeshield.merging.kernels import TASK_VECTOR_RULES
 from mergeshield.merging.mergekit_runner import run_mergekit
 from mergeshield.merging.methods import get_method
 from mergeshield.modeling import train_steps
 
 Tensors = dict[str, torch.Tensor]
-INSERTION_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della")
+INSERTION_METHODS = tuple(TASK_VECTOR_RULES)  # the task-vector methods
 
 
 def insertion_config(

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.modeling import load_classifier, swap_backbone, take_batch
+from mergeshield.folders import load_tensors
+from mergeshield.modeling import load_classifier, stored_to_module_names, swap_backbone, take_batch
 
 if TYPE_CHECKING:
     from mergeshield.evaluation.family import Family
@@ -93,3 +94,26 @@ def _eval_split(root: str, task: str, split: str) -> tuple[dict[str, torch.Tenso
         raise MergeShieldError(f"task {task!r} has no cached inputs at {path}: not in this family")
     stored = torch.load(path, weights_only=True)
     return stored[split], list(stored["labels"])
+
+
+class Scorer:
+    """Accuracy of a backbone (tensors in the base layout) with a fixed classifier head: the
+    task model ``head_model`` scores ``task``'s cached ``val``/``test`` split with the tensors
+    loaded into its base model (no folder written)."""
+
+    def __init__(self, family: Family, task: str, head_model: Path) -> None:
+        self.model = load_classifier(head_model, family.kind)
+        self.data = {s: _eval_split(str(family.root), task, s)[0] for s in ("val", "test")}
+        self.names = stored_to_module_names(self.model.base_model, family.base)
+
+    def __call__(self, backbone: dict[str, torch.Tensor], split: str) -> float:
+        renamed = {self.names.get(k, k): v for k, v in backbone.items()}
+        result = self.model.base_model.load_state_dict(renamed, strict=False)
+        if [k for k in result.missing_keys if not k.startswith("pooler.")]:
+            raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
+        return accuracy(self.model, self.data[split])
+
+
+def backbone_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A backbone folder's tensors, floating ones as float32 (what the scorers load)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(folder).items()}

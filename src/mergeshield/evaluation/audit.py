@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.accuracy import evaluate
+from mergeshield.evaluation.accuracy import Scorer, evaluate
 from mergeshield.evaluation.family import Family
-from mergeshield.evaluation.frontier import Scorer
 from mergeshield.evaluation.zoo import build_family
 from mergeshield.folders import atomic_dir, load_tensors
 from mergeshield.merging import extract_backbone, get_method, merge

@@ -48,9 +48,8 @@ import torch
 
 from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then_align
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.accuracy import accuracy
+from mergeshield.evaluation.accuracy import Scorer, accuracy, backbone_tensors
 from mergeshield.evaluation.family import Family
-from mergeshield.folders import load_tensors
 from mergeshield.merging import extract_backbone, merge
 from mergeshield.merging.kernels import merge_tensors, prepare
 from mergeshield.modeling import load_classifier, stored_to_module_names
@@ -155,27 +154,6 @@ class ReleaseResult:
 def _prefer(mergekit_value: float, in_memory: float) -> float:
     """mergekit's figure where the merge was re-run by mergekit, else the in-memory one."""
     return in_memory if math.isnan(mergekit_value) else mergekit_value
-
-
-class Scorer:
-    """Accuracy of a backbone (tensors in the base layout) with a fixed classifier head."""
-
-    def __init__(self, family: Family, task: str, head_model: Path) -> None:
-        self.model = load_classifier(head_model, family.kind)
-        stored = torch.load(family.root / "data" / f"{task}.pt", weights_only=True)
-        self.data = {"val": stored["val"], "test": stored["test"]}
-        self.names = stored_to_module_names(self.model.base_model, family.base)
-
-    def __call__(self, backbone: Tensors, split: str) -> float:
-        renamed = {self.names.get(k, k): v for k, v in backbone.items()}
-        result = self.model.base_model.load_state_dict(renamed, strict=False)
-        if [k for k in result.missing_keys if not k.startswith("pooler.")]:
-            raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
-        return accuracy(self.model, self.data[split])
-
-
-def backbone_tensors(folder: Path) -> Tensors:
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(folder).items()}
 
 
 # ----------------------------------------------------------------------------- one release

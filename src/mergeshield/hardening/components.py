@@ -23,6 +23,7 @@ from mergeshield.attacks.matching import head_rows, out_heads
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors
 from mergeshield.hardening.config import COMPONENTS, HardenConfig
+from mergeshield.merging.kernels import magnitude_mask
 from mergeshield.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
@@ -107,13 +108,11 @@ def sample_scale(gen: torch.Generator, cfg: HardenConfig) -> float:
 
 
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of largest-magnitude entries of ``t`` (TIES' trim), zero the
-    rest; the mask itself is not differentiated."""
+    """TIES' trim of ``t`` (:func:`mergeshield.merging.kernels.magnitude_mask`, mergekit's
+    choice at ties), the mask itself not differentiated."""
     if density >= 1.0:
         return t
-    k = max(1, int(density * t.numel()))
-    threshold = t.detach().abs().flatten().kthvalue(t.numel() - k + 1).values
-    return t * (t.detach().abs() >= threshold)
+    return t * magnitude_mask(t.detach(), density)
 
 
 def merged_divergence(run: Run, params: Tensors, delta: Tensors, batch: Tensors) -> torch.Tensor:

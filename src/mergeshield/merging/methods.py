@@ -40,6 +40,7 @@ from typing import Any
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.merging.mergekit_runner import run_mergekit
+from mergeshield.registry import Registry
 
 ConfigBuilder = Callable[[Path, list[Path], float, dict[str, Any]], dict[str, Any]]
 
@@ -144,107 +145,100 @@ class MergeMethod:
 _LAMBDAS_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _LAMBDAS_MEAN = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod(
-            name="linear",
-            mergekit_name="linear",
-            knob="weight",
-            grid=(0.2, 0.4, 0.5, 0.6, 0.8, 1.0),
-            build=_linear_config,
-            formula="(1 - c) * base + c * mean(models)",
-        ),
-        MergeMethod(
-            name="task_arithmetic",
-            mergekit_name="task_arithmetic",
-            knob="lambda",
-            grid=_LAMBDAS_SUM,
-            build=_task_vector("task_arithmetic"),
-            formula="base + lambda * sum(task vectors)",
-            options=_TASK_VECTOR_OPTIONS,
-        ),
-        MergeMethod(
-            name="ties",
-            mergekit_name="ties",
-            knob="lambda",
-            grid=_LAMBDAS_MEAN,
-            build=_task_vector("ties"),
-            formula="base + lambda * disjoint_mean(sign_elect(topk(task vectors, density)))",
-            params={"density": 0.2},
-            options=_TASK_VECTOR_OPTIONS,
-        ),
-        MergeMethod(
-            name="dare_ties",
-            mergekit_name="dare_ties",
-            knob="lambda",
-            grid=_LAMBDAS_SUM,
-            build=_task_vector("dare_ties"),
-            formula="base + lambda * sum(sign_elect(dare(task vectors, density)))",
-            params={"density": 0.5},
-            options=_TASK_VECTOR_OPTIONS,
-            randomized=True,
-        ),
-        MergeMethod(
-            name="dare_linear",
-            mergekit_name="dare_linear",
-            knob="lambda",
-            grid=_LAMBDAS_SUM,
-            build=_task_vector("dare_linear"),
-            formula="base + lambda * sum(dare(task vectors, density))",
-            params={"density": 0.5},
-            options=_TASK_VECTOR_OPTIONS,
-            randomized=True,
-        ),
-        MergeMethod(
-            name="breadcrumbs",
-            mergekit_name="breadcrumbs",
-            knob="lambda",
-            grid=_LAMBDAS_SUM,
-            build=_task_vector("breadcrumbs"),
-            formula="base + lambda * sum(drop_top_gamma_and_bottom(task vectors, density))",
-            params={"density": 0.9, "gamma": 0.01},
-            options=_TASK_VECTOR_OPTIONS,
-        ),
-        MergeMethod(
-            name="della",
-            mergekit_name="della",
-            knob="lambda",
-            grid=_LAMBDAS_MEAN,
-            build=_task_vector("della"),
-            formula="base + lambda * disjoint_mean(sign_elect(magprune(task vectors)))",
-            params={"density": 0.5, "epsilon": 0.15},
-            options=_TASK_VECTOR_OPTIONS,
-            randomized=True,
-        ),
-        MergeMethod(
-            name="slerp",
-            mergekit_name="slerp",
-            knob="t",
-            grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-            build=_slerp_config,
-            formula="slerp(base, model; t) or slerp(model_1, model_2; t)",
-            max_models=2,
-        ),
-        MergeMethod(
-            name="model_stock",
-            mergekit_name="model_stock",
-            knob=None,
-            grid=(1.0,),
-            build=_model_stock_config,
-            formula="t * mean(models) + (1 - t) * base, t from the task vectors' cosines",
-            options=("filter_wise",),
-            min_models=2,
-        ),
-    )
-}
-
-
-def get_method(method: str) -> MergeMethod:
-    """The registered :class:`MergeMethod` called ``method``."""
-    if method not in METHODS:
-        raise MergeShieldError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
-    return METHODS[method]
+METHODS: Registry[MergeMethod] = Registry("merge method")
+for _method in (
+    MergeMethod(
+        name="linear",
+        mergekit_name="linear",
+        knob="weight",
+        grid=(0.2, 0.4, 0.5, 0.6, 0.8, 1.0),
+        build=_linear_config,
+        formula="(1 - c) * base + c * mean(models)",
+    ),
+    MergeMethod(
+        name="task_arithmetic",
+        mergekit_name="task_arithmetic",
+        knob="lambda",
+        grid=_LAMBDAS_SUM,
+        build=_task_vector("task_arithmetic"),
+        formula="base + lambda * sum(task vectors)",
+        options=_TASK_VECTOR_OPTIONS,
+    ),
+    MergeMethod(
+        name="ties",
+        mergekit_name="ties",
+        knob="lambda",
+        grid=_LAMBDAS_MEAN,
+        build=_task_vector("ties"),
+        formula="base + lambda * disjoint_mean(sign_elect(topk(task vectors, density)))",
+        params={"density": 0.2},
+        options=_TASK_VECTOR_OPTIONS,
+    ),
+    MergeMethod(
+        name="dare_ties",
+        mergekit_name="dare_ties",
+        knob="lambda",
+        grid=_LAMBDAS_SUM,
+        build=_task_vector("dare_ties"),
+        formula="base + lambda * sum(sign_elect(dare(task vectors, density)))",
+        params={"density": 0.5},
+        options=_TASK_VECTOR_OPTIONS,
+        randomized=True,
+    ),
+    MergeMethod(
+        name="dare_linear",
+        mergekit_name="dare_linear",
+        knob="lambda",
+        grid=_LAMBDAS_SUM,
+        build=_task_vector("dare_linear"),
+        formula="base + lambda * sum(dare(task vectors, density))",
+        params={"density": 0.5},
+        options=_TASK_VECTOR_OPTIONS,
+        randomized=True,
+    ),
+    MergeMethod(
+        name="breadcrumbs",
+        mergekit_name="breadcrumbs",
+        knob="lambda",
+        grid=_LAMBDAS_SUM,
+        build=_task_vector("breadcrumbs"),
+        formula="base + lambda * sum(drop_top_gamma_and_bottom(task vectors, density))",
+        params={"density": 0.9, "gamma": 0.01},
+        options=_TASK_VECTOR_OPTIONS,
+    ),
+    MergeMethod(
+        name="della",
+        mergekit_name="della",
+        knob="lambda",
+        grid=_LAMBDAS_MEAN,
+        build=_task_vector("della"),
+        formula="base + lambda * disjoint_mean(sign_elect(magprune(task vectors)))",
+        params={"density": 0.5, "epsilon": 0.15},
+        options=_TASK_VECTOR_OPTIONS,
+        randomized=True,
+    ),
+    MergeMethod(
+        name="slerp",
+        mergekit_name="slerp",
+        knob="t",
+        grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        build=_slerp_config,
+        formula="slerp(base, model; t) or slerp(model_1, model_2; t)",
+        max_models=2,
+    ),
+    MergeMethod(
+        name="model_stock",
+        mergekit_name="model_stock",
+        knob=None,
+        grid=(1.0,),
+        build=_model_stock_config,
+        formula="t * mean(models) + (1 - t) * base, t from the task vectors' cosines",
+        options=("filter_wise",),
+        min_models=2,
+    ),
+):
+    METHODS.register(_method)
+get_method = METHODS.lookup
 
 
 def merge_config(
