@@ -21,6 +21,7 @@ import torch
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.batches import quiet_transformers, take_batch
+from mergeshield.evaluation.generative import exact_match, load_causal_lm
 
 if TYPE_CHECKING:
     from mergeshield.evaluation.zoo import Family
@@ -36,7 +37,9 @@ def evaluate(
     split: str = "test",
     backbone: Path | None = None,
 ) -> float:
-    """Fraction of ``split`` examples of ``task`` that ``task_model`` classifies correctly.
+    """Fraction of ``split`` examples of ``task`` that ``task_model`` classifies correctly
+    (family kind ``llm``: exact match of the greedy answer of ``backbone``, else of
+    ``task_model``; see :mod:`mergeshield.evaluation.generative`).
 
     ``task_model``: a classification checkpoint folder (its head is the one used).
     ``backbone``: a checkpoint folder whose base-model weights replace the task model's
@@ -46,6 +49,8 @@ def evaluate(
     when the backbone lacks it.
     """
     data, label_names = _eval_split(str(family.root), task, split)
+    if family.kind == "llm":  # no head: the (merged) causal LM itself answers
+        return exact_match(load_causal_lm(backbone or task_model), data)
     model = load_classifier(task_model, family.kind)
     n_classes = len(label_names)
     if model.config.num_labels != n_classes:

@@ -13,12 +13,13 @@ import torch
 def take_batch(
     data: dict[str, torch.Tensor], index: torch.Tensor | slice
 ) -> dict[str, torch.Tensor]:
-    """Rows ``index`` of every tensor in ``data``; token tensors are cut to the longest row."""
+    """Rows ``index`` of every tensor in ``data``; token tensors (and per-token ``labels`` of a
+    causal LM) are cut to the longest row."""
     batch = {k: v[index] for k, v in data.items()}
     if "attention_mask" in batch:
         length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in batch:
+        for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            if k in batch and batch[k].dim() == 2:
                 batch[k] = batch[k][:, :length]
     return batch
 
