@@ -78,3 +78,13 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tmp_path):
         data["attention_mask"][i, : len(r)] = 1
         data["labels"][i, : len(r)] = lab
     assert exact_match(model, data, batch=3) == 0.5
+
+
+def test_llm_audit_files_load_without_building():
+    from mergeshield.evaluation.audit_file import builtin_file, load_audit_file
+
+    for name in ("llm-small", "llm-full", "demo-llm"):
+        audit = load_audit_file(builtin_file(name))
+        assert audit.builtin and audit.plan.kind == "llm", name
+    demo = load_audit_file(builtin_file("demo-llm")).plan
+    assert (demo.victim, demo.free_riders) == ("antonym", ("arithmetic",))

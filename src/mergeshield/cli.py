@@ -538,6 +538,14 @@ def _audit_arguments(p, defaults) -> None:
         action="store_true",
         help="skip the papers' fixed merges (task arithmetic 0.3 and 0.8, TIES, averaging)",
     )
+    p.add_argument(
+        "--interpolation",
+        type=float,
+        nargs="+",
+        metavar="ALPHA",
+        help="alphas of the base-to-model path scored on the victim (default 0 .25 .5 .75 1; "
+        "0 and 1 cost nothing)",
+    )
     p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
@@ -762,6 +770,9 @@ def _run_audit(args) -> int:
             attacked_only=args.attacked_only,
             objective=args.objective,
             protocol=() if args.no_protocol else PAPER_SETTINGS,
+            interpolation=(
+                tuple(args.interpolation) if args.interpolation else AuditPlan.interpolation
+            ),
             seed=args.seed,
         )
         result = run_audit(plan, args.out)
