@@ -28,12 +28,13 @@ Tensors = dict[str, torch.Tensor]
 def take_batch(
     data: dict[str, torch.Tensor], index: torch.Tensor | slice
 ) -> dict[str, torch.Tensor]:
-    """Rows ``index`` of every tensor in ``data``; token tensors are cut to the longest row."""
+    """Rows ``index`` of every tensor in ``data``; token tensors (and per-token ``labels`` of a
+    causal LM) are cut to the longest row."""
     batch = {k: v[index] for k, v in data.items()}
     if "attention_mask" in batch:
         length = max(int(batch["attention_mask"].sum(1).max()), 1)
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in batch:
+        for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            if k in batch and batch[k].dim() == 2:
                 batch[k] = batch[k][:, :length]
     return batch
 
@@ -49,11 +50,12 @@ def train_steps(
     after_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The one supervised training loop: for each row index in ``batches``, the model's own
-    loss on :func:`take_batch` of ``data`` (inputs and ``labels``), AdamW, gradient norm
-    clipped at 1, and ``after_step(step, loss)`` (steps count from 1).  ``warmup = (w, total)``:
-    linear warm-up over ``w`` steps, then linear decay to 0 at ``total``.  Returns the losses;
-    the model is left in eval mode."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss on :func:`take_batch` of ``data`` (inputs and ``labels``), AdamW on the parameters
+    that require gradients, their norm clipped at 1, and ``after_step(step, loss)`` (steps
+    count from 1).  ``warmup = (w, total)``: linear warm-up over ``w`` steps, then linear
+    decay to 0 at ``total``.  Returns the losses; the model is left in eval mode."""
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones stay
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
     sched = None
     if warmup is not None:
         from transformers import get_linear_schedule_with_warmup
@@ -64,7 +66,7 @@ def train_steps(
         model.train()
         loss = model(**take_batch(data, index)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if sched is not None:
             sched.step()

@@ -19,7 +19,12 @@ def _audit_arguments(p, defaults) -> None:
         help="an audit file (YAML: your base, release, free-riders and data; see the README); "
         "it replaces the plan options below",
     )
-    p.add_argument("--kind", choices=["text", "image"], default="text", help="task family")
+    p.add_argument(
+        "--kind",
+        choices=["text", "image", "llm"],
+        default="text",
+        help="task family (llm: SmolLM2-135M experts, exact match of greedy answers)",
+    )
     p.add_argument(
         "--setting",
         choices=["small", "full"],
@@ -77,6 +82,14 @@ def _audit_arguments(p, defaults) -> None:
         action="store_true",
         help="skip the papers' fixed merges (task arithmetic 0.3 and 0.8, TIES, averaging)",
     )
+    p.add_argument(
+        "--interpolation",
+        type=float,
+        nargs="+",
+        metavar="ALPHA",
+        help="alphas of the base-to-model path scored on the victim (default 0 .25 .5 .75 1; "
+        "0 and 1 cost nothing)",
+    )
     p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
@@ -113,6 +126,12 @@ def _add_demo(sub) -> None:
         "audit it runs is the shipped file mergeshield/evaluation/families/demo.yml.",
     )
     p.add_argument("--out", "-o", type=Path, default=Path("reports/demo"), help="report folder")
+    p.add_argument(
+        "--kind",
+        choices=["text", "llm"],
+        default="text",
+        help="text: MiniLM-L6 (demo.yml); llm: SmolLM2-135M generative experts (demo-llm.yml)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_audit, demo=True)
 
@@ -275,7 +294,8 @@ def _run_audit(args) -> int:
 
     if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
         raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
-    config = builtin_file("demo") if getattr(args, "demo", False) else args.config
+    demo = {"text": "demo", "llm": "demo-llm"}.get(args.kind, "demo")
+    config = builtin_file(demo) if getattr(args, "demo", False) else args.config
     if config is not None:
         result = run_audit_file(config, args.out)
     else:
@@ -294,6 +314,9 @@ def _run_audit(args) -> int:
             attacked_only=args.attacked_only,
             objective=args.objective,
             protocol=() if args.no_protocol else PAPER_SETTINGS,
+            interpolation=(
+                tuple(args.interpolation) if args.interpolation else AuditPlan.interpolation
+            ),
             seed=args.seed,
         )
         result = run_audit(plan, args.out)

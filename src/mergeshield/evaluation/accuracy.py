@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.evaluation.generative import exact_match, load_causal_lm
 from mergeshield.folders import load_tensors
 from mergeshield.modeling import load_classifier, stored_to_module_names, swap_backbone, take_batch
 
@@ -37,7 +38,9 @@ def evaluate(
     split: str = "test",
     backbone: Path | None = None,
 ) -> float:
-    """Fraction of ``split`` examples of ``task`` that ``task_model`` classifies correctly.
+    """Fraction of ``split`` examples of ``task`` that ``task_model`` classifies correctly
+    (family kind ``llm``: exact match of the greedy answer of ``backbone``, else of
+    ``task_model``; see :mod:`mergeshield.evaluation.generative`).
 
     ``task_model``: a classification checkpoint folder (its head is the one used).
     ``backbone``: a checkpoint folder whose base-model weights replace the task model's
@@ -47,6 +50,8 @@ def evaluate(
     when the backbone lacks it.
     """
     data, label_names = _eval_split(str(family.root), task, split)
+    if family.kind == "llm":  # no head: the (merged) causal LM itself answers
+        return exact_match(load_causal_lm(backbone or task_model), data)
     model = load_classifier(task_model, family.kind)
     n_classes = len(label_names)
     if model.config.num_labels != n_classes:

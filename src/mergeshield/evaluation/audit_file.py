@@ -19,7 +19,8 @@ Your own release::
     merge_all: false               # also merge the victim with all free-riders at once
     max_length: 128                # token limit of text inputs
 
-A built-in family (the ones ``--kind`` builds): ``family: {kind: text, setting: small}`` and
+A built-in family (the ones ``--kind`` builds, ``llm`` included): ``family: {kind: text, setting:
+small}`` and
 tasks by name (``victim: wordnet_noun``, ``free_riders: [wordnet_verb]``); the package ships
 these as ``families/*.yml`` (:func:`builtin_file`).
 
@@ -112,7 +113,9 @@ def load_audit_file(path: Path) -> AuditFile:
     if "family" in data:
         family = data["family"]
         if not isinstance(family, dict) or set(family) - {"kind", "setting"}:
-            raise MergeShieldError(f"{path}: family is {{kind: text|image, setting: small|full}}")
+            raise MergeShieldError(
+                f"{path}: family is {{kind: text|image|llm, setting: small|full}}"
+            )
         if "base" in data:
             raise MergeShieldError(f"{path}: give either family (built-in) or base, not both")
         victim = _name(path, data["victim"], "victim") if "victim" in data else None
@@ -125,8 +128,8 @@ def load_audit_file(path: Path) -> AuditFile:
             free_riders=tuple(riders) or None,
             **plan_fields,
         )
-        if plan.kind not in ("text", "image") or plan.setting not in ("small", "full"):
-            raise MergeShieldError(f"{path}: family kind text|image, setting small|full")
+        if plan.kind not in ("text", "image", "llm") or plan.setting not in ("small", "full"):
+            raise MergeShieldError(f"{path}: family kind text|image|llm, setting small|full")
         return AuditFile(plan)
     if "base" not in data:
         raise MergeShieldError(f"{path}: name the base model (base: FOLDER) or a built-in family")

@@ -9,6 +9,13 @@ task, all fine-tuned (full model) from that same base:
 - ``kind="image"``: no pretrained ViT exists offline, so a small ``ViTForImageClassification`` is
   first pretrained from scratch on 10-class Fashion-MNIST and its backbone is saved as a
   ``ViTModel`` folder (the base); each task is a ``ViTForImageClassification`` folder.
+- ``kind="llm"``: the base is SmolLM2-135M-Instruct in fp32 (:mod:`mergeshield.convert`); each
+  task is a ``LlamaForCausalLM`` folder fine-tuned on a generative task of
+  :mod:`mergeshield.evaluation.generative` (loss on the answer only), scored by exact match of
+  the greedy answer.  Only the decoder layers from :data:`LLM_TRAIN_FROM_LAYER` up are trained;
+  the tied embedding / output matrix and the lower layers stay the base's, so a merge sees task
+  vectors in the upper half of the network only (training all layers does not fit the 2-core
+  budget).  There is no head: the whole model is the "backbone" that merges see.
 
 Layout of a family folder ``<cache>/families/<kind>-<setting>-<key>/``::
 
@@ -45,6 +52,7 @@ import torch
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.family import Family
+from mergeshield.evaluation.generative import LLM_TASKS, GenTask, encode, load_gen_task
 from mergeshield.folders import atomic_file, copy_preprocessing_files
 from mergeshield.modeling import quiet_transformers, train_steps
 from mergeshield.progress import Bars, progress_bars
@@ -59,7 +67,9 @@ from mergeshield.tasks import (
 )
 
 ZOO_VERSION = "1"
-KINDS = ("text", "image")
+KINDS = ("text", "image", "llm")
+# kind "llm": decoder layers [LLM_TRAIN_FROM_LAYER, n_layers) are trained (SmolLM2 has 30).
+LLM_TRAIN_FROM_LAYER = 15
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,27 @@ SETTINGS: dict[tuple[str, str], ZooSettings] = {
         pretrain_n=20000,
         pretrain_epochs=4,
     ),
+    # SmolLM2-135M: batches of 16 prompt/answer pairs, loss on the answer only.
+    ("llm", "small"): ZooSettings(
+        n_train=320,
+        n_val=48,
+        n_test=96,
+        epochs=2,
+        lr=3e-4,
+        batch_size=16,
+        weight_decay=0.0,
+        max_len=48,
+    ),
+    ("llm", "full"): ZooSettings(
+        n_train=960,
+        n_val=100,
+        n_test=300,
+        epochs=2,
+        lr=3e-4,
+        batch_size=16,
+        weight_decay=0.0,
+        max_len=48,
+    ),
 }
 
 
@@ -160,31 +191,35 @@ def build_family(
 ) -> Family:
     """Build the family (or reuse the cached one with the same key) and return it.
 
-    ``kind``: "text" or "image" ("vision" is accepted as an alias of "image").
+    ``kind``: "text", "image" ("vision" is accepted as an alias) or "llm".
     ``setting``: "small" or "full", or a :class:`ZooSettings` (named "custom").  ``tasks``:
     default all of :data:`TEXT_TASKS` / :data:`IMAGE_TASKS`.  ``base``: for text a pretrained
     ``BertModel`` folder with tokenizer files (default: MiniLM-L6); for images a ``ViTModel``
-    folder used instead of pretraining one.
+    folder used instead of pretraining one; for llm a causal LM folder (default: SmolLM2-135M
+    in fp32).
     """
     kind = "image" if kind == "vision" else kind
     if kind not in KINDS:
-        raise MergeShieldError(f"unknown family kind {kind!r}: use 'text' or 'image' (or 'vision')")
+        raise MergeShieldError(f"unknown family kind {kind!r}: use 'text', 'image' or 'llm'")
     if isinstance(setting, ZooSettings):
         settings, setting_name = setting, "custom"
     elif (kind, setting) in SETTINGS:
         settings, setting_name = SETTINGS[(kind, setting)], setting
     else:
         raise MergeShieldError(f"unknown setting {setting!r}: use 'small', 'full' or ZooSettings")
-    task_list = (
-        list(tasks) if tasks is not None else list(TEXT_TASKS if kind == "text" else IMAGE_TASKS)
-    )
+    defaults = {"text": TEXT_TASKS, "image": IMAGE_TASKS, "llm": LLM_TASKS}
+    task_list = list(tasks) if tasks is not None else list(defaults[kind])
     if not task_list or len(set(task_list)) != len(task_list):
         raise MergeShieldError(f"tasks must be a non-empty list of distinct names, got {task_list}")
     for t in task_list:
-        if task_kind(t) != kind:
+        if (t in LLM_TASKS) != (kind == "llm") or (kind != "llm" and task_kind(t) != kind):
             raise MergeShieldError(f"task {t!r} is not a {kind} task")
     if kind == "text" and base is None:
         base = default_text_base()
+    if kind == "llm" and base is None:
+        from mergeshield.convert import smollm2_checkpoint
+
+        base = smollm2_checkpoint(dtype=torch.float32)
     if base is not None and not (Path(base) / "config.json").is_file():
         raise MergeShieldError(f"base model folder {base} has no config.json")
 
@@ -196,6 +231,8 @@ def build_family(
         "settings": dataclasses.asdict(settings),
         "base": base_id,
     }
+    if kind == "llm":
+        key_data["train_from_layer"] = LLM_TRAIN_FROM_LAYER
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir or default_cache_dir()) / "families" / f"{kind}-{setting_name}-{key}"
     if (root / "manifest.json").is_file():
@@ -314,14 +351,18 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: Bars) -> 
     target = root / "tasks" / task
     data_path = root / "data" / f"{task}.pt"
     train_info_path = target / "mergeshield_train.json"
-    data = load_task(
-        task, settings.n_train, settings.n_val, settings.n_test, settings.seed, settings.image_size
-    )
+    sizes = (settings.n_train, settings.n_val, settings.n_test, settings.seed)
+    data: TaskData | GenTask
+    if family.kind == "llm":
+        data = load_gen_task(task, *sizes)
+    else:
+        data = load_task(task, *sizes, settings.image_size)
+    labels = data.labels if isinstance(data, TaskData) else []
     if not data_path.is_file():
         tensors = {s: encode_split(family, data, s, settings) for s in ("val", "test")}
         data_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(data_path) as tmp_file:
-            torch.save({"labels": data.labels, **tensors}, tmp_file)
+            torch.save({"labels": labels, **tensors}, tmp_file)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         with _temporary_dir(target.parent, task) as tmp:
@@ -330,7 +371,7 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: Bars) -> 
             _publish(tmp, target)
     info = json.loads(train_info_path.read_text())
     family.tasks[task] = target
-    family.labels[task] = data.labels
+    family.labels[task] = labels
     acc = {
         name: evaluate(target, task, family=family, split=split, backbone=backbone)
         for name, split, backbone in (
@@ -343,38 +384,50 @@ def _build_task(family: Family, task: str, settings: ZooSettings, bar: Bars) -> 
     return {
         "path": f"tasks/{task}",
         "data": f"data/{task}.pt",
-        "labels": data.labels,
+        "labels": labels,
         "n_train": len(data.train),
         "n_val": len(data.val),
         "n_test": len(data.test),
-        "max_len": settings.task_max_len(task) if family.kind == "text" else None,
+        "max_len": settings.task_max_len(task) if family.kind != "image" else None,
         **{k: round(v, 4) for k, v in acc.items()},
         "train_seconds": info["train_seconds"],
     }
 
 
 def _finetune(
-    family: Family, data: TaskData, settings: ZooSettings, out: Path, bar: Bars
+    family: Family, data: TaskData | GenTask, settings: ZooSettings, out: Path, bar: Bars
 ) -> dict[str, Any]:
-    """Fine-tune the whole base model plus a new head on ``data.train``; save it to ``out``."""
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    """Fine-tune the whole base model plus a new head on ``data.train`` (kind llm: the causal
+    LM's decoder layers from :data:`LLM_TRAIN_FROM_LAYER` up); save it to ``out``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     start = time.perf_counter()
-    auto = (
-        AutoModelForSequenceClassification
-        if family.kind == "text"
-        else (AutoModelForImageClassification)
-    )
     # The seed depends on the task name only, so a task's model does not depend on its siblings.
     seed = settings.seed + zlib.crc32(data.name.encode()) % 100_000
     torch.manual_seed(seed)
     with quiet_transformers():
-        model = auto.from_pretrained(
-            family.base,
-            num_labels=len(data.labels),
-            id2label=dict(enumerate(data.labels)),
-            label2id={name: i for i, name in enumerate(data.labels)},
-        )
+        if isinstance(data, GenTask):
+            model = AutoModelForCausalLM.from_pretrained(family.base, dtype=torch.float32)
+            for name, param in model.named_parameters():
+                parts = name.split(".")
+                trained = parts[1] == "layers" and int(parts[2]) >= LLM_TRAIN_FROM_LAYER
+                param.requires_grad_(trained)
+        else:
+            auto = (
+                AutoModelForSequenceClassification
+                if family.kind == "text"
+                else AutoModelForImageClassification
+            )
+            model = auto.from_pretrained(
+                family.base,
+                num_labels=len(data.labels),
+                id2label=dict(enumerate(data.labels)),
+                label2id={name: i for i, name in enumerate(data.labels)},
+            )
     loss = _train(
         model,
         encode_split(family, data, "train", settings),
@@ -477,10 +530,14 @@ def finetune_classifier(
 
 
 def encode_split(
-    family: Family, data: TaskData, split: str, settings: ZooSettings
+    family: Family, data: TaskData | GenTask, split: str, settings: ZooSettings
 ) -> dict[str, Any]:
     """Model inputs and ``labels`` of one split; text is tokenized with the base tokenizer and
-    sorted by length (shortest first), which makes batched evaluation cheaper."""
+    sorted by length (shortest first), which makes batched evaluation cheaper; generative
+    tasks as :func:`mergeshield.evaluation.generative.encode` makes them."""
+    if isinstance(data, GenTask):
+        tok = _tokenizer(str(family.base))
+        return encode(data.split(split), tok, settings.task_max_len(data.name))
     part = data.split(split)
     if family.kind == "image":
         return {"pixel_values": part.x, "labels": part.y}
