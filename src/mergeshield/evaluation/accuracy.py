@@ -102,20 +102,29 @@ def _eval_split(root: str, task: str, split: str) -> tuple[dict[str, torch.Tenso
 
 
 class Scorer:
-    """Accuracy of a backbone (tensors in the base layout) with a fixed classifier head: the
-    task model ``head_model`` scores ``task``'s cached ``val``/``test`` split with the tensors
-    loaded into its base model (no folder written)."""
+    """Score merged tensors (base layout) on a task's cached ``val``/``test`` split without
+    writing a folder: a classifier family's task model ``head_model`` with the tensors loaded
+    into its base model (accuracy, its own head), or, for an ``llm`` family, the causal LM
+    with the tensors loaded whole (exact match of the greedy answer)."""
 
     def __init__(self, family: Family, task: str, head_model: Path) -> None:
-        self.model = load_classifier(head_model, family.kind)
+        self.llm = family.kind == "llm"
+        self.model = (
+            load_causal_lm(head_model) if self.llm else load_classifier(head_model, family.kind)
+        )
+        self.target = self.model if self.llm else self.model.base_model
         self.data = {s: _eval_split(str(family.root), task, s)[0] for s in ("val", "test")}
-        self.names = stored_to_module_names(self.model.base_model, family.base)
+        self.names = stored_to_module_names(self.target, family.base)
+        tied = self.llm and getattr(self.model.config, "tie_word_embeddings", False)
+        self.optional = ("pooler.",) + (("lm_head.",) if tied else ())
 
     def __call__(self, backbone: dict[str, torch.Tensor], split: str) -> float:
         renamed = {self.names.get(k, k): v for k, v in backbone.items()}
-        result = self.model.base_model.load_state_dict(renamed, strict=False)
-        if [k for k in result.missing_keys if not k.startswith("pooler.")]:
+        result = self.target.load_state_dict(renamed, strict=False)
+        if [k for k in result.missing_keys if not k.startswith(self.optional)]:
             raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
+        if self.llm:
+            return exact_match(self.model, self.data[split])
         return accuracy(self.model, self.data[split])
 
 
