@@ -39,6 +39,25 @@ def take_batch(
     return batch
 
 
+def share_correct(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int = 128,
+) -> float:
+    """Share of the rows of ``data`` that ``judge(logits, labels)`` (one bool per row) calls
+    right, the model in eval mode, without gradients, :func:`take_batch` at a time."""
+    model.eval()
+    n = len(data["labels"])
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            batch = take_batch(data, slice(i, i + batch_size))
+            labels = batch.pop("labels")
+            correct += int(judge(model(**batch).logits, labels).sum())
+    return correct / n
+
+
 def train_steps(
     model: torch.nn.Module,
     data: dict[str, torch.Tensor],

@@ -33,6 +33,7 @@ import gzip
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,8 +104,18 @@ class Split:
         return len(self.y)
 
 
+class Splits:
+    """A task's ``train``/``val``/``test`` splits by name."""
+
+    def split(self, name: str) -> Any:
+        """The split called ``name`` ("train", "val" or "test")."""
+        if name not in ("train", "val", "test"):
+            raise MergeShieldError(f"unknown split {name!r}: use 'train', 'val' or 'test'")
+        return getattr(self, name)
+
+
 @dataclass
-class TaskData:
+class TaskData(Splits):
     """A labelled task with fixed train/val/test splits; ``labels[i]`` names class ``i``."""
 
     name: str
@@ -113,12 +124,6 @@ class TaskData:
     train: Split
     val: Split
     test: Split
-
-    def split(self, name: str) -> Split:
-        """The split called ``name`` ("train", "val" or "test")."""
-        if name not in ("train", "val", "test"):
-            raise MergeShieldError(f"unknown split {name!r}: use 'train', 'val' or 'test'")
-        return getattr(self, name)
 
 
 def task_kind(name: str) -> str:

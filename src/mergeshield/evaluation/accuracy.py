@@ -22,12 +22,15 @@ import torch
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.generative import exact_match, load_causal_lm
 from mergeshield.folders import load_tensors
-from mergeshield.modeling import load_classifier, stored_to_module_names, swap_backbone, take_batch
+from mergeshield.modeling import (
+    load_classifier,
+    share_correct,
+    stored_to_module_names,
+    swap_backbone,
+)
 
 if TYPE_CHECKING:
     from mergeshield.evaluation.family import Family
-
-EVAL_BATCH_SIZE = 128
 
 
 def evaluate(
@@ -76,16 +79,7 @@ def evaluate_backbone(
 
 def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> float:
     """Accuracy of ``model`` (argmax of its logits) on inputs/``labels`` in ``data``."""
-    model.eval()
-    n = len(data["labels"])
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, n, EVAL_BATCH_SIZE):
-            batch = take_batch(data, slice(i, i + EVAL_BATCH_SIZE))
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            correct += int((logits.argmax(-1) == labels).sum())
-    return correct / n
+    return share_correct(model, data, lambda logits, labels: logits.argmax(-1) == labels)
 
 
 @functools.lru_cache(maxsize=64)

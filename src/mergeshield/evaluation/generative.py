@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.modeling import take_batch
-from mergeshield.tasks import WORDNET_DIR, _bbc
+from mergeshield.modeling import share_correct
+from mergeshield.tasks import WORDNET_DIR, Splits, _bbc
 
 LLM_TASKS: tuple[str, ...] = ("antonym", "arithmetic", "bbc_topic")
 BBC_PROMPT_CHARS = 120
@@ -50,19 +50,13 @@ class GenSplit:
 
 
 @dataclass
-class GenTask:
+class GenTask(Splits):
     """A generative task with fixed train/val/test splits."""
 
     name: str
     train: GenSplit
     val: GenSplit
     test: GenSplit
-
-    def split(self, name: str) -> GenSplit:
-        """The split called ``name`` ("train", "val" or "test")."""
-        if name not in ("train", "val", "test"):
-            raise MergeShieldError(f"unknown split {name!r}: use 'train', 'val' or 'test'")
-        return getattr(self, name)
 
 
 def load_gen_task(name: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> GenTask:
@@ -181,18 +175,13 @@ def encode(split: GenSplit, tokenizer: Any, max_len: int) -> dict[str, torch.Ten
 def exact_match(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int = 64) -> float:
     """Share of examples whose greedy answer is exactly the reference (answer then eos), from
     teacher-forced logits (see the module doc)."""
-    model.eval()
-    n = len(data["labels"])
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, n, batch):
-            b = take_batch(data, slice(i, i + batch))
-            labels = b.pop("labels")
-            logits = model(**b).logits[:, :-1]
-            target = labels[:, 1:]
-            wrong = (logits.argmax(-1) != target) & (target != IGNORE)
-            correct += int((~wrong.any(1)).sum())
-    return correct / n
+
+    def judge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels[:, 1:]
+        wrong = (logits[:, :-1].argmax(-1) != target) & (target != IGNORE)
+        return ~wrong.any(1)
+
+    return share_correct(model, data, judge, batch)
 
 
 def load_causal_lm(folder: Path) -> torch.nn.Module:
