@@ -108,11 +108,12 @@ def sample_scale(gen: torch.Generator, cfg: HardenConfig) -> float:
 
 
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim of ``t`` (:func:`mergeshield.merging.kernels.magnitude_mask`, mergekit's
-    choice at ties), the mask itself not differentiated."""
+    """TIES' trim of ``t`` (:func:`mergeshield.merging.kernels.magnitude_mask`; entries tied
+    at the threshold all kept: Adam's first steps leave many equal magnitudes, and mergekit's
+    full sort in every step would dominate the training), the mask not differentiated."""
     if density >= 1.0:
         return t
-    return t * magnitude_mask(t.detach(), density)
+    return t * magnitude_mask(t.detach(), density, exact_ties=False)
 
 
 def merged_divergence(run: Run, params: Tensors, delta: Tensors, batch: Tensors) -> torch.Tensor:

@@ -93,17 +93,19 @@ def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.kthvalue(k).values
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, exact_ties: bool = True) -> torch.Tensor:
     """1 on the k = max(1, ⌊density·n⌋) entries of largest |δ|, else 0.
 
     A k-th value threshold instead of mergekit's full sort; where entries tie at the threshold
     (real fine-tunes have equal float32 magnitudes) the tied ones are chosen as mergekit
-    does, by its own ``torch.argsort(|δ|, descending=True)[:k]``."""
+    does, by its own ``torch.argsort(|δ|, descending=True)[:k]`` (``exact_ties``), or all kept
+    (``exact_ties=False``: a cheap simulation, e.g. in every step of ``harden``, where a full
+    sort per tensor and step would dominate)."""
     n = delta.numel()
     k = max(1, int(density * n))
     w = delta.abs().reshape(-1).float()
     keep = w >= _kth_smallest(w, n - k + 1)
-    if int(keep.sum()) != k:
+    if exact_ties and int(keep.sum()) != k:
         keep = torch.zeros(n, dtype=torch.bool)
         keep[torch.argsort(w, descending=True)[:k]] = True
     return keep.reshape(delta.shape).to(delta.dtype)
