@@ -232,9 +232,12 @@ def harden_and_protect(
     secret like the key.  Inputs are checked before any training; the hardened model lives in
     a temporary folder beside ``out``, removed in every case."""
     from mergeshield.checkpoint import check_output_path, open_checkpoint
+    from mergeshield.defenses import get_defense
     from mergeshield.protect import check_seed, protect
 
     check_seed(seed)
+    if defense is not None:
+        get_defense(defense)  # an unknown name fails before any training
     if key_out is not None and defense is None:
         raise MergeShieldError(
             "key_out (--key-out) needs --then-protect (a defense): hardening alone has no key"
