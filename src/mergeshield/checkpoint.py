@@ -48,6 +48,10 @@ class Checkpoint:
     def shard_of(self) -> dict[str, str]:
         return {name: shard for shard, names in self.shards.items() for name in names}
 
+    def layout(self, shard: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Name -> (dtype code, shape) of the tensors of ``shard``, in file order."""
+        return {n: (self.codes[n], self.shapes[n]) for n in self.shards[shard]}
+
 
 def _fail(message: str) -> None:
     raise MergeShieldError(message)

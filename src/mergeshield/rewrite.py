@@ -147,8 +147,8 @@ def rewrite(
         BlockStream(src, transform_block, wide, arrays, on_block) as stream,
     ):
         left_out = copy_side_files(checkpoint.path, tmp)
-        for shard, names in checkpoint.shards.items():
-            layout = {n: (checkpoint.codes[n], checkpoint.shapes[n]) for n in names}
+        for shard in checkpoint.shards:
+            layout = checkpoint.layout(shard)
             kept = {
                 k: v
                 for k, v in src.shard(shard).metadata.items()
@@ -185,8 +185,8 @@ class BlockStream:
         # blocks in the order the output first needs them
         order = [
             self.block_of[n]
-            for names in checkpoint.shards.values()
-            for n in file_order({m: (checkpoint.codes[m], checkpoint.shapes[m]) for m in names})
+            for shard in checkpoint.shards
+            for n in file_order(checkpoint.layout(shard))
             if n in self.block_of
         ]
         self.needed = list(dict.fromkeys(order))
