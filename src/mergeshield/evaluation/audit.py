@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, evaluate
 from mergeshield.evaluation.family import Family
@@ -109,7 +111,10 @@ class MergeRow:
     Test accuracies and shares kept are at ``coefficient``, of mergekit's merge; ``victim_view``
     holds the same test figures (in-memory merge) at the coefficient the victim-only objective
     picks; ``kernel_check`` the in-memory merge's test accuracies at ``coefficient`` and how
-    many test examples they are apart from mergekit's (``agrees``: at most one on every task).
+    many test examples they are apart from mergekit's (``agrees``: at most one on every task),
+    the tensors in which the two merges are not bit for bit equal (none: the in-memory merge
+    scores exactly as mergekit's and is not scored again), and the seconds spent in memory
+    (the sweep) and on mergekit's recheck (its merge and the test scoring).
     """
 
     variant: str  # "unprotected", a defense, or "defense+attack"
@@ -364,6 +369,7 @@ def _merge_row(
     only view's choice is scored in memory).  ``variant``: (name, defense, attack);
     ``models``: (backbone folder, its tensors) for the variant and each partner."""
     family, tasks = memory.family, [victim, *partners]
+    start = time.perf_counter()
     at = prepare(method, memory.base, [t for _, t in models], seed=plan.seed)
     val_kept: list[tuple[float, float, dict[str, float]]] = []
     for c in coefficient_grid(plan, method):
@@ -372,13 +378,19 @@ def _merge_row(
     coefficient = choose(val_kept, plan.objective)
     if math.isnan(coefficient):
         raise MergeShieldError(f"every score of the {method} sweep was NaN")
-    in_memory = memory.scores(at(coefficient), tasks, "test")
+    merged = at(coefficient)
+    in_memory_seconds = time.perf_counter() - start
     folder = work / "best"
     merge(
         method, family.base, [f for f, _ in models], folder, coefficient=coefficient, seed=plan.seed
     )
-    test = memory.scores(load_tensors(folder), tasks, "test")
+    rechecked = load_tensors(folder)
+    differing = differing_tensors(merged, rechecked)
+    test = memory.scores(rechecked, tasks, "test")
     shutil.rmtree(folder, ignore_errors=True)
+    mergekit_seconds = time.perf_counter() - start - in_memory_seconds
+    # bit-identical tensors score identically: the in-memory merge is scored only if it differs
+    in_memory = memory.scores(merged, tasks, "test") if differing else test
     apart = {t: round(abs(test[t][0] - in_memory[t][0]) * memory.test_size(t)) for t in tasks}
     row = MergeRow(
         variant=variant[0],
@@ -398,6 +410,9 @@ def _merge_row(
             "accuracy": {t: in_memory[t][0] for t in tasks},
             "examples_apart": apart,
             "agrees": max(apart.values()) <= 1,
+            "differing_tensors": differing,
+            "in_memory_seconds": round(in_memory_seconds, 2),
+            "mergekit_seconds": round(mergekit_seconds, 2),
         },
     )
     victim_choice = choose(val_kept, "victim")
@@ -408,6 +423,19 @@ def _merge_row(
         "partner_kept": {p: view[p][1] for p in partners},
     }
     return row
+
+
+def differing_tensors(merged: Tensors, rechecked: Tensors) -> list[str]:
+    """Names of the tensors in which two merges are not bit for bit equal (shape, dtype and
+    every value; a name present in only one of them counts)."""
+    return sorted(
+        name
+        for name in merged.keys() | rechecked.keys()
+        if name not in merged
+        or name not in rechecked
+        or merged[name].dtype != rechecked[name].dtype
+        or not torch.equal(merged[name], rechecked[name])
+    )
 
 
 def _references(family: Family, task: str, split: str) -> tuple[float, float]:

@@ -267,7 +267,8 @@ def _add_scaled(base: Mapping[str, torch.Tensor], delta: Tensors, c: float) -> T
 def linear_at(
     base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]], c: float
 ) -> Tensors:
-    """Σ wⱼθⱼ / Σ wⱼ with w = (1 − c, c/n, …, c/n) over (θ₀, θ₁ … θₙ)."""
+    """Σ wⱼθⱼ / Σ wⱼ with w = (1 − c, c/n, …, c/n) over (θ₀, θ₁ … θₙ), accumulated in that
+    order with fused multiply-adds, as mergekit does (so the result is bit for bit its own)."""
     n = len(models)
     weights = torch.tensor([1.0 - c] + [c / n] * n, dtype=torch.float32)
     total = weights.sum()
@@ -278,8 +279,8 @@ def linear_at(
             continue
         acc = torch.zeros_like(t, dtype=torch.float32)
         for source, w in zip((base, *models), weights, strict=True):
-            acc.add_(source[name].float() * w)
-        out[name] = (acc / total).to(t.dtype)
+            acc.addcmul_(source[name].float(), w)
+        out[name] = acc.div_(total).to(t.dtype)
     return out
 
 
