@@ -177,6 +177,21 @@ def test_grid_stride_thins_each_method_grid_keeping_the_largest(stride):
     assert coefficient_grid(AuditPlan(grid=(0.3,), grid_stride=stride), "ties") == (0.3,)
 
 
+def test_differing_tensors_is_bit_for_bit():
+    """The recheck skips scoring the in-memory merge only when every tensor is identical."""
+    import torch
+
+    from mergeshield.evaluation.audit import differing_tensors
+
+    a = {"w": torch.tensor([1.0, 2.0]), "ids": torch.arange(3)}
+    assert differing_tensors(a, {k: v.clone() for k, v in a.items()}) == []
+    nudged = torch.nextafter(torch.tensor(2.0), torch.tensor(3.0))  # one ulp away
+    assert differing_tensors(a, {**a, "w": torch.stack([torch.tensor(1.0), nudged])}) == ["w"]
+    assert differing_tensors(a, {**a, "w": a["w"].double()}) == ["w"]
+    assert differing_tensors(a, {"w": a["w"]}) == ["ids"]
+    assert differing_tensors({"w": a["w"]}, a) == ["ids"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("changes", "message"),

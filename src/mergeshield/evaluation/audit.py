@@ -694,7 +694,11 @@ def _agreement(result: AuditResult) -> str:
         return "no merge rows"
     worst = max(max(c["examples_apart"].values()) for c in checks)
     agree = sum(c["agrees"] for c in checks)
-    return f"{agree} of {len(checks)} within one test example; at most {worst} apart"
+    identical = sum(not c.get("differing_tensors", [None]) for c in checks)
+    return (
+        f"{agree} of {len(checks)} within one test example; at most {worst} apart; "
+        f"{identical} of {len(checks)} bit for bit identical to mergekit's merge"
+    )
 
 
 def _findings(result: AuditResult) -> list[str]:
