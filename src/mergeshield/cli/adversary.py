@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeshield.cli.calls import call
 from mergeshield.errors import MergeShieldError
 
 
@@ -74,21 +75,14 @@ def _add_attack(sub) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--method", "-m", default="aga", choices=sorted(ATTACKS))
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
     p.set_defaults(run=_run_attack)
 
 
 def _run_attack(args) -> int:
     from mergeshield.attacks import attack
 
-    out = attack(
-        args.protected,
-        args.base,
-        args.out,
-        args.method,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    out = call(attack, args)
     print(f"aligned {args.protected} onto {args.base} with {args.method} -> {out}")
     return 0
 
@@ -130,16 +124,7 @@ def _add_detect(sub) -> None:
 def _run_detect(args) -> int:
     from mergeshield.detect import detect
 
-    result = detect(
-        args.suspect,
-        args.original,
-        args.base,
-        key=args.key,
-        null=args.null,
-        alpha=args.alpha,
-        attack=None if args.attack == "none" else args.attack,
-        out=args.out,
-    )
+    result = call(detect, args, attack=None if args.attack == "none" else args.attack)
     print(result.line())
     return 0 if result.found else 1
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeshield.cli.calls import call, parsed
 from mergeshield.errors import MergeShieldError
 
 
@@ -73,7 +74,7 @@ def _add_protect(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT (and the key file) if present"
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress", help="no progress bar")
     p.set_defaults(run=_run_protect)
 
 
@@ -84,23 +85,13 @@ def _run_protect(args) -> int:
 
     keep_freed_memory()  # this process streams one checkpoint, then exits
 
-    options = DefenseOptions(
-        scaling=args.scaling,
+    options = call(
+        DefenseOptions,
+        args,
         scale=tuple(args.scale) if args.scale else None,
         max_cond=None if math.isinf(args.max_cond) else args.max_cond,
-        flip_fraction=args.flip_fraction,
     )
-    result = protect(
-        args.model,
-        args.out,
-        args.defense,
-        base=args.base,
-        seed=args.seed,
-        key_out=args.key_out,
-        options=options,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    result = call(protect, args, options=options)
     print(
         f"protected {args.model} with {result.defense} ({result.n_blocks} blocks) "
         f"-> {result.output}"
@@ -144,7 +135,7 @@ def _run_verify(args) -> int:
         if not args.texts_file.is_file():
             raise MergeShieldError(f"{args.texts_file}: no such file")
         texts += [line for line in args.texts_file.read_text().splitlines() if line.strip()]
-    report = verify(args.original, args.protected, texts=texts or None, tolerance=args.tolerance)
+    report = call(verify, args, texts=texts or None)
     if args.json:
         print(json.dumps(report.__dict__ | {"ok": report.ok, "bound": report.bound}, indent=2))
     else:
@@ -183,7 +174,7 @@ def _add_unprotect(sub) -> None:
     p.add_argument("key", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
     p.set_defaults(run=_run_unprotect)
 
 
@@ -193,9 +184,7 @@ def _run_unprotect(args) -> int:
 
     keep_freed_memory()
 
-    out = unprotect(
-        args.protected, args.key, args.out, overwrite=args.overwrite, progress=not args.quiet
-    )
+    out = call(unprotect, args)
     print(f"restored {args.protected} -> {out}")
     return 0
 
@@ -214,7 +203,9 @@ def _add_harden(sub) -> None:
         "exact symmetry defense. Output loads with stock Auto classes. Whether it holds against "
         "adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.",
     )
-    p.add_argument("model", type=Path, help="fine-tuned classifier checkpoint folder")
+    p.add_argument(
+        "task_model", metavar="model", type=Path, help="fine-tuned classifier checkpoint folder"
+    )
     p.add_argument("out", type=Path, help="output folder (written atomically)")
     p.add_argument("--base", type=Path, required=True, help="the public base model folder")
     p.add_argument(
@@ -252,6 +243,7 @@ def _add_harden(sub) -> None:
     p.add_argument("--train-embeddings", action="store_true", help="also train the embeddings")
     p.add_argument(
         "--then-protect",
+        dest="defense",
         choices=sorted(DEFENSES),
         help="apply this exact symmetry defense to the hardened model",
     )
@@ -265,37 +257,26 @@ def _add_harden(sub) -> None:
         "--key-out", type=Path, help="with --then-protect: write the secret key to this file"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if present")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument(
+        "--quiet", "-q", action="store_false", dest="progress", help="no progress output"
+    )
     p.set_defaults(run=_run_harden)
 
 
 def _run_harden(args) -> int:
+    from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect
 
-    result = harden_and_protect(
-        args.model,
-        args.base,
-        args.data,
-        args.out,
-        method=args.method,
-        defense=args.then_protect,
-        seed=args.seed,
-        key_out=args.key_out,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        lam=args.lam,
-        max_len=args.max_len,
-        prune_fraction=args.prune_fraction,
-        proxies=tuple(str(p) for p in args.proxies),
-        train_embeddings=args.train_embeddings,
-    )
-    if args.then_protect is None:
-        print(f"hardened {args.model} with {args.method} -> {args.out}")
+    # the HardenConfig fields among the flags go to harden_and_protect's **overrides (seed,
+    # also a field, is its own parameter: the same value either way)
+    overrides = parsed(args, HardenConfig) | {"proxies": tuple(str(p) for p in args.proxies)}
+    result = call(harden_and_protect, args, **overrides)
+    if args.defense is None:
+        print(f"hardened {args.task_model} with {args.method} -> {args.out}")
         return 0
-    print(f"hardened {args.model} with {args.method}, then {result.defense} -> {result.output}")
+    print(
+        f"hardened {args.task_model} with {args.method}, then {result.defense} -> {result.output}"
+    )
     if result.key:
         print(f"key (secret, do not publish): {result.key}")
     return 0

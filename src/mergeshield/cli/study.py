@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from mergeshield.cli.calls import call
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
 
@@ -149,25 +150,23 @@ def _add_finetune(sub) -> None:
     p.add_argument("--train", type=Path, required=True, help="training data")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-length", type=int, default=32, help="token limit of text inputs")
+    p.add_argument(
+        "--max-length",
+        dest="max_len",
+        metavar="MAX_LENGTH",
+        type=int,
+        default=32,
+        help="token limit of text inputs",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
     p.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args) -> int:
     from mergeshield.evaluation.zoo import finetune_classifier
 
-    info = finetune_classifier(
-        args.base,
-        args.train,
-        args.out,
-        epochs=args.epochs,
-        lr=args.lr,
-        max_len=args.max_length,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    info = call(finetune_classifier, args)
     print(
         f"fine-tuned {args.base} on {info['n_train']} examples ({len(info['labels'])} labels, "
         f"final loss {info['final_epoch_loss']}) -> {args.out}"
