@@ -7,21 +7,14 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from mergeshield.cli.calls import call, parsed
+from mergeshield.cli.command import call, command, parsed
 from mergeshield.errors import MergeShieldError
 
 
 def _add_protect(sub) -> None:
     from mergeshield.defenses import DEFENSES
 
-    p = sub.add_parser(
-        "protect",
-        help="write a protected copy of a checkpoint folder",
-        description="Write a protected copy of MODEL to OUT: the same function, weights far from "
-        "the original, so naive merges with models of the same base collapse. Informed attackers "
-        "(coefficient-1 merges, alignment to the base) can undo this; `mergeshield audit` "
-        "measures how much.",
-    )
+    p = command(sub, "protect", _run_protect)
     p.add_argument(
         "model", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)"
     )
@@ -75,10 +68,15 @@ def _add_protect(sub) -> None:
         "--overwrite", action="store_true", help="replace OUT (and the key file) if present"
     )
     p.add_argument("--quiet", "-q", action="store_false", dest="progress", help="no progress bar")
-    p.set_defaults(run=_run_protect)
 
 
 def _run_protect(args) -> int:
+    """write a protected copy of a checkpoint folder
+
+    Write a protected copy of MODEL to OUT: the same function, weights far from the original, so
+    naive merges with models of the same base collapse. Informed attackers (coefficient-1
+    merges, alignment to the base) can undo this; `mergeshield audit` measures how much.
+    """
     from mergeshield.allocator import keep_freed_memory
     from mergeshield.defenses import DefenseOptions
     from mergeshield.protect import protect
@@ -105,15 +103,7 @@ def _run_protect(args) -> int:
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check that PROTECTED computes the same function as ORIGINAL",
-        description="Run both models (stock transformers Auto classes) on the same inputs; "
-        "print the max absolute and relative output error, how far the weights moved and, for "
-        "language models, how many greedy next tokens differ. fp32 checkpoints are held to "
-        "--tolerance; bf16/fp16 ones to a round trip of ORIGINAL through the same dtype (the "
-        "yardstick is printed). Exits 1 for a different function, 2 for bad input.",
-    )
+    p = command(sub, "verify", _run_verify)
     p.add_argument("original", type=Path)
     p.add_argument("protected", type=Path)
     p.add_argument(
@@ -124,10 +114,17 @@ def _add_verify(sub) -> None:
         "--tolerance", type=float, default=1e-4, help="max relative output error (default 1e-4)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
+    """check that PROTECTED computes the same function as ORIGINAL
+
+    Run both models (stock transformers Auto classes) on the same inputs; print the max absolute
+    and relative output error, how far the weights moved and, for language models, how many
+    greedy next tokens differ. fp32 checkpoints are held to --tolerance; bf16/fp16 ones to a
+    round trip of ORIGINAL through the same dtype (the yardstick is printed). Exits 1 for a
+    different function, 2 for bad input.
+    """
     from mergeshield.verify import moved_summary, verify
 
     texts = list(args.text or [])
@@ -165,20 +162,19 @@ def _run_verify(args) -> int:
 
 
 def _add_unprotect(sub) -> None:
-    p = sub.add_parser(
-        "unprotect",
-        help="restore the original weights with the key file",
-        description="Undo a protection with the key written by `protect --key-out`.",
-    )
+    p = command(sub, "unprotect", _run_unprotect)
     p.add_argument("protected", type=Path)
     p.add_argument("key", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", "-q", action="store_false", dest="progress")
-    p.set_defaults(run=_run_unprotect)
 
 
 def _run_unprotect(args) -> int:
+    """restore the original weights with the key file
+
+    Undo a protection with the key written by `protect --key-out`.
+    """
     from mergeshield.allocator import keep_freed_memory
     from mergeshield.protect import unprotect
 
@@ -194,15 +190,7 @@ def _add_harden(sub) -> None:
     from mergeshield.hardening.config import COMPONENTS, HardenConfig
 
     defaults = HardenConfig()
-    p = sub.add_parser(
-        "harden",
-        help="fine-tune a release so that merges of it fail (needs the owner's task data)",
-        description="Continue training the classifier MODEL on the owner's task DATA so that it "
-        "keeps its own accuracy while simulated merges of it predict nothing (TRAP2-style scale "
-        "sensitivity, merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an "
-        "exact symmetry defense. Output loads with stock Auto classes. Whether it holds against "
-        "adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.",
-    )
+    p = command(sub, "harden", _run_harden)
     p.add_argument(
         "task_model", metavar="model", type=Path, help="fine-tuned classifier checkpoint folder"
     )
@@ -260,10 +248,17 @@ def _add_harden(sub) -> None:
     p.add_argument(
         "--quiet", "-q", action="store_false", dest="progress", help="no progress output"
     )
-    p.set_defaults(run=_run_harden)
 
 
 def _run_harden(args) -> int:
+    """fine-tune a release so that merges of it fail (needs the owner's task data)
+
+    Continue training the classifier MODEL on the owner's task DATA so that it keeps its own
+    accuracy while simulated merges of it predict nothing (TRAP2-style scale sensitivity,
+    merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an exact symmetry
+    defense. Output loads with stock Auto classes. Whether it holds against adaptive attacks is
+    measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.
+    """
     from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect
 
@@ -283,11 +278,11 @@ def _run_harden(args) -> int:
 
 
 def _add_defenses(sub) -> None:
-    p = sub.add_parser("defenses", help="list defenses and supported model types")
-    p.set_defaults(run=_run_defenses)
+    command(sub, "defenses", _run_defenses)
 
 
 def _run_defenses(args) -> int:
+    """list defenses and supported model types"""
     from mergeshield.architectures import SUPPORTED_MODEL_TYPES
     from mergeshield.defenses import DEFENSES
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from mergeshield.cli.calls import call
+from mergeshield.cli.command import call, command
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
 
@@ -138,13 +138,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a classifier from a base model on your data (to build a family)",
-        description="Fine-tune BASE (the whole model and a new head) on TRAIN: JSONL/CSV text "
-        "with 'text' and 'label', an image folder root/<label>/*, or a datasets folder. The "
-        "labels are the data's sorted label names. Writes a classification checkpoint to OUT.",
-    )
+    p = command(sub, "finetune", _run_finetune)
     p.add_argument("base", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--train", type=Path, required=True, help="training data")
@@ -160,10 +154,15 @@ def _add_finetune(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_false", dest="progress")
-    p.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args) -> int:
+    """fine-tune a classifier from a base model on your data (to build a family)
+
+    Fine-tune BASE (the whole model and a new head) on TRAIN: JSONL/CSV text with 'text' and
+    'label', an image folder root/<label>/*, or a datasets folder. The labels are the data's
+    sorted label names. Writes a classification checkpoint to OUT.
+    """
     from mergeshield.evaluation.zoo import finetune_classifier
 
     info = call(finetune_classifier, args)

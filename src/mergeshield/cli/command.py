@@ -1,4 +1,5 @@
-"""Calling the library with a command's parsed arguments.
+"""One command: its parser, documented by the function that runs it, and the call of the library
+with its parsed arguments.
 
 A command's argparse ``dest`` names are the library's parameter names (``--key-out`` is
 ``key_out``, ``--quiet`` stores ``progress=False``), so a flag reaches the library without being
@@ -15,6 +16,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def command(sub: Any, name: str, run: Callable[[argparse.Namespace], int]) -> Any:
+    """Add the subcommand ``name`` to ``sub`` (the subparsers) that calls ``run(args)``: the
+    first paragraph of ``run``'s docstring is the one-line help, the rest the description
+    (argparse folds the white space of both)."""
+    summary, _, details = inspect.cleandoc(run.__doc__ or "").partition("\n\n")
+    p = sub.add_parser(name, help=summary, description=details or None)
+    p.set_defaults(run=run)
+    return p
 
 
 def parsed(args: argparse.Namespace, function: Callable[..., Any]) -> dict[str, Any]:
