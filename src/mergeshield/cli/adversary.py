@@ -6,16 +6,12 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeshield.cli.command import call, command
 from mergeshield.errors import MergeShieldError
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser(
-        "merge",
-        help="merge checkpoints with mergekit, as free-riders do",
-        description="Merge MODELS (checkpoints that share BASE) with mergekit. Classification "
-        "checkpoints are reduced to their backbone first, as free-riders merge backbones.",
-    )
+    p = command(sub, "merge", _run_merge)
     p.add_argument("base", type=Path, help="the shared pretrained base model folder")
     p.add_argument("models", type=Path, nargs="+", help="fine-tuned (or protected) model folders")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
@@ -29,10 +25,14 @@ def _add_merge(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="mergekit random seed (DARE, DELLA)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_run_merge)
 
 
 def _run_merge(args) -> int:
+    """merge checkpoints with mergekit, as free-riders do
+
+    Merge MODELS (checkpoints that share BASE) with mergekit. Classification checkpoints are
+    reduced to their backbone first, as free-riders merge backbones.
+    """
     import tempfile
 
     from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
@@ -63,32 +63,24 @@ def _run_merge(args) -> int:
 def _add_attack(sub) -> None:
     from mergeshield.attacks import ATTACKS
 
-    p = sub.add_parser(
-        "attack",
-        help="align a protected checkpoint back onto its public base model",
-        description="The informed adversary: undo a protection using only the public base model "
-        "(no key), so that ordinary merges work again. Writes a checkpoint to OUT.",
-    )
+    p = command(sub, "attack", _run_attack)
     p.add_argument("protected", type=Path)
     p.add_argument("base", type=Path, help="the public pretrained base model folder")
     p.add_argument("out", type=Path)
     p.add_argument("--method", "-m", default="aga", choices=sorted(ATTACKS))
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.set_defaults(run=_run_attack)
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
 
 
 def _run_attack(args) -> int:
+    """align a protected checkpoint back onto its public base model
+
+    The informed adversary: undo a protection using only the public base model (no key), so that
+    ordinary merges work again. Writes a checkpoint to OUT.
+    """
     from mergeshield.attacks import attack
 
-    out = attack(
-        args.protected,
-        args.base,
-        args.out,
-        args.method,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    out = call(attack, args)
     print(f"aligned {args.protected} onto {args.base} with {args.method} -> {out}")
     return 0
 
@@ -96,14 +88,7 @@ def _run_attack(args) -> int:
 def _add_detect(sub) -> None:
     from mergeshield.attacks import ATTACKS
 
-    p = sub.add_parser(
-        "detect",
-        help="is the owner's release inside SUSPECT (merged, aligned, fine-tuned)?",
-        description="Measure how much of the release's own task vector (its residual after the "
-        "shared task direction) the suspect carries, after aligning it onto the base; print a "
-        "one-line verdict with the false-positive probability, write report.json and "
-        "detect.png. Exits 0 when the release is found, 1 when not, 2 on bad input.",
-    )
+    p = command(sub, "detect", _run_detect)
     p.add_argument("suspect", type=Path, help="the published model to examine")
     p.add_argument("--original", type=Path, required=True, help="your unprotected fine-tune")
     p.add_argument("--base", type=Path, required=True, help="the public base model")
@@ -124,22 +109,19 @@ def _add_detect(sub) -> None:
         help="alignment of the suspect onto the base (default aga)",
     )
     p.add_argument("--out", type=Path, default=Path("detect-report"), help="report folder")
-    p.set_defaults(run=_run_detect)
 
 
 def _run_detect(args) -> int:
+    """is the owner's release inside SUSPECT (merged, aligned, fine-tuned)?
+
+    Measure how much of the release's own task vector (its residual after the shared task
+    direction) the suspect carries, after aligning it onto the base; print a one-line verdict
+    with the false-positive probability, write report.json and detect.png. Exits 0 when the
+    release is found, 1 when not, 2 on bad input.
+    """
     from mergeshield.detect import detect
 
-    result = detect(
-        args.suspect,
-        args.original,
-        args.base,
-        key=args.key,
-        null=args.null,
-        alpha=args.alpha,
-        attack=None if args.attack == "none" else args.attack,
-        out=args.out,
-    )
+    result = call(detect, args, attack=None if args.attack == "none" else args.attack)
     print(result.line())
     return 0 if result.found else 1
 

@@ -7,20 +7,14 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeshield.cli.command import call, command, parsed
 from mergeshield.errors import MergeShieldError
 
 
 def _add_protect(sub) -> None:
     from mergeshield.defenses import DEFENSES
 
-    p = sub.add_parser(
-        "protect",
-        help="write a protected copy of a checkpoint folder",
-        description="Write a protected copy of MODEL to OUT: the same function, weights far from "
-        "the original, so naive merges with models of the same base collapse. Informed attackers "
-        "(coefficient-1 merges, alignment to the base) can undo this; `mergeshield audit` "
-        "measures how much.",
-    )
+    p = command(sub, "protect", _run_protect)
     p.add_argument(
         "model", type=Path, help="Hugging Face checkpoint folder (config.json + safetensors)"
     )
@@ -73,34 +67,29 @@ def _add_protect(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT (and the key file) if present"
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_protect)
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress", help="no progress bar")
 
 
 def _run_protect(args) -> int:
+    """write a protected copy of a checkpoint folder
+
+    Write a protected copy of MODEL to OUT: the same function, weights far from the original, so
+    naive merges with models of the same base collapse. Informed attackers (coefficient-1
+    merges, alignment to the base) can undo this; `mergeshield audit` measures how much.
+    """
     from mergeshield.allocator import keep_freed_memory
     from mergeshield.defenses import DefenseOptions
     from mergeshield.protect import protect
 
     keep_freed_memory()  # this process streams one checkpoint, then exits
 
-    options = DefenseOptions(
-        scaling=args.scaling,
+    options = call(
+        DefenseOptions,
+        args,
         scale=tuple(args.scale) if args.scale else None,
         max_cond=None if math.isinf(args.max_cond) else args.max_cond,
-        flip_fraction=args.flip_fraction,
     )
-    result = protect(
-        args.model,
-        args.out,
-        args.defense,
-        base=args.base,
-        seed=args.seed,
-        key_out=args.key_out,
-        options=options,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    result = call(protect, args, options=options)
     print(
         f"protected {args.model} with {result.defense} ({result.n_blocks} blocks) "
         f"-> {result.output}"
@@ -114,15 +103,7 @@ def _run_protect(args) -> int:
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check that PROTECTED computes the same function as ORIGINAL",
-        description="Run both models (stock transformers Auto classes) on the same inputs; "
-        "print the max absolute and relative output error, how far the weights moved and, for "
-        "language models, how many greedy next tokens differ. fp32 checkpoints are held to "
-        "--tolerance; bf16/fp16 ones to a round trip of ORIGINAL through the same dtype (the "
-        "yardstick is printed). Exits 1 for a different function, 2 for bad input.",
-    )
+    p = command(sub, "verify", _run_verify)
     p.add_argument("original", type=Path)
     p.add_argument("protected", type=Path)
     p.add_argument(
@@ -133,10 +114,17 @@ def _add_verify(sub) -> None:
         "--tolerance", type=float, default=1e-4, help="max relative output error (default 1e-4)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
+    """check that PROTECTED computes the same function as ORIGINAL
+
+    Run both models (stock transformers Auto classes) on the same inputs; print the max absolute
+    and relative output error, how far the weights moved and, for language models, how many
+    greedy next tokens differ. fp32 checkpoints are held to --tolerance; bf16/fp16 ones to a
+    round trip of ORIGINAL through the same dtype (the yardstick is printed). Exits 1 for a
+    different function, 2 for bad input.
+    """
     from mergeshield.verify import moved_summary, verify
 
     texts = list(args.text or [])
@@ -144,7 +132,7 @@ def _run_verify(args) -> int:
         if not args.texts_file.is_file():
             raise MergeShieldError(f"{args.texts_file}: no such file")
         texts += [line for line in args.texts_file.read_text().splitlines() if line.strip()]
-    report = verify(args.original, args.protected, texts=texts or None, tolerance=args.tolerance)
+    report = call(verify, args, texts=texts or None)
     if args.json:
         print(json.dumps(report.__dict__ | {"ok": report.ok, "bound": report.bound}, indent=2))
     else:
@@ -174,28 +162,25 @@ def _run_verify(args) -> int:
 
 
 def _add_unprotect(sub) -> None:
-    p = sub.add_parser(
-        "unprotect",
-        help="restore the original weights with the key file",
-        description="Undo a protection with the key written by `protect --key-out`.",
-    )
+    p = command(sub, "unprotect", _run_unprotect)
     p.add_argument("protected", type=Path)
     p.add_argument("key", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.set_defaults(run=_run_unprotect)
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
 
 
 def _run_unprotect(args) -> int:
+    """restore the original weights with the key file
+
+    Undo a protection with the key written by `protect --key-out`.
+    """
     from mergeshield.allocator import keep_freed_memory
     from mergeshield.protect import unprotect
 
     keep_freed_memory()
 
-    out = unprotect(
-        args.protected, args.key, args.out, overwrite=args.overwrite, progress=not args.quiet
-    )
+    out = call(unprotect, args)
     print(f"restored {args.protected} -> {out}")
     return 0
 
@@ -205,16 +190,10 @@ def _add_harden(sub) -> None:
     from mergeshield.hardening.config import COMPONENTS, HardenConfig
 
     defaults = HardenConfig()
-    p = sub.add_parser(
-        "harden",
-        help="fine-tune a release so that merges of it fail (needs the owner's task data)",
-        description="Continue training the classifier MODEL on the owner's task DATA so that it "
-        "keeps its own accuracy while simulated merges of it predict nothing (TRAP2-style scale "
-        "sensitivity, merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an "
-        "exact symmetry defense. Output loads with stock Auto classes. Whether it holds against "
-        "adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.",
+    p = command(sub, "harden", _run_harden)
+    p.add_argument(
+        "task_model", metavar="model", type=Path, help="fine-tuned classifier checkpoint folder"
     )
-    p.add_argument("model", type=Path, help="fine-tuned classifier checkpoint folder")
     p.add_argument("out", type=Path, help="output folder (written atomically)")
     p.add_argument("--base", type=Path, required=True, help="the public base model folder")
     p.add_argument(
@@ -252,6 +231,7 @@ def _add_harden(sub) -> None:
     p.add_argument("--train-embeddings", action="store_true", help="also train the embeddings")
     p.add_argument(
         "--then-protect",
+        dest="defense",
         choices=sorted(DEFENSES),
         help="apply this exact symmetry defense to the hardened model",
     )
@@ -265,48 +245,44 @@ def _add_harden(sub) -> None:
         "--key-out", type=Path, help="with --then-protect: write the secret key to this file"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if present")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    p.set_defaults(run=_run_harden)
+    p.add_argument(
+        "--quiet", "-q", action="store_false", dest="progress", help="no progress output"
+    )
 
 
 def _run_harden(args) -> int:
+    """fine-tune a release so that merges of it fail (needs the owner's task data)
+
+    Continue training the classifier MODEL on the owner's task DATA so that it keeps its own
+    accuracy while simulated merges of it predict nothing (TRAP2-style scale sensitivity,
+    merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an exact symmetry
+    defense. Output loads with stock Auto classes. Whether it holds against adaptive attacks is
+    measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.
+    """
+    from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect
 
-    result = harden_and_protect(
-        args.model,
-        args.base,
-        args.data,
-        args.out,
-        method=args.method,
-        defense=args.then_protect,
-        seed=args.seed,
-        key_out=args.key_out,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        lam=args.lam,
-        max_len=args.max_len,
-        prune_fraction=args.prune_fraction,
-        proxies=tuple(str(p) for p in args.proxies),
-        train_embeddings=args.train_embeddings,
-    )
-    if args.then_protect is None:
-        print(f"hardened {args.model} with {args.method} -> {args.out}")
+    # the HardenConfig fields among the flags go to harden_and_protect's **overrides (seed,
+    # also a field, is its own parameter: the same value either way)
+    overrides = parsed(args, HardenConfig) | {"proxies": tuple(str(p) for p in args.proxies)}
+    result = call(harden_and_protect, args, **overrides)
+    if args.defense is None:
+        print(f"hardened {args.task_model} with {args.method} -> {args.out}")
         return 0
-    print(f"hardened {args.model} with {args.method}, then {result.defense} -> {result.output}")
+    print(
+        f"hardened {args.task_model} with {args.method}, then {result.defense} -> {result.output}"
+    )
     if result.key:
         print(f"key (secret, do not publish): {result.key}")
     return 0
 
 
 def _add_defenses(sub) -> None:
-    p = sub.add_parser("defenses", help="list defenses and supported model types")
-    p.set_defaults(run=_run_defenses)
+    command(sub, "defenses", _run_defenses)
 
 
 def _run_defenses(args) -> int:
+    """list defenses and supported model types"""
     from mergeshield.architectures import SUPPORTED_MODEL_TYPES
     from mergeshield.defenses import DEFENSES
 

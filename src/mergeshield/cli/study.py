@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from mergeshield.cli.command import call, command
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
 
@@ -137,37 +138,34 @@ def _add_demo(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a classifier from a base model on your data (to build a family)",
-        description="Fine-tune BASE (the whole model and a new head) on TRAIN: JSONL/CSV text "
-        "with 'text' and 'label', an image folder root/<label>/*, or a datasets folder. The "
-        "labels are the data's sorted label names. Writes a classification checkpoint to OUT.",
-    )
+    p = command(sub, "finetune", _run_finetune)
     p.add_argument("base", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--train", type=Path, required=True, help="training data")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-length", type=int, default=32, help="token limit of text inputs")
+    p.add_argument(
+        "--max-length",
+        dest="max_len",
+        metavar="MAX_LENGTH",
+        type=int,
+        default=32,
+        help="token limit of text inputs",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.set_defaults(run=_run_finetune)
+    p.add_argument("--quiet", "-q", action="store_false", dest="progress")
 
 
 def _run_finetune(args) -> int:
+    """fine-tune a classifier from a base model on your data (to build a family)
+
+    Fine-tune BASE (the whole model and a new head) on TRAIN: JSONL/CSV text with 'text' and
+    'label', an image folder root/<label>/*, or a datasets folder. The labels are the data's
+    sorted label names. Writes a classification checkpoint to OUT.
+    """
     from mergeshield.evaluation.zoo import finetune_classifier
 
-    info = finetune_classifier(
-        args.base,
-        args.train,
-        args.out,
-        epochs=args.epochs,
-        lr=args.lr,
-        max_len=args.max_length,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    info = call(finetune_classifier, args)
     print(
         f"fine-tuned {args.base} on {info['n_train']} examples ({len(info['labels'])} labels, "
         f"final loss {info['final_epoch_loss']}) -> {args.out}"

@@ -161,32 +161,28 @@ def _prefer(mergekit_value: float, in_memory: float) -> float:
 
 def evaluate_release(
     family: Family,
-    victim: str,
     released: Path,
+    plan: FrontierPlan,
     *,
     name: str = "release",
-    plan: FrontierPlan | None = None,
-    work: Path | None = None,
     progress: bool = True,
 ) -> ReleaseResult:
-    """Standalone accuracy and the best attack per merge method for one release of ``victim``
-    (a classification checkpoint folder); see the module docstring for the protocol."""
+    """Standalone accuracy and the best attack per merge method for one release of
+    ``plan.victim`` (a classification checkpoint folder); see the module docstring for the
+    protocol.  Intermediate folders live in a temporary folder, removed in every case."""
     from mergeshield.attacks import attack as run_attack
 
-    plan = plan or FrontierPlan(victim=victim)
     check_objective(plan.objective)
     start = time.perf_counter()
-    own_work = work is None
-    work = Path(work or tempfile.mkdtemp(prefix="mergeshield-frontier-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mergeshield-frontier-"))
     try:
         base = backbone_tensors(family.base)
-        victim_scorer = Scorer(family, victim, released)
+        victim_scorer = Scorer(family, plan.victim, released)
         result = ReleaseResult(
             name=name,
             standalone=accuracy(victim_scorer.model, victim_scorer.data["test"]),
-            base=family.base_accuracy[victim],
-            finetuned=family.finetuned_accuracy[victim],
+            base=family.base_accuracy[plan.victim],
+            finetuned=family.finetuned_accuracy[plan.victim],
             partner_refs={
                 p: (family.base_accuracy[p], family.finetuned_accuracy[p]) for p in plan.free_riders
             },
@@ -284,7 +280,6 @@ def evaluate_release(
             result.finetune = _finetune_attack(
                 plan,
                 family,
-                victim,
                 released,
                 base,
                 variant_folders,
@@ -292,8 +287,7 @@ def evaluate_release(
                 result.best["task_arithmetic"],
             )
     finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -350,7 +344,6 @@ def _search(
 def _finetune_attack(
     plan: FrontierPlan,
     family: Family,
-    victim: str,
     released: Path,
     base: Tensors,
     variant_folders: dict[str, Path],
@@ -364,13 +357,13 @@ def _finetune_attack(
 
     n, steps = plan.finetune
     s = family.manifest["settings"]
-    data = load_task(victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
+    data = load_task(plan.victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
     from mergeshield.evaluation.zoo import ZooSettings
 
     train = encode_split(family, data, "train", ZooSettings(**s))
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
-    test = Scorer(family, victim, released).data["test"]
+    test = Scorer(family, plan.victim, released).data["test"]
     theta = backbone_tensors(variant_folders[best.variant])
     partner = partner_models[best.partner]
     c = best.coefficient
@@ -456,9 +449,7 @@ def run_frontier(
     results = []
     for cand in candidates:
         released = build_candidate(cand, family, plan, builds / cand.name, progress=progress)
-        res = evaluate_release(
-            family, plan.victim, released, name=cand.name, plan=plan, progress=progress
-        )
+        res = evaluate_release(family, released, plan, name=cand.name, progress=progress)
         results.append(res)
         write_frontier(results, plan, family, out)
     return results
