@@ -167,9 +167,8 @@ def test_free_rider_of_another_architecture_and_labels_of_another_head(user_file
     from tests.tiny_models import build
 
     build("gpt2", tmp_path / "gpt2")
-    audit = load_audit_file(_variant(user_files, tmp_path, "model: verb", "model: gpt2"))
-    with pytest.raises(MergeShieldError, match="not a fine-tune of that base"):
-        materialize(audit, tmp_path / "family")
+    with pytest.raises(MergeShieldError, match="gpt2 model, the base .* not a fine-tune of that"):
+        load_audit_file(_variant(user_files, tmp_path, "model: verb", "model: gpt2"))
     # the verb data's labels (x, y, z) given to the noun model (a, b, c)
     audit = load_audit_file(
         _variant(user_files, tmp_path, "test: noun-test.jsonl", "test: verb-test.jsonl")
@@ -178,23 +177,72 @@ def test_free_rider_of_another_architecture_and_labels_of_another_head(user_file
         materialize(audit, tmp_path / "family2")
 
 
-def test_shipped_files_are_the_builtin_plans():
-    """``--kind text --setting small`` and the shipped text-small.yml plan the same audit (so
-    they give the same numbers on the same cached family); the demo file is the demo."""
-    from mergeshield.cli import build_parser
-    from mergeshield.evaluation.audit import PAPER_SETTINGS
+def test_exact_match_is_refused_on_classifiers(user_files, tmp_path, capsys):
+    bad = _variant(
+        user_files, tmp_path, "max_length: 16\n", "max_length: 16\nmetric: exact_match\n"
+    )
+    assert main(["audit", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metric exact_match scores a causal LM" in err
+    assert "it is a classifier: use metric: accuracy" in err
 
-    args = build_parser().parse_args(["audit", "--kind", "text", "--setting", "small"])
+
+def test_kind_runs_its_shipped_file_and_flags_override_fields(tmp_path):
+    """``--kind text --setting small`` is the shipped text-small.yml (one code path, so the
+    same numbers on the same cached family); each option given replaces one field of it, a
+    ``--victim`` alone makes every other task a free-rider; the demo runs demo.yml."""
+    from dataclasses import replace
+
+    from mergeshield.cli import build_parser
+    from mergeshield.cli.study import audit_config, audit_overrides
+
+    def plan(*argv: str):
+        args = build_parser().parse_args(["audit", *argv])
+        return load_audit_file(audit_config(args), audit_overrides(args)).plan
+
     shipped = load_audit_file(builtin_file("text-small")).plan
-    for field in ("kind", "setting", "victim", "defenses", "methods", "attacks", "objective"):
-        cli_value = getattr(args, field, None)
-        cli_value = tuple(cli_value) if isinstance(cli_value, list) else cli_value
-        assert getattr(shipped, field) == cli_value, field
-    assert shipped.protocol == PAPER_SETTINGS and not args.no_protocol
+    assert plan("--kind", "text", "--setting", "small") == shipped == plan()
+    assert plan("--kind", "image") == load_audit_file(builtin_file("image-small")).plan
+    flags = ["--methods", "ties", "--no-protocol", "--grid", "0.5", "1", "--attacks"]
+    flags += ["--victim", "wordnet_verb", "--merge-all", "--seed", "4", "--objective", "mean"]
+    assert plan(*flags) == replace(
+        shipped,
+        methods=("ties",),
+        protocol=(),
+        grid=(0.5, 1.0),
+        attacks=(),
+        victim="wordnet_verb",
+        merge_all=True,
+        seed=4,
+        objective="mean",
+    )
+    with pytest.raises(MergeShieldError, match="unknown defenses"):
+        plan("--defenses", "paramz")
+    with pytest.raises(MergeShieldError, match="give --config or --kind"):
+        plan("--config", str(builtin_file("text-small")), "--kind", "text")
     demo = load_audit_file(builtin_file("demo")).plan
     assert demo.tasks == ("wordnet_noun", "wordnet_verb") and demo.free_riders == ("wordnet_verb",)
     with pytest.raises(MergeShieldError, match="no shipped audit file 'nope'"):
         builtin_file("nope")
+
+
+def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
+    """``frontier --config``: the file's family and tasks, unprotected and the file's defenses
+    as candidates, the fine-tune attack skipped (it needs training data the file does not
+    name); the unprotected release scores what the audit file's family measured."""
+    out = tmp_path / "frontier"
+    args = ["frontier", "--config", str(user_files / "audit.yml"), "--out", str(out)]
+    args += ["--methods", "task_arithmetic", "--attacks", "none"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "fine-tune attack is skipped" in capsys.readouterr().out
+    data = json.loads((out / "frontier.json").read_text())
+    assert (data["victim"], data["plan"]["free_riders"]) == ("noun", ["verb"])
+    results = {r["name"]: r for r in data["details"]}
+    assert set(results) == {"unprotected", "mergelock"}
+    assert results["unprotected"]["standalone"] == data["finetuned_accuracy"] == 1.0
+    assert results["mergelock"]["standalone"] == 1.0  # the same function
+    assert main([*args, "--overwrite", "--candidates", "trap2"]) == 2
+    assert "harden on the victim's training data" in capsys.readouterr().err
 
 
 def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):
@@ -329,3 +377,59 @@ def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
     assert row["partner_accuracy"]["next"] == pytest.approx(
         _greedy_exact_match(merged, test["next"], tok)
     )
+
+
+def _lm_variant(lm_files: Path, tmp_path: Path, old: str, new: str) -> Path:
+    text = (lm_files / "audit.yml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yml"
+    bad.write_text(text.replace(old, new).replace("base: base", f"base: {lm_files / 'base'}"))
+    for name in ("opp", "next", "opp-val.jsonl", "opp-test.csv", "next-val", "next-test.jsonl"):
+        target = tmp_path / name
+        if not target.exists():
+            target.symlink_to(lm_files / name)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("metric: exact_match\n", "", "metric accuracy scores a classifier .* use metric: exact"),
+        ("model: next", "model: qwen", "qwen2 model, the base .* a llama: not a fine-tune"),
+        ("model: next", "model: wide", "wide: tensor .* shape .* in base"),
+        ("test: next-test.jsonl", "test: nowhere.jsonl", "test data .* not found"),
+        ("val: opp-val.jsonl", "val: questions.jsonl", "row 1 needs 'prompt' and 'answer'"),
+        ("test: opp-test.csv", "test: empty.csv", "opp test data: .* holds no examples"),
+        ("val: next-val", "val: texts", r"no \['prompt'\] column"),
+    ],
+)
+def test_bad_causal_lm_audit_files(lm_files, tmp_path, capsys, old, new, message):
+    """One-line errors, exit 2, nothing written: accuracy on a causal LM, a free-rider of
+    another model type or shape, a missing path, missing columns, an empty split."""
+    import re
+
+    from datasets import Dataset
+
+    from tests.tiny_models import build
+
+    if new == "model: qwen":
+        build("qwen2", tmp_path / "qwen")
+    if new == "model: wide":
+        build("llama-mha", tmp_path / "wide")
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "a", "answer": " b"}))
+    (tmp_path / "empty.csv").write_text("prompt,answer\n")
+    Dataset.from_list([{"text": "opp w1 is", "answer": " w10"}]).save_to_disk(
+        str(tmp_path / "texts")
+    )
+    bad = _lm_variant(lm_files, tmp_path, old, new)
+    capsys.readouterr()
+    assert main(["audit", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_frontier_refuses_causal_lms(lm_files, tmp_path, capsys):
+    args = ["frontier", "--config", str(lm_files / "audit.yml"), "--out", str(tmp_path / "f")]
+    assert main(args) == 2
+    assert "frontier does not run on causal LMs yet" in capsys.readouterr().err

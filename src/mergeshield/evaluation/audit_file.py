@@ -468,5 +468,7 @@ def run_audit_file(
     from mergeshield.evaluation.audit import run_audit
 
     audit = load_audit_file(path, overrides)
+    if audit.builtin:  # run_audit builds (or reuses) the family after checking the plan
+        return run_audit(audit.plan, out, progress=progress)
     with audit_family(audit, progress=progress) as family:
         return run_audit(audit.plan, out, family=family, progress=progress)
