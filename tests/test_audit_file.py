@@ -226,6 +226,17 @@ def test_kind_runs_its_shipped_file_and_flags_override_fields(tmp_path):
         builtin_file("nope")
 
 
+def test_builtin_family_metric_must_match_its_kind(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("family: {kind: llm, setting: small}\nmetric: accuracy\n")
+    with pytest.raises(MergeShieldError, match="built-in llm family is scored by exact_match"):
+        load_audit_file(bad)
+    bad.write_text("family: {kind: text, setting: small}\nmetric: exact_match\n")
+    with pytest.raises(MergeShieldError, match="built-in text family is scored by accuracy"):
+        load_audit_file(bad)
+    assert load_audit_file(builtin_file("llm-small")).metric == "exact_match"
+
+
 def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
     """``frontier --config``: the file's family and tasks, unprotected and the file's defenses
     as candidates, the fine-tune attack skipped (it needs training data the file does not
