@@ -167,9 +167,8 @@ def test_free_rider_of_another_architecture_and_labels_of_another_head(user_file
     from tests.tiny_models import build
 
     build("gpt2", tmp_path / "gpt2")
-    audit = load_audit_file(_variant(user_files, tmp_path, "model: verb", "model: gpt2"))
-    with pytest.raises(MergeShieldError, match="not a fine-tune of that base"):
-        materialize(audit, tmp_path / "family")
+    with pytest.raises(MergeShieldError, match="gpt2 model, the base .* not a fine-tune of that"):
+        load_audit_file(_variant(user_files, tmp_path, "model: verb", "model: gpt2"))
     # the verb data's labels (x, y, z) given to the noun model (a, b, c)
     audit = load_audit_file(
         _variant(user_files, tmp_path, "test: noun-test.jsonl", "test: verb-test.jsonl")
@@ -178,23 +177,83 @@ def test_free_rider_of_another_architecture_and_labels_of_another_head(user_file
         materialize(audit, tmp_path / "family2")
 
 
-def test_shipped_files_are_the_builtin_plans():
-    """``--kind text --setting small`` and the shipped text-small.yml plan the same audit (so
-    they give the same numbers on the same cached family); the demo file is the demo."""
-    from mergeshield.cli import build_parser
-    from mergeshield.evaluation.audit import PAPER_SETTINGS
+def test_exact_match_is_refused_on_classifiers(user_files, tmp_path, capsys):
+    bad = _variant(
+        user_files, tmp_path, "max_length: 16\n", "max_length: 16\nmetric: exact_match\n"
+    )
+    assert main(["audit", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metric exact_match scores a causal LM" in err
+    assert "it is a classifier: use metric: accuracy" in err
 
-    args = build_parser().parse_args(["audit", "--kind", "text", "--setting", "small"])
+
+def test_kind_runs_its_shipped_file_and_flags_override_fields(tmp_path):
+    """``--kind text --setting small`` is the shipped text-small.yml (one code path, so the
+    same numbers on the same cached family); each option given replaces one field of it, a
+    ``--victim`` alone makes every other task a free-rider; the demo runs demo.yml."""
+    from dataclasses import replace
+
+    from mergeshield.cli import build_parser
+    from mergeshield.cli.study import audit_config, audit_overrides
+
+    def plan(*argv: str):
+        args = build_parser().parse_args(["audit", *argv])
+        return load_audit_file(audit_config(args), audit_overrides(args)).plan
+
     shipped = load_audit_file(builtin_file("text-small")).plan
-    for field in ("kind", "setting", "victim", "defenses", "methods", "attacks", "objective"):
-        cli_value = getattr(args, field, None)
-        cli_value = tuple(cli_value) if isinstance(cli_value, list) else cli_value
-        assert getattr(shipped, field) == cli_value, field
-    assert shipped.protocol == PAPER_SETTINGS and not args.no_protocol
+    assert plan("--kind", "text", "--setting", "small") == shipped == plan()
+    assert plan("--kind", "image") == load_audit_file(builtin_file("image-small")).plan
+    flags = ["--methods", "ties", "--no-protocol", "--grid", "0.5", "1", "--attacks"]
+    flags += ["--victim", "wordnet_verb", "--merge-all", "--seed", "4", "--objective", "mean"]
+    assert plan(*flags) == replace(
+        shipped,
+        methods=("ties",),
+        protocol=(),
+        grid=(0.5, 1.0),
+        attacks=(),
+        victim="wordnet_verb",
+        merge_all=True,
+        seed=4,
+        objective="mean",
+    )
+    with pytest.raises(MergeShieldError, match="unknown defenses"):
+        plan("--defenses", "paramz")
+    with pytest.raises(MergeShieldError, match="give --config or --kind"):
+        plan("--config", str(builtin_file("text-small")), "--kind", "text")
     demo = load_audit_file(builtin_file("demo")).plan
     assert demo.tasks == ("wordnet_noun", "wordnet_verb") and demo.free_riders == ("wordnet_verb",)
     with pytest.raises(MergeShieldError, match="no shipped audit file 'nope'"):
         builtin_file("nope")
+
+
+def test_builtin_family_metric_must_match_its_kind(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("family: {kind: llm, setting: small}\nmetric: accuracy\n")
+    with pytest.raises(MergeShieldError, match="built-in llm family is scored by exact_match"):
+        load_audit_file(bad)
+    bad.write_text("family: {kind: text, setting: small}\nmetric: exact_match\n")
+    with pytest.raises(MergeShieldError, match="built-in text family is scored by accuracy"):
+        load_audit_file(bad)
+    assert load_audit_file(builtin_file("llm-small")).metric == "exact_match"
+
+
+def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
+    """``frontier --config``: the file's family and tasks, unprotected and the file's defenses
+    as candidates, the fine-tune attack skipped (it needs training data the file does not
+    name); the unprotected release scores what the audit file's family measured."""
+    out = tmp_path / "frontier"
+    args = ["frontier", "--config", str(user_files / "audit.yml"), "--out", str(out)]
+    args += ["--methods", "task_arithmetic", "--attacks", "none"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "fine-tune attack is skipped" in capsys.readouterr().out
+    data = json.loads((out / "frontier.json").read_text())
+    assert (data["victim"], data["plan"]["free_riders"]) == ("noun", ["verb"])
+    results = {r["name"]: r for r in data["details"]}
+    assert set(results) == {"unprotected", "mergelock"}
+    assert results["unprotected"]["standalone"] == data["finetuned_accuracy"] == 1.0
+    assert results["mergelock"]["standalone"] == 1.0  # the same function
+    assert main([*args, "--overwrite", "--candidates", "trap2"]) == 2
+    assert "harden on the victim's training data" in capsys.readouterr().err
 
 
 def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):
@@ -213,3 +272,175 @@ def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, 
     assert len(moved) > len(base) // 2
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# --- a causal-LM family: prompt/answer data, exact match of the greedy answer ---------------
+
+LM_WORDS = [f"w{i}" for i in range(40)]
+LM_TASKS = {"opp": lambda k: (7 * k + 3) % 40, "next": lambda k: (k + 1) % 40}
+
+
+def _lm_rows(task: str, ks: range) -> list[dict[str, str]]:
+    """``"opp w5 is"`` -> ``" w38"``: each task maps the word to another word its own way."""
+    return [{"prompt": f"{task} w{k} is", "answer": f" w{LM_TASKS[task](k)}"} for k in ks]
+
+
+def _greedy_exact_match(folder: Path, rows: list[dict[str, str]], tok) -> float:
+    """Share of rows whose greedy continuation, decoded token by token, is the answer then
+    eos: computed here without mergeshield's teacher-forced scoring."""
+    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hits = 0
+    for row in rows:
+        got = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        start = len(got)
+        want = tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            for _ in want:
+                got.append(int(model(torch.tensor([got])).logits[0, -1].argmax()))
+        hits += got[start:] == want
+    return hits / len(rows)
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory) -> Path:
+    """A tiny Llama base with a word-level tokenizer, two fine-tunes trained 25 full-batch
+    Adam steps on all 40 prompts of their own task (val: words 0-19, test: 20-39), the data as
+    JSONL, CSV and a datasets folder, and the audit file."""
+    import csv
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mergeshield.evaluation.generative import GenSplit, encode
+    from tests.tiny_models import build
+
+    root = tmp_path_factory.mktemp("lm")
+    build("llama-gqa2", root / "base", seed=0)
+    vocab = {t: i for i, t in enumerate(["</s>", "<unk>", "opp", "next", "is", *LM_WORDS])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tok.save_pretrained(root / "base")
+    for task in LM_TASKS:
+        rows = _lm_rows(task, range(40))
+        data = encode(GenSplit([r["prompt"] for r in rows], [r["answer"] for r in rows]), tok, 16)
+        torch.manual_seed(1)
+        model = tf.AutoModelForCausalLM.from_pretrained(root / "base").train()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(25):
+            opt.zero_grad()
+            model(**data).loss.backward()
+            opt.step()
+        model.save_pretrained(root / task)
+    (root / "opp-val.jsonl").write_text("\n".join(map(json.dumps, _lm_rows("opp", range(20)))))
+    with (root / "opp-test.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["prompt", "answer"])
+        writer.writeheader()
+        writer.writerows(_lm_rows("opp", range(20, 40)))
+    Dataset.from_list(_lm_rows("next", range(20))).save_to_disk(str(root / "next-val"))
+    (root / "next-test.jsonl").write_text(
+        "\n".join(map(json.dumps, _lm_rows("next", range(20, 40))))
+    )
+    (root / "audit.yml").write_text(
+        "base: base\nmetric: exact_match\n"
+        "victim: {model: opp, val: opp-val.jsonl, test: opp-test.csv}\n"
+        "free_riders:\n  - {model: next, val: next-val, test: next-test.jsonl}\n"
+        "defenses: [params]\nattacks: []\nmethods: [task_arithmetic]\n"
+        "grid: [0.5, 1.0]\nprotocol: false\nmax_length: 16\n"
+    )
+    return root
+
+
+def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
+    """``metric: exact_match`` on the user's causal LMs; the command line's ``--defenses``
+    replaces the file's.  Every reported figure is recomputed here by token-by-token greedy
+    decoding: the fine-tunes and the base on the test prompts, and the reported unprotected
+    merge, merged again by mergekit at the reported coefficient."""
+    from mergeshield.merging import merge
+
+    out = tmp_path / "report"
+    args = ["audit", "--config", str(lm_files / "audit.yml"), "--out", str(out)]
+    assert main([*args, "--defenses", "mergelock"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert (data["victim"], data["free_riders"], data["family"]["kind"]) == ("opp", ["next"], "llm")
+    assert [r["variant"] for r in data["merges"]] == ["unprotected", "mergelock"]
+    tok = tf.AutoTokenizer.from_pretrained(lm_files / "base")
+    test = {t: _lm_rows(t, range(20, 40)) for t in LM_TASKS}
+    for task in LM_TASKS:
+        tuned = _greedy_exact_match(lm_files / task, test[task], tok)
+        base = _greedy_exact_match(lm_files / "base", test[task], tok)
+        assert data["family"]["finetuned_accuracy"][task] == pytest.approx(tuned)
+        assert data["family"]["base_accuracy"][task] == pytest.approx(base)
+        assert tuned >= base + 0.5  # each fine-tune answers its own prompts
+    # MergeLock computes the same function: the release answers exactly as the fine-tune
+    assert data["standalone"]["mergelock"] == data["standalone"]["unprotected"]
+    row = data["merges"][0]
+    merged = merge(
+        "task_arithmetic",
+        lm_files / "base",
+        [lm_files / "opp", lm_files / "next"],
+        tmp_path / "merged",
+        coefficient=row["coefficient"],
+    )
+    assert row["victim_accuracy"] == pytest.approx(_greedy_exact_match(merged, test["opp"], tok))
+    assert row["partner_accuracy"]["next"] == pytest.approx(
+        _greedy_exact_match(merged, test["next"], tok)
+    )
+
+
+def _lm_variant(lm_files: Path, tmp_path: Path, old: str, new: str) -> Path:
+    text = (lm_files / "audit.yml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yml"
+    bad.write_text(text.replace(old, new).replace("base: base", f"base: {lm_files / 'base'}"))
+    for name in ("opp", "next", "opp-val.jsonl", "opp-test.csv", "next-val", "next-test.jsonl"):
+        target = tmp_path / name
+        if not target.exists():
+            target.symlink_to(lm_files / name)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("metric: exact_match\n", "", "metric accuracy scores a classifier .* use metric: exact"),
+        ("model: next", "model: qwen", "qwen2 model, the base .* a llama: not a fine-tune"),
+        ("model: next", "model: wide", "wide: tensor .* shape .* in base"),
+        ("test: next-test.jsonl", "test: nowhere.jsonl", "test data .* not found"),
+        ("val: opp-val.jsonl", "val: questions.jsonl", "row 1 needs 'prompt' and 'answer'"),
+        ("test: opp-test.csv", "test: empty.csv", "opp test data: .* holds no examples"),
+        ("val: next-val", "val: texts", r"no \['prompt'\] column"),
+    ],
+)
+def test_bad_causal_lm_audit_files(lm_files, tmp_path, capsys, old, new, message):
+    """One-line errors, exit 2, nothing written: accuracy on a causal LM, a free-rider of
+    another model type or shape, a missing path, missing columns, an empty split."""
+    import re
+
+    from datasets import Dataset
+
+    from tests.tiny_models import build
+
+    if new == "model: qwen":
+        build("qwen2", tmp_path / "qwen")
+    if new == "model: wide":
+        build("llama-mha", tmp_path / "wide")
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "a", "answer": " b"}))
+    (tmp_path / "empty.csv").write_text("prompt,answer\n")
+    Dataset.from_list([{"text": "opp w1 is", "answer": " w10"}]).save_to_disk(
+        str(tmp_path / "texts")
+    )
+    bad = _lm_variant(lm_files, tmp_path, old, new)
+    capsys.readouterr()
+    assert main(["audit", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_frontier_refuses_causal_lms(lm_files, tmp_path, capsys):
+    args = ["frontier", "--config", str(lm_files / "audit.yml"), "--out", str(tmp_path / "f")]
+    assert main(args) == 2
+    assert "frontier does not run on causal LMs yet" in capsys.readouterr().err

@@ -6,53 +6,48 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mergeshield.cli.command import call, command
 from mergeshield.errors import MergeShieldError
 from mergeshield.objective import OBJECTIVES
 
 
-def _audit_arguments(p, defaults) -> None:
-    p.add_argument("--out", "-o", type=Path, default=defaults["out"], help="report folder")
+def _audit_arguments(p) -> None:
+    p.add_argument("--out", "-o", type=Path, default=Path("reports/audit"), help="report folder")
     p.add_argument(
         "--config",
         type=Path,
         help="an audit file (YAML: your base, release, free-riders and data; see the README); "
-        "it replaces the plan options below",
+        "the options below given on the command line replace its fields",
     )
     p.add_argument(
         "--kind",
         choices=["text", "image", "llm"],
-        default="text",
-        help="task family (llm: SmolLM2-135M experts, exact match of greedy answers)",
+        help="built-in task family, audited as its shipped file KIND-SETTING.yml plans (default "
+        "text; llm: SmolLM2-135M experts, exact match of greedy answers)",
     )
     p.add_argument(
         "--setting",
         choices=["small", "full"],
-        default="small",
-        help="small: builds in minutes (CI, demo); full: real numbers",
+        help="small (default): builds in minutes (CI, demo); full: real numbers",
     )
     p.add_argument("--victim", help="victim task (default: the family's first task)")
     p.add_argument("--free-riders", nargs="+", help="free-rider tasks (default: all others)")
     p.add_argument(
-        "--defenses",
-        nargs="*",
-        default=defaults["defenses"],
-        help="defenses to audit (none: only the unprotected merges)",
+        "--defenses", nargs="*", help="defenses to audit (none: only the unprotected merges)"
     )
-    p.add_argument("--methods", nargs="+", default=defaults["methods"])
-    p.add_argument("--attacks", nargs="*", default=defaults["attacks"])
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--attacks", nargs="*")
     p.add_argument(
         "--grid",
         type=float,
         nargs="+",
-        default=defaults["grid"],
         help="coefficients the attacker tries (default: each method's grid)",
     )
     p.add_argument(
         "--grid-stride",
         type=int,
-        default=1,
         metavar="K",
         help="try every K-th coefficient of each method's grid, the largest always included",
     )
@@ -74,7 +69,6 @@ def _audit_arguments(p, defaults) -> None:
     p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
-        default="min",
         help="the attacker's score of a merge: min (default: the weakest merged task's share "
         "of gain kept), mean (the papers' average), victim (the victim's share alone)",
     )
@@ -91,7 +85,7 @@ def _audit_arguments(p, defaults) -> None:
         help="alphas of the base-to-model path scored on the victim (default 0 .25 .5 .75 1; "
         "0 and 1 cost nothing)",
     )
-    p.add_argument("--seed", type=int, default=0, help="protection seed (a reproducible audit)")
+    p.add_argument("--seed", type=int, help="protection seed (a reproducible audit; default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -104,16 +98,7 @@ def _add_audit(sub) -> None:
         "coefficient, optionally after adaptive attacks, and write report.md, report.json and "
         "PNG plots.",
     )
-    _audit_arguments(
-        p,
-        {
-            "out": Path("reports/audit"),
-            "defenses": ["params", "mergelock", "mergebarrier"],
-            "methods": ["task_arithmetic", "ties", "dare_ties", "linear"],
-            "attacks": ["aga"],
-            "grid": None,
-        },
-    )
+    _audit_arguments(p)
     p.set_defaults(run=_run_audit)
 
 
@@ -184,8 +169,14 @@ def _add_frontier(sub) -> None:
         "frontier.md, frontier.json and frontier.png.",
     )
     p.add_argument("--out", "-o", type=Path, default=Path("reports/frontier"))
-    p.add_argument("--kind", choices=["text", "image"], default="text")
-    p.add_argument("--setting", choices=["small", "full"], default="small")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="an audit file (as for audit): its family (built-in or your own classifiers), "
+        "victim, free-riders, objective and seed; its defenses are the default candidates",
+    )
+    p.add_argument("--kind", choices=["text", "image"], help="built-in family (default text)")
+    p.add_argument("--setting", choices=["small", "full"], help="default small")
     p.add_argument("--victim", help="victim task (default: the family's first)")
     p.add_argument("--free-riders", nargs="+", help="default: the family's last task")
     p.add_argument(
@@ -194,8 +185,9 @@ def _add_frontier(sub) -> None:
     p.add_argument(
         "--candidates",
         nargs="+",
-        default=["unprotected", "mergelock", "trap2+merge", "trap2+merge/mergelock"],
-        help="'unprotected', a defense, a harden method, or HARDEN/DEFENSE",
+        help="'unprotected', a defense, a harden method, or HARDEN/DEFENSE (default: "
+        "unprotected mergelock trap2+merge trap2+merge/mergelock; with --config: unprotected "
+        "and the file's defenses)",
     )
     p.add_argument("--steps", type=int, default=60, help="harden steps")
     p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
@@ -211,26 +203,51 @@ def _add_frontier(sub) -> None:
     p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
-        default="min",
-        help="the attacker's score of a merge (as in audit)",
+        help="the attacker's score of a merge (as in audit; default min)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_frontier)
+
+
+FRONTIER_CANDIDATES = ["unprotected", "mergelock", "trap2+merge", "trap2+merge/mergelock"]
 
 
 def _run_frontier(args) -> int:
     import shutil
 
+    from mergeshield.evaluation.audit_file import audit_family, builtin_file, load_audit_file
     from mergeshield.evaluation.frontier import (
         FrontierPlan,
         parse_attack,
         parse_candidate,
         run_frontier,
     )
-    from mergeshield.evaluation.zoo import build_family
 
-    candidates = [parse_candidate(c) for c in args.candidates]
+    if args.config is not None and (args.kind or args.setting):
+        raise MergeShieldError("give --config or --kind/--setting, not both")
+    config = args.config or builtin_file(f"{args.kind or 'text'}-{args.setting or 'small'}")
+    tasks_given = {"victim": args.victim, "free_riders": args.free_riders}
+    audit = load_audit_file(config, {k: v for k, v in tasks_given.items() if v is not None})
+    if audit.metric != "accuracy":
+        raise MergeShieldError(
+            f"{config}: frontier does not run on causal LMs yet (its hardening candidates, "
+            "fine-tune attack and standalone score are for classifiers); use mergeshield audit "
+            "--config for them"
+        )
+    default = ["unprotected", *audit.plan.defenses] if args.config else FRONTIER_CANDIDATES
+    candidates = [parse_candidate(c) for c in args.candidates or default]
+    finetune = not args.no_finetune
+    if not audit.builtin:
+        hardened = [c.name for c in candidates if c.harden is not None]
+        if hardened:
+            raise MergeShieldError(
+                f"candidates {hardened} harden on the victim's training data, which an audit "
+                "file of your own models does not name yet: use unprotected and defenses"
+            )
+        if finetune:
+            print("the fine-tune attack is skipped: it trains on the victim's training data")
+            finetune = False
     unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
     if unknown:
         raise MergeShieldError(f"frontier methods are task_arithmetic and ties, not {unknown}")
@@ -240,31 +257,35 @@ def _run_frontier(args) -> int:
         if not args.overwrite:
             raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
         shutil.rmtree(args.out)
-    family = build_family(args.kind, args.setting)
-    tasks = list(family.tasks)
-    victim = args.victim or tasks[0]
-    proxies = args.proxies if args.proxies is not None else tasks[1:2]
-    riders = args.free_riders or [t for t in tasks if t not in (victim, *proxies)][-1:]
-    for t in (victim, *proxies, *riders):
-        if t not in family.tasks:
-            raise MergeShieldError(f"task {t!r} is not in the {args.kind} family ({tasks})")
-    defaults = FrontierPlan()
-    plan = FrontierPlan(
-        victim=victim,
-        free_riders=tuple(riders),
-        proxies=tuple(proxies),
-        methods=tuple(args.methods),
-        grids={m: defaults.grids[m] for m in args.methods},
-        attacks=tuple(args.attacks),
-        finetune=None if args.no_finetune else defaults.finetune,
-        objective=args.objective,
-        seed=args.seed,
-    )
-    candidates = [
-        c if c.harden is None else replace(c, harden_kwargs={"steps": args.steps, "lr": args.lr})
-        for c in candidates
-    ]
-    results = run_frontier(plan, candidates, args.out, family=family)
+    with audit_family(audit) as family:
+        tasks = list(family.tasks)
+        victim = audit.plan.victim or tasks[0]
+        proxies = (
+            args.proxies if args.proxies is not None else (tasks[1:2] if audit.builtin else [])
+        )
+        riders = audit.plan.free_riders or [t for t in tasks if t not in (victim, *proxies)][-1:]
+        for t in (victim, *proxies, *riders):
+            if t not in family.tasks:
+                raise MergeShieldError(f"task {t!r} is not in the family {config} ({tasks})")
+        defaults = FrontierPlan()
+        plan = FrontierPlan(
+            victim=victim,
+            free_riders=tuple(riders),
+            proxies=tuple(proxies),
+            methods=tuple(args.methods),
+            grids={m: defaults.grids[m] for m in args.methods},
+            attacks=tuple(args.attacks),
+            finetune=defaults.finetune if finetune else None,
+            objective=args.objective or audit.plan.objective,
+            seed=audit.plan.seed if args.seed is None else args.seed,
+        )
+        candidates = [
+            c
+            if c.harden is None
+            else replace(c, harden_kwargs={"steps": args.steps, "lr": args.lr})
+            for c in candidates
+        ]
+        results = run_frontier(plan, candidates, args.out, family=family)
     for r in results:
         s = r.summary()
         kept = ", ".join(
@@ -277,47 +298,51 @@ def _run_frontier(args) -> int:
     return 0
 
 
+def audit_overrides(args) -> dict[str, Any]:
+    """The audit-file fields that the command line's options set (those given)."""
+    fields: dict[str, Any] = {
+        "victim": getattr(args, "victim", None),
+        "free_riders": getattr(args, "free_riders", None),
+        "defenses": getattr(args, "defenses", None),
+        "methods": getattr(args, "methods", None),
+        "attacks": getattr(args, "attacks", None),
+        "grid": getattr(args, "grid", None),
+        "grid_stride": getattr(args, "grid_stride", None),
+        "pairs": getattr(args, "pairs", None),
+        "objective": getattr(args, "objective", None),
+        "interpolation": getattr(args, "interpolation", None),
+        "seed": getattr(args, "seed", None),
+        "merge_all": True if getattr(args, "merge_all", False) else None,
+        "attacked_only": True if getattr(args, "attacked_only", False) else None,
+        "protocol": False if getattr(args, "no_protocol", False) else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def audit_config(args) -> Path:
+    """The audit file ``audit``/``demo`` run: ``--config``, else the shipped file of the demo
+    or of ``--kind``/``--setting`` (``families/KIND-SETTING.yml``)."""
+    from mergeshield.evaluation.audit_file import builtin_file
+
+    if getattr(args, "demo", False):
+        return builtin_file({"text": "demo", "llm": "demo-llm"}[args.kind])
+    if args.config is not None:
+        if args.kind or args.setting:
+            raise MergeShieldError("give --config or --kind/--setting, not both")
+        return args.config
+    return builtin_file(f"{args.kind or 'text'}-{args.setting or 'small'}")
+
+
 def _run_audit(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from mergeshield.evaluation.audit import (
-        HEADER,
-        PAPER_SETTINGS,
-        AuditPlan,
-        run_audit,
-        summary_table,
-    )
-    from mergeshield.evaluation.audit_file import builtin_file, run_audit_file
+    from mergeshield.evaluation.audit import HEADER, summary_table
+    from mergeshield.evaluation.audit_file import run_audit_file
 
     if args.out.exists() and not args.overwrite and any(args.out.iterdir()):
         raise MergeShieldError(f"{args.out}: already exists; pass --overwrite to replace it")
-    demo = {"text": "demo", "llm": "demo-llm"}.get(args.kind, "demo")
-    config = builtin_file(demo) if getattr(args, "demo", False) else args.config
-    if config is not None:
-        result = run_audit_file(config, args.out)
-    else:
-        plan = AuditPlan(
-            kind=args.kind,
-            setting=args.setting,
-            victim=args.victim,
-            free_riders=tuple(args.free_riders) if args.free_riders else None,
-            defenses=tuple(args.defenses),
-            methods=tuple(args.methods),
-            attacks=tuple(args.attacks),
-            grid=tuple(args.grid) if args.grid else None,
-            grid_stride=args.grid_stride,
-            pairs=tuple(args.pairs) if args.pairs is not None else None,
-            merge_all=args.merge_all,
-            attacked_only=args.attacked_only,
-            objective=args.objective,
-            protocol=() if args.no_protocol else PAPER_SETTINGS,
-            interpolation=(
-                tuple(args.interpolation) if args.interpolation else AuditPlan.interpolation
-            ),
-            seed=args.seed,
-        )
-        result = run_audit(plan, args.out)
+    result = run_audit_file(audit_config(args), args.out, overrides=audit_overrides(args))
     plan = result.plan
     console = Console(width=None if sys.stdout.isatty() else 180)
     table = Table(

@@ -29,25 +29,57 @@ or CSV text with ``text`` and ``label``, an image folder ``root/<label>/<image>`
 ``datasets`` ``save_to_disk`` folder.  Each task is scored with its own model's head, so the
 labels must be that head's (``config.label2id`` names or ids).  Paths are relative to the
 file.  Every field is checked before any work: a bad file gets a one-line error.
+
+Your own causal LM (any model type ``protect`` supports: llama, qwen2, mistral, ...)::
+
+    base: models/base-lm           # a ...ForCausalLM checkpoint
+    metric: exact_match            # the greedy answer, then end-of-sequence, must be the answer
+    victim: {model: models/antonyms, val: data/ant-val.jsonl, test: data/ant-test.csv}
+    free_riders:
+      - {model: models/sums, val: data/sums-val, test: data/sums-test}   # datasets folders
+    max_length: 64                 # tokens of prompt + answer + eos (prompts cut from the left)
+
+Each split holds prompt/answer pairs (:func:`mergeshield.hardening.data.read_prompt_answers`:
+JSONL, CSV or a ``datasets`` folder with ``prompt`` and ``answer`` columns); the answer is
+what the model should write after the prompt, as the tokenizer splits ``prompt + answer``
+(usually with its leading space: ``"The opposite of hot is"`` -> ``" cold"``).  It is scored
+exactly as the built-in ``llm`` family (:func:`mergeshield.evaluation.generative.exact_match`:
+one teacher-forced pass, which is greedy decoding's verdict); causal LMs have no heads, so the
+merged model itself answers every task.  ``metric: accuracy`` (the default) needs
+classifiers, ``exact_match`` causal LMs; every model must have the base's model type and
+tensor shapes.
+
+Command-line options override the file's fields (:func:`load_audit_file` ``overrides``, the
+same checks); ``mergeshield audit --kind K --setting S`` is the shipped file ``K-S.yml``.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit import PAPER_SETTINGS, AuditPlan
+from mergeshield.folders import read_config
 from mergeshield.objective import check_objective
 
+if TYPE_CHECKING:
+    from mergeshield.evaluation.family import Family
+
 PACKAGE_FILES = Path(__file__).parent / "families"
-METRICS = ("accuracy",)
+# metric -> (what it scores, the architecture name endings of such checkpoints)
+METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "accuracy": ("a classifier", ("ForSequenceClassification", "ForImageClassification")),
+    "exact_match": ("a causal LM", ("ForCausalLM", "LMHeadModel")),
+}
 _TOP = {
     "base", "victim", "free_riders", "family", "metric", "defenses", "attacks", "methods",
-    "objective", "grid", "grid_stride", "merge_all", "pairs", "protocol", "max_length", "seed",
-    "tasks",
+    "objective", "grid", "grid_stride", "merge_all", "attacked_only", "pairs", "protocol",
+    "interpolation", "max_length", "seed", "tasks",
 }  # fmt: skip
 _TASK = {"name", "model", "val", "test"}
 
@@ -71,6 +103,7 @@ class AuditFile:
     base: Path | None = None
     tasks: tuple[TaskEntry, ...] = ()
     max_length: int = 128
+    metric: str = "accuracy"
 
     @property
     def builtin(self) -> bool:
@@ -86,8 +119,10 @@ def builtin_file(name: str) -> Path:
     return path
 
 
-def load_audit_file(path: Path) -> AuditFile:
-    """Read and validate an audit file (see the module docstring)."""
+def load_audit_file(path: Path, overrides: dict[str, Any] | None = None) -> AuditFile:
+    """Read and validate an audit file (see the module docstring).  ``overrides``: fields that
+    replace the file's (the command line's options), checked as if the file held them; a
+    ``victim`` without ``free_riders`` makes every other task a free-rider."""
     import yaml
 
     path = Path(path)
@@ -100,14 +135,23 @@ def load_audit_file(path: Path) -> AuditFile:
         raise MergeShieldError(f"{path}: not a YAML file ({first})") from None
     if not isinstance(data, dict):
         raise MergeShieldError(f"{path}: an audit file is a YAML mapping (base: ..., victim: ...)")
+    if overrides:
+        if "base" in data and {"victim", "free_riders"} & set(overrides):
+            raise MergeShieldError(
+                f"{path}: the victim and free-riders of your own models are the file's "
+                "(edit victim/free_riders there)"
+            )
+        if "victim" in overrides and "free_riders" not in overrides:
+            data.pop("free_riders", None)
+        data = data | overrides
     unknown = sorted(set(map(str, data)) - _TOP)
     if unknown:
         raise MergeShieldError(f"{path}: unknown fields {unknown}; known: {sorted(_TOP)}")
-    metric = data.get("metric", "accuracy")
-    if metric not in METRICS:
+    metric = data.get("metric")
+    if metric is not None and metric not in METRICS:
         raise MergeShieldError(
-            f"{path}: unknown metric {metric!r}; classifiers are scored by {METRICS} "
-            "(exact match of greedy answers needs the causal-LM audit, not built yet)"
+            f"{path}: unknown metric {metric!r}; known: "
+            + ", ".join(f"{m} ({what})" for m, (what, _) in METRICS.items())
         )
     plan_fields = _plan_fields(path, data)
     if "family" in data:
@@ -118,7 +162,7 @@ def load_audit_file(path: Path) -> AuditFile:
             )
         if "base" in data:
             raise MergeShieldError(f"{path}: give either family (built-in) or base, not both")
-        victim = _name(path, data["victim"], "victim") if "victim" in data else None
+        victim = _name(path, data["victim"], "victim") if data.get("victim") else None
         riders = [_name(path, r, "free_riders") for r in _list(path, data, "free_riders")]
         plan = AuditPlan(
             kind=family.get("kind", "text"),
@@ -130,9 +174,15 @@ def load_audit_file(path: Path) -> AuditFile:
         )
         if plan.kind not in ("text", "image", "llm") or plan.setting not in ("small", "full"):
             raise MergeShieldError(f"{path}: family kind text|image|llm, setting small|full")
-        return AuditFile(plan)
+        implied = "exact_match" if plan.kind == "llm" else "accuracy"
+        if metric not in (None, implied):
+            raise MergeShieldError(
+                f"{path}: the built-in {plan.kind} family is scored by {implied}"
+            )
+        return AuditFile(plan, metric=implied)
     if "base" not in data:
         raise MergeShieldError(f"{path}: name the base model (base: FOLDER) or a built-in family")
+    metric = metric or "accuracy"
     root = path.parent
     base = _folder(root, data["base"], "base")
     entries = [_task(root, data.get("victim"), "victim")]
@@ -142,6 +192,7 @@ def load_audit_file(path: Path) -> AuditFile:
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise MergeShieldError(f"{path}: task names must differ, got {names}")
+    _check_models(base, entries, metric)
     max_length = data.get("max_length", 128)
     if not isinstance(max_length, int) or max_length < 1:
         raise MergeShieldError(f"{path}: max_length must be a positive integer")
@@ -153,7 +204,40 @@ def load_audit_file(path: Path) -> AuditFile:
         free_riders=tuple(names[1:]),
         **plan_fields,
     )
-    return AuditFile(plan, base=base, tasks=tuple(entries), max_length=max_length)
+    return AuditFile(plan, base=base, tasks=tuple(entries), max_length=max_length, metric=metric)
+
+
+def _check_models(base: Path, entries: list[TaskEntry], metric: str) -> None:
+    """Every model has the base's model type and is what ``metric`` scores (a causal LM's
+    base is a causal LM too); a classifier's base may be a bare backbone."""
+    base_type = read_config(base).get("model_type")
+    what, endings = METRICS[metric]
+    for entry in entries:
+        config = read_config(entry.model)
+        if config.get("model_type") != base_type:
+            raise MergeShieldError(
+                f"{entry.name}: {entry.model} is a {config.get('model_type')} model, the base "
+                f"{base} a {base_type}: not a fine-tune of that base"
+            )
+        architectures = config.get("architectures") or []
+        if not any(a.endswith(endings) for a in architectures):
+            other = next(m for m in METRICS if m != metric)
+            hint = (
+                f"; it is {METRICS[other][0]}: use metric: {other}"
+                if any(a.endswith(METRICS[other][1]) for a in architectures)
+                else ""
+            )
+            raise MergeShieldError(
+                f"{entry.name}: metric {metric} scores {what} (...{endings[0]}), but "
+                f"{entry.model} is a {architectures or 'model without architectures'}{hint}"
+            )
+    if metric == "exact_match":
+        architectures = read_config(base).get("architectures") or []
+        if not any(a.endswith(endings) for a in architectures):
+            raise MergeShieldError(
+                f"base {base}: metric exact_match needs the base as a causal LM checkpoint "
+                f"(...ForCausalLM, it answers for the base's score), not {architectures}"
+            )
 
 
 def _plan_fields(path: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +271,13 @@ def _plan_fields(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         if not grid or not all(isinstance(c, int | float) and c == c for c in grid):
             raise MergeShieldError(f"{path}: grid is a list of numbers, e.g. [0.5, 1.0]")
         out["grid"] = tuple(float(c) for c in grid)
-    for key, kind in (("grid_stride", int), ("merge_all", bool), ("seed", int)):
+    if "interpolation" in data:
+        alphas = _list(path, data, "interpolation")
+        if not alphas or not all(isinstance(a, int | float) and 0 <= a <= 1 for a in alphas):
+            raise MergeShieldError(f"{path}: interpolation is a list of alphas in [0, 1]")
+        out["interpolation"] = tuple(float(a) for a in alphas)
+    kinds = (("grid_stride", int), ("merge_all", bool), ("attacked_only", bool), ("seed", int))
+    for key, kind in kinds:
         if key in data:
             if not isinstance(data[key], kind):
                 raise MergeShieldError(f"{path}: {key} must be a {kind.__name__}")
@@ -250,57 +340,38 @@ def _task(root: Path, value: Any, what: str) -> TaskEntry:
     return TaskEntry(name, model, splits["val"], splits["test"])
 
 
-def materialize(audit: AuditFile, root: Path):
-    """The user's models as a :class:`~mergeshield.evaluation.zoo.Family` under ``root``:
+def materialize(audit: AuditFile, root: Path) -> Family:
+    """The user's models as a :class:`~mergeshield.evaluation.family.Family` under ``root``:
     each split encoded with its own model's tokenizer/processor and label map (``data/``),
-    then the base and fine-tuned accuracies measured, as the zoo records them."""
+    then the base and fine-tuned scores measured, as the zoo records them (kind ``llm`` for
+    ``exact_match``: the causal LM's greedy answers, as the built-in LLM family)."""
     import json
 
     import torch
 
     from mergeshield.evaluation.accuracy import evaluate
     from mergeshield.evaluation.family import Family
-    from mergeshield.folders import read_config
-    from mergeshield.hardening.data import encode_examples, read_examples
     from mergeshield.merging import extract_backbone
 
     assert audit.base is not None
-    base_config = read_config(audit.base)
     kinds = set()
     family = Family("text", "file", Path(root), audit.base, {}, {}, {}, {}, manifest={"tasks": {}})
     (family.root / "data").mkdir(parents=True, exist_ok=True)
     for entry in audit.tasks:
-        config = read_config(entry.model)
-        if config.get("model_type") != base_config.get("model_type"):
-            raise MergeShieldError(
-                f"{entry.name}: {entry.model} is a {config.get('model_type')} model, the base "
-                f"{audit.base} a {base_config.get('model_type')}: not a fine-tune of that base"
-            )
-        extract_backbone(entry.model, audit.base, family.root / "check" / entry.name)
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(entry.model, local_files_only=True)
+        try:
+            extract_backbone(entry.model, audit.base, family.root / "check" / entry.name)
+        except MergeShieldError as err:
+            raise MergeShieldError(f"{entry.name}: {err}") from None
         stored: dict[str, Any] = {}
         for split in ("val", "test"):
-            examples = read_examples(getattr(entry, split))
-            kinds.add(examples.kind)
-            text = examples.kind == "text"
             try:
-                encoded = encode_examples(
-                    examples,
-                    entry.model,
-                    hf_config,
-                    tokenizer_dir=_tokenizer_dir(entry.model, audit.base) if text else entry.model,
-                    max_len=audit.max_length,
-                )
+                kind, stored[split], stored["labels"] = _encode(audit, entry, split)
             except MergeShieldError as err:
                 raise MergeShieldError(f"{entry.name} {split} data: {err}") from None
-            stored[split] = encoded.tensors
-        labels = [hf_config.id2label[i] for i in range(hf_config.num_labels)]
-        stored["labels"] = labels
+            kinds.add(kind)
         torch.save(stored, family.root / "data" / f"{entry.name}.pt")
         family.tasks[entry.name] = entry.model
-        family.labels[entry.name] = labels
+        family.labels[entry.name] = stored["labels"]
     if len(kinds) != 1:
         raise MergeShieldError("the family mixes text and image data")
     family.kind = kinds.pop()
@@ -323,6 +394,48 @@ def materialize(audit: AuditFile, root: Path):
     return family
 
 
+def _encode(audit: AuditFile, entry: TaskEntry, split: str) -> tuple[str, Any, list[str]]:
+    """(family kind, model inputs, label names) of one split of ``entry``: prompt + answer +
+    eos for a causal LM (:func:`mergeshield.evaluation.generative.encode`), else the
+    classifier's inputs with its own head's label ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mergeshield.evaluation.generative import GenSplit, encode
+    from mergeshield.hardening.data import encode_examples, read_examples, read_prompt_answers
+    from mergeshield.modeling import quiet_transformers
+
+    path = getattr(entry, split)
+    if audit.metric == "exact_match":
+        prompts, answers = read_prompt_answers(path)
+        if not prompts:
+            raise MergeShieldError(f"{path} holds no examples")
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(
+                _tokenizer_dir(entry.model, audit.base), local_files_only=True
+            )
+        if tokenizer.eos_token_id is None:
+            raise MergeShieldError(
+                f"{entry.model}: the tokenizer has no eos token (exact match scores the answer "
+                "then end-of-sequence)"
+            )
+        return "llm", encode(GenSplit(prompts, answers), tokenizer, audit.max_length), []
+    examples = read_examples(path)
+    if not len(examples):
+        raise MergeShieldError(f"{path} holds no examples")
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(entry.model, local_files_only=True)
+    text = examples.kind == "text"
+    encoded = encode_examples(
+        examples,
+        entry.model,
+        config,
+        tokenizer_dir=_tokenizer_dir(entry.model, audit.base) if text else entry.model,
+        max_len=audit.max_length,
+    )
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    return examples.kind, encoded.tensors, labels
+
+
 def _tokenizer_dir(model: Path, base: Path) -> Path:
     """The model's own tokenizer files, else the base's."""
     for folder in (model, base):
@@ -331,15 +444,31 @@ def _tokenizer_dir(model: Path, base: Path) -> Path:
     raise MergeShieldError(f"{model}: no tokenizer files in the model or the base folder")
 
 
-def run_audit_file(path: Path, out: Path, *, progress: bool = True):
-    """Run the audit a file describes and write its report to ``out``; the result."""
+@contextmanager
+def audit_family(audit: AuditFile, *, progress: bool = True) -> Iterator[Family]:
+    """The family an audit file describes: the built-in one (built or reused from the cache)
+    or the user's models materialized in a temporary folder for the duration."""
     import tempfile
 
+    from mergeshield.evaluation.zoo import build_family
+
+    if audit.builtin:
+        tasks = list(audit.plan.tasks) if audit.plan.tasks else None
+        yield build_family(audit.plan.kind, audit.plan.setting, tasks=tasks, progress=progress)
+        return
+    with tempfile.TemporaryDirectory(prefix="mergeshield-family-") as tmp:
+        yield materialize(audit, Path(tmp))
+
+
+def run_audit_file(
+    path: Path, out: Path, *, overrides: dict[str, Any] | None = None, progress: bool = True
+):
+    """Run the audit a file describes (with ``overrides``, see :func:`load_audit_file`) and
+    write its report to ``out``; the result."""
     from mergeshield.evaluation.audit import run_audit
 
-    audit = load_audit_file(path)
-    if audit.builtin:
+    audit = load_audit_file(path, overrides)
+    if audit.builtin:  # run_audit builds (or reuses) the family after checking the plan
         return run_audit(audit.plan, out, progress=progress)
-    with tempfile.TemporaryDirectory(prefix="mergeshield-family-") as tmp:
-        family = materialize(audit, Path(tmp))
+    with audit_family(audit, progress=progress) as family:
         return run_audit(audit.plan, out, family=family, progress=progress)

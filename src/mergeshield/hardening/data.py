@@ -12,6 +12,9 @@ Accepted sources (``labels`` are ints or label names from the model's ``config.l
 * a :class:`~mergeshield.tasks.TaskData` (its train split) or a sequence of
   ``(input, label)`` pairs.
 
+A causal LM's task (:func:`read_prompt_answers`): prompt/answer pairs, a JSONL or CSV file or
+a ``datasets`` folder with ``prompt`` and ``answer`` columns.
+
 Images are resized (bilinear) to the model's ``config.image_size`` and mapped to ``[-1, 1]``
 (``(v / 255 - 0.5) / 0.5``, the ``ViTImageProcessor`` defaults and the zoo's convention),
 unless the model folder ships a ``preprocessor_config.json``, which is then used instead.
@@ -68,7 +71,7 @@ def read_examples(data: TaskData | str | Path | Sequence[tuple[Any, Any]]) -> Ex
     if isinstance(data, str | Path):
         path = Path(data)
         if path.is_dir():
-            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            if _is_datasets_folder(path):
                 return _read_datasets_folder(path)
             return _read_image_folder(path)
         if not path.is_file():
@@ -81,6 +84,15 @@ def read_examples(data: TaskData | str | Path | Sequence[tuple[Any, Any]]) -> Ex
 
 
 def _read_table(path: Path) -> Examples:
+    rows = _table_rows(path)
+    try:
+        return Examples("text", [str(r["text"]) for r in rows], [r["label"] for r in rows])
+    except (KeyError, TypeError) as err:
+        raise MergeShieldError(f"{path}: every row needs 'text' and 'label' ({err})") from err
+
+
+def _table_rows(path: Path) -> list[Any]:
+    """The rows of a JSONL file (one object a line) or a CSV file with a header."""
     if path.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -89,17 +101,61 @@ def _read_table(path: Path) -> Examples:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise MergeShieldError(f"{path}:{i}: not a JSON object ({err.msg})") from err
-    elif path.suffix == ".csv":
+        return rows
+    if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise MergeShieldError(
-            f"{path}: training data must be .jsonl, .csv, an image folder or a datasets folder"
-        )
+            return list(csv.DictReader(f))
+    raise MergeShieldError(
+        f"{path}: data must be .jsonl, .csv, an image folder or a datasets folder"
+    )
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_dataset(root: Path) -> Any:
+    """A ``datasets`` ``save_to_disk`` folder (a ``DatasetDict``: its ``train`` split)."""
     try:
-        return Examples("text", [str(r["text"]) for r in rows], [r["label"] for r in rows])
-    except (KeyError, TypeError) as err:
-        raise MergeShieldError(f"{path}: every row needs 'text' and 'label' ({err})") from err
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as err:
+        raise MergeShieldError(
+            f"reading {root} needs the datasets package: pip install datasets"
+        ) from err
+    ds = load_from_disk(str(root))
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise MergeShieldError(f"{root}: the DatasetDict has no 'train' split ({list(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def read_prompt_answers(path: str | Path) -> tuple[list[str], list[str]]:
+    """Prompts and reference answers of a causal-LM task: a JSONL or CSV file, or a
+    ``datasets`` folder, with ``prompt`` and ``answer`` columns (strings, used as they are)."""
+    path = Path(path)
+    if path.is_dir() and _is_datasets_folder(path):
+        ds = _load_dataset(path)
+        missing = sorted({"prompt", "answer"} - set(ds.column_names))
+        if missing:
+            raise MergeShieldError(
+                f"{path}: no {missing} column; prompt/answer data has 'prompt' and 'answer' "
+                f"columns, this one has {sorted(ds.column_names)}"
+            )
+        rows = [{"prompt": p, "answer": a} for p, a in zip(ds["prompt"], ds["answer"], strict=True)]
+    elif path.is_file():
+        rows = _table_rows(path)
+    else:
+        raise MergeShieldError(f"{path}: not a JSONL/CSV file or a datasets folder")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not {"prompt", "answer"} <= set(row):
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise MergeShieldError(f"{path}: row {i} needs 'prompt' and 'answer' (has {have})")
+        if not isinstance(row["prompt"], str) or not isinstance(row["answer"], str):
+            raise MergeShieldError(f"{path}: row {i}: prompt and answer must be strings")
+        if not row["answer"]:
+            raise MergeShieldError(f"{path}: row {i}: empty answer")
+    return [r["prompt"] for r in rows], [r["answer"] for r in rows]
 
 
 def _read_image_folder(root: Path) -> Examples:
@@ -126,17 +182,7 @@ def _read_image_folder(root: Path) -> Examples:
 
 
 def _read_datasets_folder(root: Path) -> Examples:
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError as err:
-        raise MergeShieldError(
-            f"reading {root} needs the datasets package: pip install datasets"
-        ) from err
-    ds = load_from_disk(str(root))
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise MergeShieldError(f"{root}: the DatasetDict has no 'train' split ({list(ds)})")
-        ds = ds["train"]
+    ds = _load_dataset(root)
     columns = set(ds.column_names)
     label = next((c for c in ("label", "labels") if c in columns), None)
     text = next((c for c in ("text", "sentence") if c in columns), None)
