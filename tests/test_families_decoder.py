@@ -325,3 +325,28 @@ def test_norm_pinned_qk_maps_alone_still_disrupt_a_merge(tiny, tmp_path, name):
     plain = change(outputs(averaged(model, base_t, orig_t), inputs), reference)
     guarded = change(outputs(averaged(model, base_t, qk_only), inputs), reference)
     assert guarded > 2 * plain, f"{name}: QK-only merge change {guarded:.3f}, plain {plain:.3f}"
+
+
+def test_verify_lists_every_expert(tiny, tmp_path):
+    """``verify``'s table has a row per expert and for the shared expert (and the dense
+    layer's MLP), each moved by ``all``; the summary line counts the experts; the attention
+    rows include the per-head q/k norms."""
+    from mergeshield.verify import moved_summary, tensor_groups, verify
+
+    original = tiny("qwen2_moe")[0]
+    protect(original, tmp_path / "p", "all", seed=6)
+    report = verify(original, tmp_path / "p")
+    assert report.ok, report
+    experts = [f"layer 0 {e} mlp" for e in ("expert0", "expert1", "expert2", "shared")]
+    mlps = [*experts, "layer 1 mlp"]
+    assert set(report.moved) == {"layer 0 attention", "layer 1 attention", *mlps} | {
+        "embeddings, norms, heads"
+    }
+    for group in mlps:
+        assert report.moved[group] > 0.3, (group, report.moved[group])
+    summary = moved_summary(report.moved)
+    assert "experts " in summary and "(4 experts)" in summary and "mlp " in summary, summary
+
+    groups = tensor_groups(open_checkpoint(tiny("qwen3_moe")[0]).spec)
+    assert "model.layers.1.self_attn.k_norm.weight" in groups["layer 1 attention"]
+    assert len([g for g in groups if g.startswith("layer 1 expert")]) == 3

@@ -153,6 +153,11 @@ class BlockSpec:
     mlp: MLPSpec | None
     extra_mlps: tuple[MLPSpec, ...] = ()
 
+    def mlps(self) -> tuple[MLPSpec, ...]:
+        """Every MLP of the block: ``mlp`` then ``extra_mlps`` (none in an attention-only
+        block)."""
+        return () if self.mlp is None else (self.mlp, *self.extra_mlps)
+
     def slots(self) -> dict[str, Slot]:
         slots = {**self.attention.slots(), **(self.mlp.slots() if self.mlp is not None else {})}
         for mlp in self.extra_mlps:

@@ -20,7 +20,9 @@ Notation: per head, ``X`` is the protected ``d x m`` piece in row form and ``Y``
    made relative to the head's scale so that shrinking a head cannot hide behind the ridge).
 3. MLP units are matched by the Hungarian algorithm on cosine similarity (scale-invariant for
    gated MLPs) and put back in base order; for gated MLPs each unit's scale is undone with
-   the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).
+   the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).  Every MLP
+   of a block on its own: in a mixture-of-experts layer each expert, and the shared expert,
+   against the same expert of the base (the router is never transformed).
 
 Why it works whatever ``A`` is: with ``X = A X_F`` and ``X_F`` of full row rank, ``T X =
 Y Pi`` where ``Pi = X^T (X X^T)^-1 X`` is the projector onto the row space of ``X``, which is
@@ -68,7 +70,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
+from mergeshield.architectures.spec import AttentionSpec, BlockSpec
 from mergeshield.attacks.matching import (
     Heads,
     inner_cost,
@@ -101,15 +103,20 @@ def unpermute_heads(block: BlockSpec, prot: Tensors, base: Tensors, cost: CostFn
 
 
 def align_units(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
-    """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact."""
-    mlp: MLPSpec | None = block.mlp
-    if mlp is None:  # an attention-only block (T5's cross-attention)
+    """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact.
+    Every MLP of the block on its own (a mixture-of-experts layer: each expert and the shared
+    expert against the same MLP of the base)."""
+    mlps = block.mlps()
+    if not mlps:  # an attention-only block (T5's cross-attention)
         return
-    perm = match_units_cosine(mlp, prot, base)
-    apply_transform(prot, block, BlockTransform(unit_perm=perm))
-    if mlp.gate is not None:
-        scale = unit_scales(mlp, prot, base, RIDGE)
-        apply_transform(prot, block, BlockTransform(unit_scale=scale))
+    perms = [match_units_cosine(mlp, prot, base) for mlp in mlps]
+    apply_transform(prot, block, BlockTransform.of_units(perms=perms))
+    if any(mlp.gate is not None for mlp in mlps):
+        scales = [
+            unit_scales(mlp, prot, base, RIDGE) if mlp.gate is not None else np.ones(mlp.n_units)
+            for mlp in mlps
+        ]
+        apply_transform(prot, block, BlockTransform.of_units(scales=scales))
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -159,9 +166,9 @@ def aga(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
 def rebasin(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
     """Git Re-Basin weight matching of one block: head and unit permutations only."""
     unpermute_heads(block, prot, base, inner_cost)
-    if block.mlp is not None:  # T5's cross-attention blocks have none
-        perm = match_units_inner(block.mlp, prot, base)
-        apply_transform(prot, block, BlockTransform(unit_perm=perm))
+    perms = [match_units_inner(mlp, prot, base) for mlp in block.mlps()]  # none: T5 cross
+    if perms:
+        apply_transform(prot, block, BlockTransform.of_units(perms=perms))
     return prot
 
 

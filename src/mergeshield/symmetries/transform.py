@@ -72,6 +72,27 @@ class BlockTransform:
     extra_unit_perm: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
     extra_unit_scale: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
 
+    @classmethod
+    def of_units(
+        cls, perms: list[np.ndarray] | None = None, scales: list[np.ndarray] | None = None
+    ) -> BlockTransform:
+        """The unit permutations and/or scales of every MLP of a block, in
+        :meth:`BlockSpec.mlps` order: the first as ``unit_*``, the others concatenated as
+        ``extra_unit_*``."""
+
+        def split(parts: list[np.ndarray] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+            if not parts:
+                return None, None
+            return parts[0], np.concatenate(parts[1:]) if len(parts) > 1 else None
+
+        (perm, extra_perm), (scale, extra_scale) = split(perms), split(scales)
+        return cls(
+            unit_perm=perm,
+            unit_scale=scale,
+            extra_unit_perm=extra_perm,
+            extra_unit_scale=extra_scale,
+        )
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {
             f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
