@@ -73,6 +73,8 @@ import torch
 from mergeshield.architectures.spec import AttentionSpec, BlockSpec
 from mergeshield.attacks.matching import (
     Heads,
+    assign_heads,
+    head_costs,
     inner_cost,
     match_heads,
     match_units_cosine,
@@ -96,7 +98,7 @@ CostFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 def unpermute_heads(block: BlockSpec, prot: Tensors, base: Tensors, cost: CostFn) -> None:
     """Match heads by ``cost`` and put the protected heads in base order (in place)."""
     att = block.attention
-    if att.pinned_heads:  # T5: a per-layer head permutation would not be exact
+    if att.shared_heads is not None:  # T5: put in order for the whole stack (stack_head_order)
         return
     kv_perm, q_perm = match_heads(att, read_heads(base, att), read_heads(prot, att), cost)
     apply_transform(prot, block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
@@ -145,6 +147,23 @@ def orthogonal_fit(m: np.ndarray, rope: bool) -> np.ndarray:
     a, b = rope_pairs(m.shape[0])
     angle = np.arctan2(m[b, a] - m[a, b], m[a, a] + m[b, b])
     return rope_commuting(np.ones(len(a)), angle)
+
+
+def stack_head_order(
+    blocks: list[tuple[BlockSpec, Tensors, Tensors]], function: str
+) -> BlockTransform:
+    """The head permutation of a stack whose layers must all permute their heads alike (T5,
+    :attr:`AttentionSpec.shared_heads`): the two-level assignment on the head costs of every
+    ``(block, protected, base)`` of the stack, summed (the cost of attack ``function``); it
+    goes to every block of the stack and to the position bias table's columns."""
+    cost = inner_cost if function == "rebasin" else subspace_cost
+    c_q = c_kv = 0.0
+    for block, prot, base in blocks:
+        att = block.attention
+        q, kv = head_costs(read_heads(base, att), read_heads(prot, att), cost)
+        c_q, c_kv = c_q + q, c_kv + kv
+    kv_perm, q_perm = assign_heads(blocks[0][0].attention, c_q, c_kv)
+    return BlockTransform(kv_perm=kv_perm, q_perm=q_perm)
 
 
 # --- the three attacks ---------------------------------------------------------------------

@@ -84,6 +84,8 @@ class BlockContext:
     base: Tensors | None  # float64 copies of the public base model's block tensors, if given
     rng: np.random.Generator
     options: DefenseOptions
+    # seeded per stack whose layers share one head permutation (AttentionSpec.shared_heads)
+    stack_rng: np.random.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,16 @@ get_defense = DEFENSES.lookup
 
 
 def random_head_permutation(
-    att: AttentionSpec, rng: np.random.Generator
+    att: AttentionSpec, rng: np.random.Generator, stack_rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Key/value heads permuted, and query heads permuted within their (moved) group;
-    identities where the heads are pinned (T5's shared relative position bias)."""
-    if att.pinned_heads:
-        return np.arange(att.n_kv_heads), np.arange(att.n_heads)
+    """Key/value heads permuted, and query heads permuted within their (moved) group.  Heads
+    that every layer of a stack must permute alike (T5's shared relative position bias) draw
+    from ``stack_rng``, a generator seeded the same for every block of the stack; without one
+    they stay in order."""
+    if att.shared_heads is not None:
+        if stack_rng is None:
+            return np.arange(att.n_kv_heads), np.arange(att.n_heads)
+        rng = stack_rng
     r = att.group_size
     kv = rng.permutation(att.n_kv_heads)
     q = np.concatenate([g * r + rng.permutation(r) for g in kv])

@@ -33,13 +33,17 @@ T5: a decoder layer is two blocks, its self-attention with its MLP and its cross
 alone (queries from the decoder stream, keys and values from the encoder output; the QK map acts
 on head dimensions, Q and K get matching maps, and a block without MLP has no MLP step).  Each
 self-attention head adds its column of a relative position bias stored in layer 0 and shared by
-every layer of the stack, so a per-layer head permutation is not exact: ``all`` leaves those
-heads in order (cross-attention heads are permuted).  The per-head QK/VO maps keep every score
-``q_h^T k_h`` and head output, so the bias, the missing ``1/sqrt(d)``, RMSNorm and the
-``d_model^-0.5``-scaled tied head are untouched.  Measured on tiny models (change of a 50/50
-average with the base, relative to the outputs' spread; :data:`FAMILY_NOTES`): ``all``,
-``params`` and ``mergelock`` 1.1-1.5 as on BERT-like models, ``mergebarrier`` (QK only)
-0.27-0.48 against 0.74-0.88 there; unprotected 0.11-0.17.
+every layer of the stack, so a per-layer head permutation is not exact: ``all`` (the only
+defense that permutes heads) draws one permutation per stack (from a generator seeded by the
+stack, ``BlockContext.stack_rng``), applies it to the self-attention of every layer of the
+stack and to the bias table's columns, and keeps a permutation per layer for the
+cross-attention heads.  The per-head QK/VO maps keep every score ``q_h^T k_h`` and head
+output, so the bias, the missing ``1/sqrt(d)``, RMSNorm and the ``d_model^-0.5``-scaled tied
+head are untouched.  Measured on tiny models (change of a 50/50 average with the base,
+relative to the outputs' spread; :data:`FAMILY_NOTES`): ``all``, ``params`` and
+``mergelock`` 1.1-1.5 as on BERT-like models (``all`` with the stack permutation 1.09-1.34,
+without it 1.11-1.36: the per-head maps dominate), ``mergebarrier`` (QK only) 0.27-0.48
+against 0.74-0.88 there; unprotected 0.11-0.17.
 
 Partial rotary embeddings (Phi-4-mini) rotate only the pairs ``(j, j + rotary_dim / 2)``:
 the same maps are built on those pairs and on the free dimensions paired among themselves
@@ -275,7 +279,7 @@ def mergebarrier(ctx: BlockContext) -> BlockTransform:
 def all_transforms(ctx: BlockContext) -> BlockTransform:
     """Every exact transform together (head permutation applied first, see transform.py)."""
     att, mlp = ctx.block.attention, ctx.block.mlp
-    kv_perm, q_perm = random_head_permutation(att, ctx.rng)
+    kv_perm, q_perm = random_head_permutation(att, ctx.rng, ctx.stack_rng)
     lock = _mergelock_matrices(ctx)
     # The flip is applied after the head permutation.  New kv head j is old kv head
     # kv_perm[j] and its query group is old group kv_perm[j] (reordered within), so its QK
@@ -322,12 +326,13 @@ _MOE = (
 # What differs per model type, printed by ``mergeshield defenses`` (issue 16).
 FAMILY_NOTES: dict[str, str] = {
     "t5": (
-        "self-attention heads keep their order (each adds its column of a relative position\n"
-        "  bias stored in layer 0 and shared by every layer of the stack); cross-attention\n"
-        "  heads, QK/VO maps and MLP units as elsewhere. Measured: a 50/50 merge with the base\n"
-        "  moves tiny T5 fine-tunes' logits by, in units of their spread (3 seeds), 1.1-1.4\n"
+        "all permutes self-attention heads with one permutation per stack (each head adds its\n"
+        "  column of a relative position bias stored in layer 0 and shared by every layer of\n"
+        "  the stack; the table's columns move with the heads), cross-attention heads per\n"
+        "  layer; QK/VO maps and MLP units as elsewhere. Measured: a 50/50 merge with the base\n"
+        "  moves tiny T5 fine-tunes' logits by, in units of their spread (3 seeds), 1.1-1.3\n"
         "  (all), 1.1-1.4 (mergelock), 1.2-1.5 (params), 0.27-0.48 (mergebarrier, QK only);\n"
-        "  unprotected: 0.11-0.17."
+        "  unprotected: 0.095-0.17."
     ),
     "qwen3": _NORMED_QK + _MEASURED_QWEN3,
     "gemma3_text": _NORMED_QK + _MEASURED_GEMMA3,

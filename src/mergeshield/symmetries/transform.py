@@ -3,7 +3,8 @@
 A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
 
 1. heads: key/value head ``g`` takes old head ``kv_perm[g]``; query head ``h`` takes old head
-   ``q_perm[h]`` (``q_perm`` keeps every query head inside the group of its key/value head);
+   ``q_perm[h]`` (``q_perm`` keeps every query head inside the group of its key/value head),
+   and so does column ``h`` of a position bias table stored in the block (T5);
 2. QK: for key/value head ``g`` and each query head ``h`` of its group,
    ``W_Q^h <- A_g W_Q^h, b_Q^h <- A_g b_Q^h`` and ``W_K^g <- A_g^-T W_K^g, b_K^g <- A_g^-T b_K^g``,
    so every score ``q^T k`` is unchanged;
@@ -264,6 +265,8 @@ def _head_step(tensors, att, mlp, d, r, t, inverse) -> None:
     _permute_rows(tensors, att.k, kv, d)
     _permute_rows(tensors, att.v, kv, d)
     _permute_columns(tensors, att.o, q, d)
+    if att.position_bias is not None:  # T5: column h is head h's bias
+        tensors[att.position_bias] = take(tensors[att.position_bias], q, 1)
 
 
 def _qk_step(tensors, att, mlp, d, r, t, inverse) -> None:
