@@ -17,7 +17,13 @@ from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
 from mergeshield.arrays import Array, concat, float32, to_numpy
 from mergeshield.errors import MergeShieldError
 from mergeshield.registry import Registry
-from mergeshield.symmetries.linalg import log_uniform, rope_commuting
+from mergeshield.symmetries.linalg import (
+    VO_BLOCK,
+    block_permuted,
+    bound_blocks,
+    log_uniform,
+    rope_commuting,
+)
 from mergeshield.symmetries.transform import BlockTransform
 
 Tensors = dict[str, Array]
@@ -119,6 +125,24 @@ def random_head_permutation(
     kv = rng.permutation(att.n_kv_heads)
     q = np.concatenate([g * r + rng.permutation(r) for g in kv])
     return kv, q
+
+
+def blocked(
+    rng: np.random.Generator,
+    d: int,
+    sample: Callable[[int], np.ndarray],
+    max_cond: float | None = None,
+) -> np.ndarray:
+    """A V/O map for a head of ``d`` dimensions: ``sample(d)`` up to ``VO_BLOCK`` dimensions;
+    for wider heads (Gemma 2/3: 256) ``blockdiag(sample(c), ...) P`` with ``c = VO_BLOCK`` and
+    ``P`` a random permutation of the head's dimensions (:func:`.linalg.block_permuted`), whose
+    cost per weight is that of a ``c``-dimensional head (``max_cond``: the blocks bounded
+    jointly, :func:`.linalg.bound_blocks`).  A block of ``D Q`` maps is again ``D Q``, so
+    ``low_precision`` keeps its rounding guarantee."""
+    if d <= VO_BLOCK or d % VO_BLOCK:
+        return sample(d)
+    blocks = bound_blocks([sample(VO_BLOCK) for _ in range(d // VO_BLOCK)], max_cond)
+    return block_permuted(blocks, rng.permutation(d))
 
 
 def random_rope_matrix(
