@@ -310,6 +310,21 @@ def test_bad_inputs_get_one_line_errors(tiny, tmp_path, family, changes, message
     assert folder_digest(src) == before and not (tmp_path / "out").exists()
 
 
+def test_t5_position_bias_of_another_head_count_is_refused(tiny, tmp_path):
+    """The bias table's columns follow the heads: a table with a column too many is refused
+    with one line naming it, before anything is written."""
+    src = tmp_path / "bad"
+    shutil.copytree(tiny["t5-v1.0"].original, src)
+    tensors = load_file(src / "model.safetensors")
+    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    tensors[name] = torch.randn(tensors[name].shape[0], tensors[name].shape[1] + 1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeShieldError, match="one column per head") as err:
+        protect(src, tmp_path / "out", "all", seed=1)
+    assert name in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_light_config_reader_matches_transformers(tiny, family):
     """The towers read from config.json without transformers equal those from AutoConfig."""

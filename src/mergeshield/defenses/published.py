@@ -71,7 +71,7 @@ reads dimensions from all over the head.  It is applied as a gather and ``k`` de
 128-dimensional head.  (PaRaMS's ``symmetric`` VO map is then symmetric per block, not as a
 whole.)  Measured on tiny Gemma 3 models with head_dim 256 (3 seeds, 50/50 merge with the
 base, logits' change in units of their spread): through the protected V/O tensors alone
-0.86-1.04 (mergelock), 0.87-0.94 (params), 0.86-1.04 (all) against the dense maps' 0.80-0.93,
+0.87-1.02 (mergelock), 0.87-0.94 (params), 0.86-1.04 (all) against the dense maps' 0.80-0.93,
 0.82-0.95, 0.81-1.01; unprotected 0.11-0.13.  The QK maps of norm-pinned heads (signs and
 quarter turns, below) are applied as row gathers and sign flips, without products.
 
@@ -359,8 +359,8 @@ _WIDE_HEADS = (
     "  times a random permutation of the head's dimensions (each block reads dimensions from\n"
     "  all over the head), at the cost per weight of a 128-dimensional head. Measured: a 50/50\n"
     "  merge with the base through the protected V/O tensors alone moves tiny head_dim-256\n"
-    "  Gemma 3 logits by 0.86-1.04 (all, mergelock), 0.87-0.94 (params) in units of their\n"
-    "  spread (3 seeds), dense maps: 0.80-1.01; unprotected: 0.11-0.13."
+    "  Gemma 3 logits by 0.86-1.04 (all), 0.87-1.02 (mergelock), 0.87-0.94 (params) in units\n"
+    "  of their spread (3 seeds), dense maps: 0.80-1.01; unprotected: 0.11-0.13."
 )
 _MOE = (
     "every expert's (and a shared expert's) units permuted (all: and sign-flipped) each on\n"
