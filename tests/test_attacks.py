@@ -43,6 +43,7 @@ from tests.tiny_models import build, outputs
 
 FAMILIES = ["bert-seqcls", "gpt2", "llama-gqa2", "qwen2", "clip"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]  # every expert (and Qwen2-MoE's shared one)
+NORMED = ["qwen3-gqa2", "gemma3"]  # per-head q/k norms: signs, pair swaps, norm scales
 DEFENSES = ["params", "mergelock", "mergebarrier", "all"]
 EPS = 0.03  # relative size of the fine-tuning update of every tensor
 FLOAT_SLACK = 1e-4  # relative; float32 storage of weights moved by cond <= 100 maps
@@ -140,7 +141,7 @@ def test_registry_lists_the_three_attacks():
     assert set(ATTACKS) == {"aga", "rebasin", "procrustes"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NORMED)
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_aga_recovers_the_fine_tuned_weights(families, tmp_path, family, defense):
     fam = families(family)
@@ -153,7 +154,7 @@ def test_aga_recovers_the_fine_tuned_weights(families, tmp_path, family, defense
     assert d_att < 0.2 * d_prot
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NORMED)
 def test_aga_recovers_the_function_against_all(families, tmp_path, family):
     """Averaging with the base works again: ``(attacked + W0) / 2`` behaves like ``(F + W0) / 2``.
 
@@ -179,7 +180,7 @@ def test_aga_recovers_the_function_against_all(families, tmp_path, family):
     assert e_merge_att < 0.2 * e_merge_prot
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NORMED)
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_procrustes_is_an_exact_symmetry(families, tmp_path, family, defense):
     fam = families(family)
