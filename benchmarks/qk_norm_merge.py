@@ -9,6 +9,13 @@ averaged 50/50 with the base, and the logits' change is printed in units of thei
 to the unprotected average's.  Numbers quoted in README.md and ``mergeshield defenses``.
 
     PYTHONPATH=src:. python benchmarks/qk_norm_merge.py --seeds 3
+
+``--tensors`` picks other protected tensors by name (``all``: the whole protected model, the
+merge a free-rider makes; ``v_proj o_proj``: the V/O maps alone), ``--defenses`` the defenses,
+``--models`` any tiny model of ``tests/tiny_models.py`` (T5 included):
+
+    PYTHONPATH=src:. python benchmarks/qk_norm_merge.py --models t5-v1.0 t5-v1.1 t5-encoder \
+        --defenses all --tensors all
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ DECODER_MODELS["llama-as-qwen3-gqa2"] = _decoder(
 )
 
 
-def measure(name: str, seed: int, root: Path) -> dict[str, float]:
+def measure(
+    name: str, seed: int, root: Path, defenses: list[str], tensors: tuple[str, ...]
+) -> dict[str, float]:
     base, inputs = build(name, root / f"{name}-base", seed=1 + 10 * seed)
     tuned = copy.deepcopy(base)
     g = torch.Generator().manual_seed(2)
@@ -50,11 +59,12 @@ def measure(name: str, seed: int, root: Path) -> dict[str, float]:
     reference = outputs(tuned, inputs)
     orig, base_t = load_tensors(root / name), load_tensors(root / f"{name}-base")
     row = {"unprotected": change(outputs(averaged(tuned, base_t, orig), inputs), reference)}
-    for defense in ("mergelock", "mergebarrier", "params"):
+    for defense in defenses:
         out = root / f"{name}-{defense}"
         protect(root / name, out, defense, seed=seed, overwrite=True)
         prot = load_tensors(out)
-        qk = {k: prot[k] if any(s in k for s in QK_TENSORS) else v for k, v in orig.items()}
+        every = tensors == ("all",)
+        qk = {k: prot[k] if every or any(s in k for s in tensors) else v for k, v in orig.items()}
         row[defense] = change(outputs(averaged(tuned, base_t, qk), inputs), reference)
     return row
 
@@ -65,11 +75,13 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["qwen3-gqa2", "llama-as-qwen3-gqa2", "gemma3"]
     )
+    parser.add_argument("--defenses", nargs="+", default=["mergelock", "mergebarrier", "params"])
+    parser.add_argument("--tensors", nargs="+", default=list(QK_TENSORS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for seed in range(args.seeds):
-                row = measure(name, seed, Path(tmp))
+                row = measure(name, seed, Path(tmp), args.defenses, tuple(args.tensors))
                 print(name, seed, " ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
 
 

@@ -276,7 +276,7 @@ def test_bad_decoder_inputs_get_one_line_errors(tiny, tmp_path, capsys):
         read_config({"model_type": "qwen2_moe", "num_experts": "4"})
 
 
-@pytest.mark.parametrize("name", ["qwen3-gqa2", "gemma3", "phi3-gqa2", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3-gqa2", "gemma3", "gemma3-d256", "phi3-gqa2", "qwen2_moe"])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("backend", ["numpy-streamed", "torch"])
 def test_stored_bf16_transform_is_bit_identical_to_float64_path(tiny, name, inverse, backend):
@@ -325,3 +325,48 @@ def test_norm_pinned_qk_maps_alone_still_disrupt_a_merge(tiny, tmp_path, name):
     plain = change(outputs(averaged(model, base_t, orig_t), inputs), reference)
     guarded = change(outputs(averaged(model, base_t, qk_only), inputs), reference)
     assert guarded > 2 * plain, f"{name}: QK-only merge change {guarded:.3f}, plain {plain:.3f}"
+
+
+def test_verify_lists_every_expert(tiny, tmp_path):
+    """``verify``'s table has a row per expert and for the shared expert (and the dense
+    layer's MLP), each moved by ``all``; the summary line counts the experts; the attention
+    rows include the per-head q/k norms."""
+    from mergeshield.verify import moved_summary, tensor_groups, verify
+
+    original = tiny("qwen2_moe")[0]
+    protect(original, tmp_path / "p", "all", seed=6)
+    report = verify(original, tmp_path / "p")
+    assert report.ok, report
+    experts = [f"layer 0 {e} mlp" for e in ("expert0", "expert1", "expert2", "shared")]
+    mlps = [*experts, "layer 1 mlp"]
+    assert set(report.moved) == {"layer 0 attention", "layer 1 attention", *mlps} | {
+        "embeddings, norms, heads"
+    }
+    for group in mlps:
+        assert report.moved[group] > 0.3, (group, report.moved[group])
+    summary = moved_summary(report.moved)
+    assert "experts " in summary and "(4 experts)" in summary and "mlp " in summary, summary
+
+    groups = tensor_groups(open_checkpoint(tiny("qwen3_moe")[0]).spec)
+    assert "model.layers.1.self_attn.k_norm.weight" in groups["layer 1 attention"]
+    assert len([g for g in groups if g.startswith("layer 1 expert")]) == 3
+
+
+@pytest.mark.parametrize("defense", ["all", "mergelock", "params"])
+def test_wide_heads_get_block_diagonal_vo_maps_that_mix_the_head(tiny, tmp_path, defense):
+    """head_dim 256 (> VO_BLOCK = 128): every V/O map is ``blockdiag(B_1, B_2) P`` (two dense
+    128 x 128 blocks, ``P`` a permutation of the head's 256 dimensions that sends dimensions of
+    both halves into each block), applied at the cost of a 128-dimensional head."""
+    from mergeshield.symmetries.linalg import VO_BLOCK
+    from mergeshield.symmetries.transform import split_blocks
+
+    protect(tiny("gemma3-d256")[0], tmp_path / "p", defense, seed=8, key_out=tmp_path / "k")
+    _, transforms = load_key(tmp_path / "k")
+    for t in transforms.values():
+        perm, blocks = split_blocks(t.vo, VO_BLOCK)
+        assert blocks.shape == (2 * len(t.vo), VO_BLOCK, VO_BLOCK)
+        assert np.count_nonzero(blocks) == blocks.size  # dense blocks
+        for p in perm:  # each block reads dimensions from both halves of the head
+            halves = p.reshape(2, VO_BLOCK) // VO_BLOCK
+            assert all(set(h) == {0, 1} for h in halves)
+        assert np.count_nonzero(t.vo) == len(t.vo) * 2 * VO_BLOCK**2  # half the entries zero

@@ -175,30 +175,62 @@ def test_unprotect_restores_original(tiny, tmp_path, family, defense):
         assert err <= 1e-5, f"{family}/{defense}: {name} restored with relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("family", ["t5-v1.0", "t5-v1.1"])
-def test_t5_self_attention_heads_stay_in_place_cross_attention_heads_move(tiny, tmp_path, family):
+@pytest.mark.parametrize("family", ["t5-v1.0", "t5-v1.1", "t5-encoder"])
+def test_t5_self_attention_heads_take_one_permutation_per_stack(tiny, tmp_path, family):
     """T5's relative position bias (layer 0, one column per head) is shared by every layer of
-    a stack, so ``all`` leaves self-attention heads in order; cross-attention has no bias and
-    its heads are permuted.  The bias table itself is copied unchanged."""
+    a stack, so ``all`` permutes the self-attention heads of every layer of a stack alike and
+    the bias table's columns with them; cross-attention has no bias and its heads take a
+    permutation per layer.  Over the stacks and seeds the permutations are not identities."""
     t = tiny[family]
-    protect(t.original, tmp_path / "p", "all", seed=4, key_out=tmp_path / "k")
-    _, transforms = load_key(tmp_path / "k")
     blocks = open_checkpoint(t.original).spec.blocks
-    cross_moved = False
-    for i, block in enumerate(blocks):
-        identity = np.arange(block.attention.n_heads)
-        if block.mlp is None:
-            assert block.name.endswith("cross") and not block.attention.pinned_heads
-            cross_moved |= not np.array_equal(transforms[i].q_perm, identity)
-        else:
-            assert block.attention.pinned_heads
-            assert np.array_equal(transforms[i].q_perm, identity), block.name
-            assert np.array_equal(transforms[i].kv_perm, identity), block.name
-    assert cross_moved
-    orig_t, prot_t = load_tensors(t.original), load_tensors(tmp_path / "p")
-    for name in orig_t:
-        if "relative_attention_bias" in name:
-            assert torch.equal(orig_t[name], prot_t[name])
+    orig_t = load_tensors(t.original)
+    moved = cross_moved = 0
+    for seed in range(3):
+        key = tmp_path / f"k{seed}"
+        protect(t.original, tmp_path / f"p{seed}", "all", seed=seed, key_out=key)
+        _, transforms = load_key(key)
+        prot_t = load_tensors(tmp_path / f"p{seed}")
+        per_stack: dict[str, np.ndarray] = {}
+        for i, block in enumerate(blocks):
+            att, perm = block.attention, transforms[i].q_perm
+            identity = np.arange(att.n_heads)
+            if block.mlp is None:
+                assert block.name.endswith("cross") and att.shared_heads is None
+                assert att.position_bias is None
+                cross_moved += not np.array_equal(perm, identity)
+                continue
+            first = per_stack.setdefault(att.shared_heads, perm)
+            np.testing.assert_array_equal(perm, first, err_msg=block.name)
+            np.testing.assert_array_equal(transforms[i].kv_perm, perm)
+            if block.name.endswith(" 0"):  # the stack's first layer stores the bias
+                assert att.position_bias.endswith("relative_attention_bias.weight")
+                bias = att.position_bias
+                assert torch.equal(prot_t[bias], orig_t[bias][:, torch.as_tensor(perm)]), bias
+            else:
+                assert att.position_bias is None
+        assert len(per_stack) == (1 if family == "t5-encoder" else 2)
+        moved += sum(not np.array_equal(p, np.arange(len(p))) for p in per_stack.values())
+    assert moved >= 2 and (family == "t5-encoder" or cross_moved)
+
+
+def test_t5_key_with_unequal_head_permutations_in_a_stack_is_refused(tiny, tmp_path, capsys):
+    """A key whose blocks of one stack permute heads differently would break the shared bias:
+    ``unprotect`` refuses it with one line."""
+    from mergeshield.cli import main
+    from mergeshield.protect import save_key
+
+    t = tiny["t5-v1.1"]
+    key = tmp_path / "k.safetensors"
+    protect(t.original, tmp_path / "p", "all", seed=1, key_out=key)
+    meta, transforms = load_key(key)
+    t1 = transforms[1]  # the encoder's second layer
+    t1.q_perm = t1.kv_perm = np.roll(t1.q_perm, 1)
+    save_key(key, transforms, "all", open_checkpoint(t.original), meta["key_id"])
+    capsys.readouterr()
+    code = main(["unprotect", str(tmp_path / "p"), str(key), str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unlike block 0 of the same stack" in err[0], err
+    assert not (tmp_path / "r").exists()
 
 
 def test_t5_blocks_cover_both_stacks_and_cross_attention(tiny):
@@ -278,6 +310,21 @@ def test_bad_inputs_get_one_line_errors(tiny, tmp_path, family, changes, message
     assert folder_digest(src) == before and not (tmp_path / "out").exists()
 
 
+def test_t5_position_bias_of_another_head_count_is_refused(tiny, tmp_path):
+    """The bias table's columns follow the heads: a table with a column too many is refused
+    with one line naming it, before anything is written."""
+    src = tmp_path / "bad"
+    shutil.copytree(tiny["t5-v1.0"].original, src)
+    tensors = load_file(src / "model.safetensors")
+    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    tensors[name] = torch.randn(tensors[name].shape[0], tensors[name].shape[1] + 1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeShieldError, match="one column per head") as err:
+        protect(src, tmp_path / "out", "all", seed=1)
+    assert name in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_light_config_reader_matches_transformers(tiny, family):
     """The towers read from config.json without transformers equal those from AutoConfig."""
@@ -292,8 +339,9 @@ def test_light_config_reader_matches_transformers(tiny, family):
 @pytest.mark.parametrize("family", ["t5-v1.1", "t5-encoder", "clip-text"])
 def test_verify_and_exact_attacks_run(tiny, tmp_path, family):
     """``verify`` loads T5 with its Auto class and feeds its decoder; the exact attacks skip
-    the MLP of cross-attention blocks and leave T5's pinned self-attention heads in order, so
-    their output still computes the protected (= original) function."""
+    the MLP of cross-attention blocks and match T5's self-attention heads once per stack (a
+    per-layer permutation would break the shared position bias), so their output still
+    computes the protected (= original) function."""
     from mergeshield.attacks import attack
     from mergeshield.verify import verify
 
@@ -307,6 +355,23 @@ def test_verify_and_exact_attacks_run(tiny, tmp_path, family):
         assert verify(t.original, tmp_path / method).ok, method
 
 
+@pytest.mark.parametrize("family", ["t5-v1.0", "t5-v1.1"])
+@pytest.mark.parametrize("method", ["aga", "procrustes"])
+def test_attacks_put_t5_stack_heads_back_in_order(tiny, tmp_path, family, method):
+    """The attacks match T5's self-attention heads once per stack, on all of its layers: the
+    position bias tables come back to the original's bit for bit (a pure column move)."""
+    from mergeshield.attacks import attack
+
+    t = tiny[family]
+    protect(t.original, tmp_path / "p", "all", seed=2)
+    orig_t, prot_t = load_tensors(t.original), load_tensors(tmp_path / "p")
+    out = load_tensors(attack(tmp_path / "p", t.base, tmp_path / method, method))
+    biases = [n for n in orig_t if n.endswith("relative_attention_bias.weight")]
+    assert len(biases) == 2 and any(not torch.equal(prot_t[n], orig_t[n]) for n in biases)
+    for name in biases:
+        assert torch.equal(out[name], orig_t[name]), name
+
+
 def test_defenses_command_says_what_t5_keeps(capsys):
     from mergeshield.cli import main
 
@@ -314,4 +379,4 @@ def test_defenses_command_says_what_t5_keeps(capsys):
     out = capsys.readouterr().out
     for model_type in ("xlm-roberta", "distilbert", "t5", "clip_text_model"):
         assert model_type in out
-    assert "\nt5: self-attention heads keep their order" in out
+    assert "\nt5: all permutes self-attention heads with one permutation per stack" in out

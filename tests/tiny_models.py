@@ -347,6 +347,16 @@ DECODER_MODELS: dict[str, Callable[[], tuple[Any, dict]]] = {
         query_pre_attn_scalar=32,
         **_SLIDING,
     ),
+    # Gemma 3's real head_dim 256 (> VO_BLOCK): block-diagonal V/O maps, GQA ratio 2
+    "gemma3-d256": _decoder(
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        **_SLIDING,
+    ),
     # fused qkv_proj with unequal q | k | v rows (GQA ratio 2), fused gate_up_proj
     "phi3-gqa2": _decoder(
         tf.Phi3Config,

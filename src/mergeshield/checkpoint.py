@@ -226,6 +226,12 @@ def _check_block_tensors(
                     f"{path}: {name} has shape {tuple(shapes[name])}, but config.json implies "
                     f"{shape} (head_dim)"
                 )
+        bias, heads = block.attention.position_bias, block.attention.n_heads  # T5: per head
+        if bias is not None and (len(shapes[bias]) != 2 or shapes[bias][1] != heads):
+            _fail(
+                f"{path}: {bias} has shape {tuple(shapes[bias])}, but config.json implies "
+                f"[buckets, {heads}] (one column per head)"
+            )
 
 
 def check_same_architecture(model: Checkpoint, other: Checkpoint) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import zlib
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -161,6 +162,7 @@ def protect(
                 else None,
                 rng=np.random.default_rng([entropy, index]),
                 options=options,
+                stack_rng=stack_generator(entropy, block),
             )
             t = spec_defense.sample(ctx)
             del ctx
@@ -210,6 +212,16 @@ def protect(
     return ProtectResult(
         output=out, defense=defense, n_blocks=len(src.spec.blocks), key=key_out, left_out=left_out
     )
+
+
+def stack_generator(entropy: int, block: BlockSpec) -> np.random.Generator | None:
+    """The generator of a block whose heads every layer of its stack permutes alike
+    (:attr:`AttentionSpec.shared_heads`), seeded by the stack's name, so each block of the
+    stack draws the same permutation; None for any other block."""
+    stack = block.attention.shared_heads
+    if stack is None:
+        return None
+    return np.random.default_rng([entropy, zlib.crc32(stack.encode()), 1])
 
 
 def _holds_key_id(folder: Path, key_id: str) -> bool:
@@ -366,6 +378,24 @@ def check_key(
                 and not (np.linalg.cond(array) < 1 / np.finfo(np.float64).eps).all()
             ):
                 raise MergeShieldError(f"{where} holds singular matrices")
+    _check_stack_heads(path, transforms, spec)
+
+
+def _check_stack_heads(path: Path, transforms: dict[int, BlockTransform], spec: ModelSpec) -> None:
+    """Every block of a stack that shares its head order (T5) permutes its heads alike."""
+    seen: dict[str, tuple[int, list[int]]] = {}
+    for index, block in enumerate(spec.blocks):
+        att = block.attention
+        if att.shared_heads is None:
+            continue
+        t = transforms.get(index, BlockTransform())
+        heads = list(t.q_perm) if t.q_perm is not None else list(range(att.n_heads))
+        first, expected = seen.setdefault(att.shared_heads, (index, heads))
+        if heads != expected:
+            raise MergeShieldError(
+                f"{path}: block {index} permutes its heads unlike block {first} of the same "
+                "stack (their layers share one position bias): not a key of this model"
+            )
 
 
 def load_key_for(key: str | os.PathLike, src: Checkpoint) -> dict[int, BlockTransform]:

@@ -20,6 +20,7 @@ trip's, or at one position or 1% of them (a near-tie may flip either way).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,19 +160,26 @@ def model_output(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[str, torc
     raise AssertionError(f"no comparable output in {type(out).__name__}")
 
 
-def tensor_group_distances(original: Checkpoint, protected: Checkpoint) -> dict[str, float]:
-    """``||W_p - W_o|| / ||W_o||`` per attention block, MLP block, and everything else."""
+def tensor_groups(spec: Any) -> dict[str, list[str]]:
+    """Tensor names per group: each block's attention (with its per-head norms), each MLP of a
+    block (``layer 0 mlp``; a mixture-of-experts layer's ``layer 0 expert3 mlp`` for every
+    expert and ``layer 0 shared mlp``), and everything else."""
     groups: dict[str, list[str]] = {}
-    for block in original.spec.blocks:
+    for block in spec.blocks:
         att = {n for s in block.attention.slots().values() for n in s.names()}
-        mlp = {n for s in block.slots().values() for n in s.names()} - att
-        groups[f"{block.name} attention"] = sorted(att)
-        if mlp:  # none in an attention-only block (T5's cross-attention)
-            groups[f"{block.name} mlp"] = sorted(mlp)
-    groups["embeddings, norms, heads"] = list(original.spec.residual)
+        groups[f"{block.name} attention"] = sorted(att | set(block.attention.norms()))
+        for mlp in block.mlps():  # none in an attention-only block (T5's cross-attention)
+            label = f"{block.name} {mlp.label}" if mlp.label else block.name
+            groups[f"{label} mlp"] = sorted({n for s in mlp.slots().values() for n in s.names()})
+    groups["embeddings, norms, heads"] = list(spec.residual)
+    return groups
+
+
+def tensor_group_distances(original: Checkpoint, protected: Checkpoint) -> dict[str, float]:
+    """``||W_p - W_o|| / ||W_o||`` per group of :func:`tensor_groups`."""
     distances = {}
     with reader(original) as a, reader(protected) as b:
-        for group, names in groups.items():
+        for group, names in tensor_groups(original.spec).items():
             diff = norm = 0.0
             for name in names:
                 x = a.get(name)
@@ -274,15 +282,26 @@ def verify(
     return report
 
 
+def _kind(group: str) -> str | None:
+    """``attention``, ``mlp``, ``expert`` (an MLP of a mixture-of-experts layer) or None."""
+    words = group.split()
+    if words[-1] == "attention":
+        return "attention"
+    if words[-1] != "mlp":
+        return None
+    return "expert" if re.fullmatch(r"expert\d+|shared", words[-2]) else "mlp"
+
+
 def moved_summary(moved: dict[str, float]) -> str:
-    """One line: the range of the relative L2 distance moved by attention and MLP groups
-    across blocks, and by everything else."""
+    """One line: the range of the relative L2 distance moved by attention groups, dense MLPs
+    and experts (shared experts included) across blocks, and by everything else."""
     parts = []
-    for kind in ("attention", "mlp"):
-        values = [v for group, v in moved.items() if group.endswith(f" {kind}")]
+    for kind, unit in (("attention", "blocks"), ("mlp", "blocks"), ("expert", "experts")):
+        values = [v for group, v in moved.items() if _kind(group) == kind]
         if values:
-            parts.append(f"{kind} {min(values):.3f}-{max(values):.3f} ({len(values)} blocks)")
+            name = "experts" if kind == "expert" else kind
+            parts.append(f"{name} {min(values):.3f}-{max(values):.3f} ({len(values)} {unit})")
     for group, value in moved.items():
-        if not group.endswith((" attention", " mlp")):
+        if _kind(group) is None:
             parts.append(f"{group} {value:.3f}")
     return "weights moved (relative L2 distance): " + "; ".join(parts)

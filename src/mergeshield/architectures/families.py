@@ -24,8 +24,9 @@ class Layout:
     ``.bias`` are appended).  ``fused_qkv``: q, k and v are the three chunks of the ``q`` stem's
     output dimension.  ``conv1d``: weights are stored ``[in, out]``.
     ``cross``: q, k, v and o stems of a cross-attention after the self-attention (T5's
-    decoder), which becomes a block of its own.  ``pinned_heads``: the self-attention heads
-    share a position-bias table across layers (:class:`AttentionSpec`).
+    decoder), which becomes a block of its own.  ``position_bias``: stem of a position-bias
+    table stored in a stack's first layer and shared by all its layers, whose self-attention
+    heads then take one permutation per stack (:class:`AttentionSpec`).
     ``qkv_rows``: q, k and v are consecutive row ranges of the ``q`` stem (``n_heads * d``,
     ``n_kv_heads * d``, ``n_kv_heads * d`` rows: Phi-3's ``qkv_proj``).  ``gate_up_rows``:
     gate and up are the first and second half of the ``up`` stem's rows (``gate_up_proj``).
@@ -44,7 +45,7 @@ class Layout:
     fused_qkv: bool = False
     conv1d: bool = False
     cross: tuple[str, str, str, str] | None = None
-    pinned_heads: bool = False
+    position_bias: str | None = None
     qkv_rows: bool = False
     gate_up_rows: bool = False
     q_norm: str | None = None
@@ -247,7 +248,8 @@ def _t5_towers(cfg: Any) -> list[Tower]:
     No attention scaling (folded into the weights), RMSNorm without bias, no linear biases:
     none of it touches the per-head maps, which keep every score ``q_h^T k_h``, or the MLP
     units.  The relative position bias (one column per head, in layer 0, shared by every
-    layer of a stack) pins the self-attention heads' order (:class:`AttentionSpec`).
+    layer of a stack) allows one self-attention head permutation per stack
+    (:class:`AttentionSpec`).
     """
     gated, activation = t5_activation(cfg.feed_forward_proj)
     towers = []
@@ -356,7 +358,7 @@ def _t5_layout(decoder: bool, gated: bool) -> Layout:
         down=ff + "wo",
         gate=ff + "wi_0" if gated else None,
         cross=(cross + "q", cross + "k", cross + "v", cross + "o") if decoder else None,
-        pinned_heads=True,
+        position_bias=att + "relative_attention_bias",
     )
 
 
@@ -568,6 +570,14 @@ def _moe_mlps(slot: SlotMaker, tower: Tower, moe: MoELayout) -> list[MLPSpec]:
     ]
 
 
+def _position_bias(keys: set[str], base: str, layout: Layout) -> str | None:
+    """The layer's position-bias table, where it stores one (T5: the stack's first layer)."""
+    if layout.position_bias is None:
+        return None
+    name = base + layout.position_bias + ".weight"
+    return name if name in keys else None
+
+
 def _blocks(keys: set[str], tower: Tower, layout: Layout, start: str) -> Iterable[BlockSpec]:
     for i in range(tower.n_layers):
         base = start + layout.layer.format(i=i)
@@ -595,7 +605,8 @@ def _blocks(keys: set[str], tower: Tower, layout: Layout, start: str) -> Iterabl
             n_kv_heads=tower.n_kv_heads,
             head_dim=tower.head_dim,
             rope=tower.rope,
-            pinned_heads=layout.pinned_heads,
+            shared_heads=start if layout.position_bias else None,
+            position_bias=_position_bias(keys, base, layout),
             q_norm=base + layout.q_norm + ".weight" if layout.q_norm else None,
             k_norm=base + layout.k_norm + ".weight" if layout.k_norm else None,
             norm_offset=tower.norm_offset,
@@ -623,7 +634,7 @@ def _blocks(keys: set[str], tower: Tower, layout: Layout, start: str) -> Iterabl
         )
         if layout.cross is not None:
             q, k, v, o = (slot(stem) for stem in layout.cross)
-            cross = replace(attention, q=q, k=k, v=v, o=o, pinned_heads=False)
+            cross = replace(attention, q=q, k=k, v=v, o=o, shared_heads=None, position_bias=None)
             yield BlockSpec(f"{name} cross", tower.hidden_size, attention=cross, mlp=None)
 
 

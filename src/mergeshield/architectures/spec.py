@@ -62,10 +62,13 @@ class AttentionSpec:
     attention; ``n_kv_heads == n_heads`` is ordinary multi-head attention).
     ``rope``: rotary embeddings in the Hugging Face ``rotate_half`` layout, which rotates
     dimension ``i`` together with ``i + head_dim / 2``.
-    ``pinned_heads``: head ``h`` adds column ``h`` of a position-bias table that every layer of
-    its stack shares (T5's relative attention bias, stored in layer 0): a head permutation of
-    one layer is not exact, so the heads keep their order (per-head QK/VO maps leave the
-    scores ``q_h^T k_h`` and outputs unchanged, hence commute with the bias).
+    ``shared_heads``: the name of a stack whose layers must all permute their heads alike
+    (None: each layer on its own).  T5: head ``h`` adds column ``h`` of a relative position
+    bias table stored in the stack's first layer and shared by every layer of the stack, so
+    only one head permutation per stack, also applied to the table's columns, is exact
+    (per-head QK/VO maps leave the scores ``q_h^T k_h`` and outputs unchanged, hence commute
+    with the bias).  ``position_bias``: that table (``[buckets, n_heads]``), in the block that
+    stores it.
     ``rotary_dim``: partial rotary embeddings rotate only the first ``rotary_dim`` dimensions,
     ``i`` with ``i + rotary_dim / 2`` (0: all of them).
     ``q_norm``/``k_norm``: stored weights ``w`` (``[head_dim]``, shared by all heads) of the
@@ -81,7 +84,8 @@ class AttentionSpec:
     n_kv_heads: int
     head_dim: int
     rope: bool = False
-    pinned_heads: bool = False
+    shared_heads: str | None = None
+    position_bias: str | None = None
     q_norm: str | None = None
     k_norm: str | None = None
     norm_offset: float = 0.0
@@ -102,6 +106,11 @@ class AttentionSpec:
     def norms(self) -> tuple[str, ...]:
         """The per-head norm weights (none, or ``(q_norm, k_norm)``)."""
         return tuple(n for n in (self.q_norm, self.k_norm) if n is not None)
+
+    def head_tables(self) -> tuple[str, ...]:
+        """Stored tensors besides the slots that follow the heads: the per-head norm weights
+        and the position bias table."""
+        return self.norms() + ((self.position_bias,) if self.position_bias else ())
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,11 @@ class BlockSpec:
     mlp: MLPSpec | None
     extra_mlps: tuple[MLPSpec, ...] = ()
 
+    def mlps(self) -> tuple[MLPSpec, ...]:
+        """Every MLP of the block: ``mlp`` then ``extra_mlps`` (none in an attention-only
+        block)."""
+        return () if self.mlp is None else (self.mlp, *self.extra_mlps)
+
     def slots(self) -> dict[str, Slot]:
         slots = {**self.attention.slots(), **(self.mlp.slots() if self.mlp is not None else {})}
         for mlp in self.extra_mlps:
@@ -165,7 +179,7 @@ class BlockSpec:
             for name in slot.names():
                 if name not in names:  # fused tensors appear in several slots
                     names.append(name)
-        return tuple(names) + self.attention.norms()
+        return tuple(names) + self.attention.head_tables()
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """Logical ``[out, in]`` shape of every slot, from the config."""

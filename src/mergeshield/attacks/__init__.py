@@ -12,14 +12,20 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergeshield.architectures.spec import BlockSpec
-from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
+from mergeshield.checkpoint import (
+    Checkpoint,
+    check_output_path,
+    check_same_architecture,
+    open_checkpoint,
+)
 from mergeshield.progress import progress_bar
 from mergeshield.registry import Registry
 from mergeshield.rewrite import rewrite
 from mergeshield.shards import reader
+from mergeshield.symmetries.transform import BlockTransform, apply_transform
 from mergeshield.version import __version__
 
 if TYPE_CHECKING:
@@ -41,6 +47,11 @@ class Attack:
     def align_block(self, block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
         align = importlib.import_module("mergeshield.attacks.align")
         return getattr(align, self.function)(block, prot, base)
+
+    def stack_order(self, blocks: list[tuple[BlockSpec, Tensors, Tensors]]) -> BlockTransform:
+        """One head permutation for a stack of layers that share it (``align.stack_head_order``)."""
+        align = importlib.import_module("mergeshield.attacks.align")
+        return align.stack_head_order(blocks, self.function)
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -91,14 +102,33 @@ def attack(
         reader(base_ckpt) as base_reader,
         progress_bar(f"attack ({method})", len(src.spec.blocks), progress) as bar,
     ):
+        orders = _stack_orders(spec, src, base_ckpt, base_reader)
 
         def transform_block(index: int, block: BlockSpec, tensors: Tensors) -> Tensors:
             base_block = base_reader.block(base_ckpt.spec.blocks[index], like=block)
+            order = orders.get(block.attention.shared_heads)
+            if order is not None:  # T5: the stack's heads, and its position bias, in order
+                apply_transform(tensors, block, order)
             return spec.align_block(block, tensors, base_block)
 
         metadata = {"mergeshield_version": __version__, "mergeshield_attack": method}
         rewrite(src, out, transform_block, metadata, overwrite=overwrite, on_block=bar, also=[base])
     return out
+
+
+def _stack_orders(
+    spec: Attack, src: Checkpoint, base: Checkpoint, base_reader: Any
+) -> dict[str, BlockTransform]:
+    """Per stack whose layers share one head order (T5): the attack's head permutation,
+    matched on all of the stack's blocks at once (read here once more, before the rewrite)."""
+    stacks: dict[str, list[tuple[BlockSpec, Tensors, Tensors]]] = {}
+    with reader(src) as src_reader:
+        for block, base_block in zip(src.spec.blocks, base.spec.blocks, strict=True):
+            stack = block.attention.shared_heads
+            if stack is not None:
+                pair = (src_reader.block(block), base_reader.block(base_block, like=block))
+                stacks.setdefault(stack, []).append((block, *pair))
+    return {stack: spec.stack_order(blocks) for stack, blocks in stacks.items()}
 
 
 __all__ = ["ATTACKS", "Attack", "attack", "get_attack"]

@@ -20,7 +20,14 @@ Notation: per head, ``X`` is the protected ``d x m`` piece in row form and ``Y``
    made relative to the head's scale so that shrinking a head cannot hide behind the ridge).
 3. MLP units are matched by the Hungarian algorithm on cosine similarity (scale-invariant for
    gated MLPs) and put back in base order; for gated MLPs each unit's scale is undone with
-   the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).
+   the least-squares scalar ``t_i`` on its up row (up ``* t_i``, down ``/ t_i``).  Every MLP
+   of a block on its own: in a mixture-of-experts layer each expert, and the shared expert,
+   against the same expert of the base (the router is never transformed).
+
+Heads with per-head q/k norms (Qwen3, Gemma 3): before step 2 the exact QK group there (signs,
+pair swaps, norm-weight scales; :mod:`mergeshield.symmetries.qk_norm`) is estimated from the
+weights and undone, norms included (:func:`align_norms`); a Q/K fit that ignored the norm
+weights would leave them in the protected frame and break the function.
 
 Why it works whatever ``A`` is: with ``X = A X_F`` and ``X_F`` of full row rank, ``T X =
 Y Pi`` where ``Pi = X^T (X X^T)^-1 X`` is the projector onto the row space of ``X``, which is
@@ -50,6 +57,8 @@ matched as in ``aga``; then per key/value head ``g``, one orthogonal ``R`` maxim
   jointly keeps the function exactly, where separate fits for Q and K would not.  Rotary
   models: ``R`` must also commute with RoPE, so it is restricted to a rotation ``R(phi_j)``
   per rotary pair, ``phi_j = atan2(M_ba - M_ab, M_aa + M_bb)`` (pair ``(a, b)``).
+  Heads with per-head q/k norms: only signs and pair swaps (with the norm weights) are exact,
+  so :func:`align_norms` is used instead of a rotation.
 - VO: ``M`` summed over ``V_g`` and the group's ``W_O[:, h]^T``; ``V <- R V``,
   ``W_O[:, h] <- W_O[:, h] R^T``, exact for the same reason.
 - MLP: as in ``aga`` (exact).
@@ -68,9 +77,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
+from mergeshield.architectures.spec import AttentionSpec, BlockSpec
 from mergeshield.attacks.matching import (
     Heads,
+    assign_heads,
+    head_costs,
     inner_cost,
     match_heads,
     match_units_cosine,
@@ -81,6 +92,7 @@ from mergeshield.attacks.matching import (
     write_heads,
 )
 from mergeshield.symmetries.linalg import rope_commuting, rope_pairs
+from mergeshield.symmetries.qk_norm import norm_map, pair_maps
 from mergeshield.symmetries.transform import BlockTransform, apply_transform
 
 Tensors = dict[str, torch.Tensor]
@@ -94,22 +106,73 @@ CostFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 def unpermute_heads(block: BlockSpec, prot: Tensors, base: Tensors, cost: CostFn) -> None:
     """Match heads by ``cost`` and put the protected heads in base order (in place)."""
     att = block.attention
-    if att.pinned_heads:  # T5: a per-layer head permutation would not be exact
+    if att.shared_heads is not None:  # T5: put in order for the whole stack (stack_head_order)
         return
     kv_perm, q_perm = match_heads(att, read_heads(base, att), read_heads(prot, att), cost)
     apply_transform(prot, block, BlockTransform(kv_perm=kv_perm, q_perm=q_perm))
 
 
 def align_units(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
-    """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact."""
-    mlp: MLPSpec | None = block.mlp
-    if mlp is None:  # an attention-only block (T5's cross-attention)
+    """Hungarian on cosine similarity, then (gated MLPs) the per-unit scale; in place, exact.
+    Every MLP of the block on its own (a mixture-of-experts layer: each expert and the shared
+    expert against the same MLP of the base)."""
+    mlps = block.mlps()
+    if not mlps:  # an attention-only block (T5's cross-attention)
         return
-    perm = match_units_cosine(mlp, prot, base)
-    apply_transform(prot, block, BlockTransform(unit_perm=perm))
-    if mlp.gate is not None:
-        scale = unit_scales(mlp, prot, base, RIDGE)
-        apply_transform(prot, block, BlockTransform(unit_scale=scale))
+    perms = [match_units_cosine(mlp, prot, base) for mlp in mlps]
+    apply_transform(prot, block, BlockTransform.of_units(perms=perms))
+    if any(mlp.gate is not None for mlp in mlps):
+        scales = [
+            unit_scales(mlp, prot, base, RIDGE) if mlp.gate is not None else np.ones(mlp.n_units)
+            for mlp in mlps
+        ]
+        apply_transform(prot, block, BlockTransform.of_units(scales=scales))
+
+
+def align_norms(block: BlockSpec, prot: Tensors, base: Tensors) -> None:
+    """Heads with per-head q/k norms (Qwen3, Gemma 3): undo the exact QK group of
+    :mod:`mergeshield.symmetries.qk_norm` (in place, an exact symmetry).
+
+    Per rotary pair ``j = (a, b)`` and key/value head ``g``, over the group's query heads and
+    its key head: ``keep = <Y_a, X_a> + <Y_b, X_b>`` (``X_a = s Y_a``: kept with sign ``s``)
+    and ``turn = <Y_a, X_b> - <Y_b, X_a>`` (``X_a = -s Y_b, X_b = s Y_a``: a quarter turn).
+    The pair is turned in the layer where ``sum_g |turn| > sum_g |keep|`` (the swap is shared
+    by every head, as the norm weights are); each head's sign is that of its score.  The
+    per-pair norm scale ``c_j`` (``u_Q' = c u_Q[perm]``, ``u_K' = u_K[perm] / c``) is the
+    geometric mean of the least-squares fits of the protected norms to the base's.  The
+    inverse of that transform is applied to Q, K and both norms."""
+    att = block.attention
+    if att.q_norm is None:
+        return
+    p, b = read_heads(prot, att), read_heads(base, att)
+    half, r = att.head_dim // 2, att.group_size
+
+    def scores(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        xa, xb, ya, yb = x[:, :half], x[:, half:], y[:, :half], y[:, half:]
+        keep = (ya * xa).sum(-1) + (yb * xb).sum(-1)
+        turn = (ya * xb).sum(-1) - (yb * xa).sum(-1)
+        return keep.numpy(), turn.numpy()
+
+    (keep_q, turn_q), (keep_k, turn_k) = scores(p.q, b.q), scores(p.k, b.k)
+    keep = keep_q.reshape(att.n_kv_heads, r, half).sum(1) + keep_k
+    turn = turn_q.reshape(att.n_kv_heads, r, half).sum(1) + turn_k
+    swap = np.abs(turn).sum(0) > np.abs(keep).sum(0)
+    signs = np.where(np.where(swap, turn, keep) < 0, -1.0, 1.0)
+    perm, _ = norm_map(swap, None)
+
+    def pair_sum(x: np.ndarray) -> np.ndarray:
+        return x[:half] + x[half:]
+
+    u = {
+        side: (prot[name].numpy() + att.norm_offset, base[name].numpy()[perm] + att.norm_offset)
+        for side, name in (("q", att.q_norm), ("k", att.k_norm))
+    }
+    (uq, bq), (uk, bk) = u["q"], u["k"]
+    c_q = pair_sum(uq * bq) / pair_sum(bq * bq)
+    c_k = pair_sum(bk * bk) / pair_sum(uk * bk)
+    _, scale = norm_map(swap, np.sqrt(np.abs(c_q * c_k)))
+    found = BlockTransform(qk=pair_maps(signs, swap), norm_perm=perm, norm_scale=scale)
+    apply_transform(prot, block, found, inverse=True)
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -140,6 +203,23 @@ def orthogonal_fit(m: np.ndarray, rope: bool) -> np.ndarray:
     return rope_commuting(np.ones(len(a)), angle)
 
 
+def stack_head_order(
+    blocks: list[tuple[BlockSpec, Tensors, Tensors]], function: str
+) -> BlockTransform:
+    """The head permutation of a stack whose layers must all permute their heads alike (T5,
+    :attr:`AttentionSpec.shared_heads`): the two-level assignment on the head costs of every
+    ``(block, protected, base)`` of the stack, summed (the cost of attack ``function``); it
+    goes to every block of the stack and to the position bias table's columns."""
+    cost = inner_cost if function == "rebasin" else subspace_cost
+    c_q = c_kv = 0.0
+    for block, prot, base in blocks:
+        att = block.attention
+        q, kv = head_costs(read_heads(base, att), read_heads(prot, att), cost)
+        c_q, c_kv = c_q + q, c_kv + kv
+    kv_perm, q_perm = assign_heads(blocks[0][0].attention, c_q, c_kv)
+    return BlockTransform(kv_perm=kv_perm, q_perm=q_perm)
+
+
 # --- the three attacks ---------------------------------------------------------------------
 
 
@@ -147,6 +227,7 @@ def aga(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
     """Anchor gradient-free alignment of one block (see the module docstring)."""
     att = block.attention
     unpermute_heads(block, prot, base, subspace_cost)
+    align_norms(block, prot, base)
     p, b = read_heads(prot, att), read_heads(base, att)
     aligned = Heads(
         q=ridge_fit(p.q, b.q), k=ridge_fit(p.k, b.k), v=ridge_fit(p.v, b.v), o=ridge_fit(p.o, b.o)
@@ -159,9 +240,9 @@ def aga(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
 def rebasin(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
     """Git Re-Basin weight matching of one block: head and unit permutations only."""
     unpermute_heads(block, prot, base, inner_cost)
-    if block.mlp is not None:  # T5's cross-attention blocks have none
-        perm = match_units_inner(block.mlp, prot, base)
-        apply_transform(prot, block, BlockTransform(unit_perm=perm))
+    perms = [match_units_inner(mlp, prot, base) for mlp in block.mlps()]  # none: T5 cross
+    if perms:
+        apply_transform(prot, block, BlockTransform.of_units(perms=perms))
     return prot
 
 
@@ -186,12 +267,18 @@ def procrustes(block: BlockSpec, prot: Tensors, base: Tensors) -> Tensors:
     """Orthogonal Procrustes of one block, fitted jointly so that it stays an exact symmetry."""
     att = block.attention
     unpermute_heads(block, prot, base, subspace_cost)
+    align_norms(block, prot, base)  # normed heads: the only exact QK maps, no rotation
     p, b = read_heads(prot, att), read_heads(base, att)
     r = att.group_size
     q, k, v, o = p.q.clone(), p.k.clone(), p.v.clone(), p.o.clone()
+    identity = torch.eye(att.head_dim, dtype=p.q.dtype)
     for g in range(att.n_kv_heads):
         group = slice(g * r, (g + 1) * r)
-        r_qk = _group_fit(att, (p.q, b.q), (p.k, b.k), g, att.rope)
+        r_qk = (
+            identity
+            if att.q_norm is not None
+            else _group_fit(att, (p.q, b.q), (p.k, b.k), g, att.rope)
+        )
         r_vo = _group_fit(att, (p.o, b.o), (p.v, b.v), g, False)
         q[group], k[g] = r_qk @ p.q[group], r_qk @ p.k[g]
         v[g], o[group] = r_vo @ p.v[g], r_vo @ p.o[group]

@@ -123,17 +123,27 @@ def inner_cost(base: torch.Tensor, prot: torch.Tensor) -> np.ndarray:
     return -torch.einsum("idm,jdm->ij", base, prot).numpy()
 
 
+def head_costs(base: Heads, prot: Heads, cost) -> tuple[np.ndarray, np.ndarray]:
+    """``(C_Q + C_O, C_K + C_V)``: ``cost(base, prot) -> (n_base, n_prot)`` per slot, summed
+    over the query-indexed and the key/value-indexed slots."""
+    return cost(base.q, prot.q) + cost(base.o, prot.o), cost(base.k, prot.k) + cost(base.v, prot.v)
+
+
 def match_heads(
     att: AttentionSpec, base: Heads, prot: Heads, cost
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(kv_perm, q_perm)``: base head ``i`` is protected head ``perm[i]`` (two-level LAP).
+    """``(kv_perm, q_perm)``: base head ``i`` is protected head ``perm[i]`` (two-level LAP on
+    :func:`head_costs`)."""
+    return assign_heads(att, *head_costs(base, prot, cost))
 
-    ``cost(base, prot) -> (n_base, n_prot)`` is evaluated per slot and summed (Q with O, K
-    with V); a ``1e-12`` off-diagonal penalty breaks exact ties in favour of no permutation.
-    """
+
+def assign_heads(
+    att: AttentionSpec, c_q: np.ndarray, c_kv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two-level assignment of query-head costs ``c_q`` (``n_heads x n_heads``) and
+    key/value-head costs ``c_kv``; a ``1e-12`` off-diagonal penalty breaks exact ties in
+    favour of no permutation."""
     r, n_kv = att.group_size, att.n_kv_heads
-    c_q = cost(base.q, prot.q) + cost(base.o, prot.o)  # (n_heads, n_heads)
-    c_kv = cost(base.k, prot.k) + cost(base.v, prot.v)  # (n_kv, n_kv)
     c_q = c_q + PREFER_IDENTITY * (1 - np.eye(len(c_q)))
     c_kv = c_kv + PREFER_IDENTITY * (1 - np.eye(len(c_kv)))
     total = np.empty((n_kv, n_kv))

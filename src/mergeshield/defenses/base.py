@@ -17,7 +17,13 @@ from mergeshield.architectures.spec import AttentionSpec, BlockSpec, MLPSpec
 from mergeshield.arrays import Array, concat, float32, to_numpy
 from mergeshield.errors import MergeShieldError
 from mergeshield.registry import Registry
-from mergeshield.symmetries.linalg import log_uniform, rope_commuting
+from mergeshield.symmetries.linalg import (
+    VO_BLOCK,
+    block_permuted,
+    bound_blocks,
+    log_uniform,
+    rope_commuting,
+)
 from mergeshield.symmetries.transform import BlockTransform
 
 Tensors = dict[str, Array]
@@ -84,6 +90,8 @@ class BlockContext:
     base: Tensors | None  # float64 copies of the public base model's block tensors, if given
     rng: np.random.Generator
     options: DefenseOptions
+    # seeded per stack whose layers share one head permutation (AttentionSpec.shared_heads)
+    stack_rng: np.random.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -103,16 +111,38 @@ get_defense = DEFENSES.lookup
 
 
 def random_head_permutation(
-    att: AttentionSpec, rng: np.random.Generator
+    att: AttentionSpec, rng: np.random.Generator, stack_rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Key/value heads permuted, and query heads permuted within their (moved) group;
-    identities where the heads are pinned (T5's shared relative position bias)."""
-    if att.pinned_heads:
-        return np.arange(att.n_kv_heads), np.arange(att.n_heads)
+    """Key/value heads permuted, and query heads permuted within their (moved) group.  Heads
+    that every layer of a stack must permute alike (T5's shared relative position bias) draw
+    from ``stack_rng``, a generator seeded the same for every block of the stack; without one
+    they stay in order."""
+    if att.shared_heads is not None:
+        if stack_rng is None:
+            return np.arange(att.n_kv_heads), np.arange(att.n_heads)
+        rng = stack_rng
     r = att.group_size
     kv = rng.permutation(att.n_kv_heads)
     q = np.concatenate([g * r + rng.permutation(r) for g in kv])
     return kv, q
+
+
+def blocked(
+    rng: np.random.Generator,
+    d: int,
+    sample: Callable[[int], np.ndarray],
+    max_cond: float | None = None,
+) -> np.ndarray:
+    """A V/O map for a head of ``d`` dimensions: ``sample(d)`` up to ``VO_BLOCK`` dimensions;
+    for wider heads (Gemma 2/3: 256) ``blockdiag(sample(c), ...) P`` with ``c = VO_BLOCK`` and
+    ``P`` a random permutation of the head's dimensions (:func:`.linalg.block_permuted`), whose
+    cost per weight is that of a ``c``-dimensional head (``max_cond``: the blocks bounded
+    jointly, :func:`.linalg.bound_blocks`).  A block of ``D Q`` maps is again ``D Q``, so
+    ``low_precision`` keeps its rounding guarantee."""
+    if d <= VO_BLOCK or d % VO_BLOCK:
+        return sample(d)
+    blocks = bound_blocks([sample(VO_BLOCK) for _ in range(d // VO_BLOCK)], max_cond)
+    return block_permuted(blocks, rng.permutation(d))
 
 
 def random_rope_matrix(

@@ -33,13 +33,17 @@ T5: a decoder layer is two blocks, its self-attention with its MLP and its cross
 alone (queries from the decoder stream, keys and values from the encoder output; the QK map acts
 on head dimensions, Q and K get matching maps, and a block without MLP has no MLP step).  Each
 self-attention head adds its column of a relative position bias stored in layer 0 and shared by
-every layer of the stack, so a per-layer head permutation is not exact: ``all`` leaves those
-heads in order (cross-attention heads are permuted).  The per-head QK/VO maps keep every score
-``q_h^T k_h`` and head output, so the bias, the missing ``1/sqrt(d)``, RMSNorm and the
-``d_model^-0.5``-scaled tied head are untouched.  Measured on tiny models (change of a 50/50
-average with the base, relative to the outputs' spread; :data:`FAMILY_NOTES`): ``all``,
-``params`` and ``mergelock`` 1.1-1.5 as on BERT-like models, ``mergebarrier`` (QK only)
-0.27-0.48 against 0.74-0.88 there; unprotected 0.11-0.17.
+every layer of the stack, so a per-layer head permutation is not exact: ``all`` (the only
+defense that permutes heads) draws one permutation per stack (from a generator seeded by the
+stack, ``BlockContext.stack_rng``), applies it to the self-attention of every layer of the
+stack and to the bias table's columns, and keeps a permutation per layer for the
+cross-attention heads.  The per-head QK/VO maps keep every score ``q_h^T k_h`` and head
+output, so the bias, the missing ``1/sqrt(d)``, RMSNorm and the ``d_model^-0.5``-scaled tied
+head are untouched.  Measured on tiny models (change of a 50/50 average with the base,
+relative to the outputs' spread; :data:`FAMILY_NOTES`): ``all``, ``params`` and
+``mergelock`` 1.1-1.5 as on BERT-like models (``all`` with the stack permutation 1.09-1.34,
+without it 1.11-1.36: the per-head maps dominate), ``mergebarrier`` (QK only) 0.27-0.48
+against 0.74-0.88 there; unprotected 0.11-0.17.
 
 Partial rotary embeddings (Phi-4-mini) rotate only the pairs ``(j, j + rotary_dim / 2)``:
 the same maps are built on those pairs and on the free dimensions paired among themselves
@@ -56,6 +60,21 @@ swaps and log-uniform scales in its range; ``mergebarrier`` is unchanged (its pa
 signs); ``all`` combines them as elsewhere.  VO, the head permutations and the MLP are as
 for any rotary model.
 
+Wide heads (head_dim above ``VO_BLOCK = 128``: Gemma 2 and 3, 256): a dense per-head V/O map
+costs ``2 head_dim`` flops per weight, which made Gemma-3-12B's layers 1.6x as slow to protect
+as Llama-3.1-8B's.  There every V/O map (``params``, ``mergelock``, ``all``) is
+``B = blockdiag(B_1, ..., B_k) P``: ``k = head_dim / 128`` blocks sampled as the defense samples
+a whole map (``D Q`` in low precision, ``G P S`` or PaRaMS's forms in fp32, bounded jointly
+by ``max_cond``), and ``P`` a random permutation of the head's dimensions, so that each block
+reads dimensions from all over the head.  It is applied as a gather and ``k`` dense
+128-dimensional maps (``symmetries.transform.split_blocks``): the cost per weight of a
+128-dimensional head.  (PaRaMS's ``symmetric`` VO map is then symmetric per block, not as a
+whole.)  Measured on tiny Gemma 3 models with head_dim 256 (3 seeds, 50/50 merge with the
+base, logits' change in units of their spread): through the protected V/O tensors alone
+0.87-1.02 (mergelock), 0.87-0.94 (params), 0.86-1.04 (all) against the dense maps' 0.80-0.93,
+0.82-0.95, 0.81-1.01; unprotected 0.11-0.13.  The QK maps of norm-pinned heads (signs and
+quarter turns, below) are applied as row gathers and sign flips, without products.
+
 Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): every expert's units, and the
 shared expert's, are permuted (and sign-flipped by ``all``) on their own, as the single MLP of
 a dense layer is (``params``: each as far as possible from the same expert of the base).  The
@@ -70,6 +89,7 @@ from mergeshield.arrays import einsum, to_numpy
 from mergeshield.defenses.base import (
     BlockContext,
     Defense,
+    blocked,
     mismatch_permutation,
     random_head_permutation,
     random_rope_matrix,
@@ -151,6 +171,22 @@ def _normed_qk(
     return {"qk": pair_maps(sign, turn), "norm_perm": perm, "norm_scale": norm_scale}
 
 
+def _symmetric(
+    rng: np.random.Generator, d: int, scale: tuple[float, float], max_cond: float | None
+) -> np.ndarray:
+    """PaRaMS ``symmetric``: ``U diag(s) U^T``, ``s`` log-uniform in ``scale``."""
+    u = random_orthogonal(rng, d)
+    return bound_condition((u * log_uniform(rng, *scale, d)) @ u.T, max_cond)
+
+
+def _gaussian(
+    rng: np.random.Generator, d: int, scale: tuple[float, float], max_cond: float | None
+) -> np.ndarray:
+    """PaRaMS ``nonsymmetric``: ``(G + 1e-3 I) diag(s)``, ``s`` log-uniform in ``scale``."""
+    g = rng.standard_normal((d, d)) + 1e-3 * np.eye(d)
+    return bound_condition(g * log_uniform(rng, *scale, d), max_cond)
+
+
 def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
     """PaRaMS attention matrices ``(A per kv head for QK, B per kv head for VO)``."""
     att, rng, opt = ctx.block.attention, ctx.rng, ctx.options
@@ -159,7 +195,7 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
     qk, vo = [], []
     for _ in range(n):
         if opt.low_precision and opt.scaling != "diagonal":
-            b = diagonal_orthogonal(rng, d, (lo, hi))
+            b = blocked(rng, d, lambda m: diagonal_orthogonal(rng, m, (lo, hi)))
             a = (
                 random_rope_matrix(rng, d, (lo, hi))
                 if att.rope
@@ -170,8 +206,7 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
             a = np.diag(np.tile(alpha, 2) if att.rope else alpha)
             b = np.diag(rng.uniform(lo, hi, d))
         elif opt.scaling == "symmetric":
-            u = random_orthogonal(rng, d)
-            b = bound_condition((u * log_uniform(rng, lo, hi, d)) @ u.T, opt.max_cond)
+            b = blocked(rng, d, lambda m: _symmetric(rng, m, (lo, hi), opt.max_cond), opt.max_cond)
             sign = rng.choice([-1.0, 1.0], half)
             a = (
                 rope_commuting(sign * log_uniform(rng, lo, hi, half), np.zeros(half))
@@ -179,8 +214,7 @@ def _params_attention(ctx: BlockContext) -> tuple[np.ndarray, np.ndarray]:
                 else b
             )
         else:
-            g = rng.standard_normal((d, d)) + 1e-3 * np.eye(d)
-            b = bound_condition(g * log_uniform(rng, lo, hi, d), opt.max_cond)
+            b = blocked(rng, d, lambda m: _gaussian(rng, m, (lo, hi), opt.max_cond), opt.max_cond)
             a = random_rope_matrix(rng, d, (lo, hi)) if att.rope else b
         qk.append(a)
         vo.append(b)
@@ -207,8 +241,8 @@ def params(ctx: BlockContext) -> BlockTransform:
     )
 
 
-def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
-    d, rng = ctx.block.attention.head_dim, ctx.rng
+def _mergelock_matrix(ctx: BlockContext, d: int) -> np.ndarray:
+    rng = ctx.rng
     if ctx.options.low_precision:
         return diagonal_orthogonal(rng, d, ctx.options.scale or MERGELOCK_SCALE)
     g = rng.standard_normal((d, d))
@@ -222,7 +256,7 @@ def _mergelock_matrix(ctx: BlockContext) -> np.ndarray:
 
 def _mergelock_matrices(ctx: BlockContext) -> dict[str, np.ndarray | None]:
     """MergeLock's ``qk`` and ``vo`` (and, for heads with a per-head norm, the norm map)."""
-    att = ctx.block.attention
+    att, d = ctx.block.attention, ctx.block.attention.head_dim
     scale = ctx.options.scale or MERGELOCK_SCALE
     qk: dict[str, np.ndarray | None]
     if att.q_norm is not None:
@@ -230,8 +264,14 @@ def _mergelock_matrices(ctx: BlockContext) -> dict[str, np.ndarray | None]:
     elif att.rope:
         qk = {"qk": to_rotary_layout(rope_safe_qk(att, ctx.rng, scale), att.head_dim, att.rotary)}
     else:
-        qk = {"qk": np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])}
-    vo = np.stack([_mergelock_matrix(ctx) for _ in range(att.n_kv_heads)])
+        qk = {"qk": np.stack([_mergelock_matrix(ctx, d) for _ in range(att.n_kv_heads)])}
+    max_cond = None if ctx.options.low_precision else ctx.options.max_cond
+    vo = np.stack(
+        [
+            blocked(ctx.rng, d, lambda m: _mergelock_matrix(ctx, m), max_cond)
+            for _ in range(att.n_kv_heads)
+        ]
+    )
     return qk | {"vo": vo}
 
 
@@ -275,7 +315,7 @@ def mergebarrier(ctx: BlockContext) -> BlockTransform:
 def all_transforms(ctx: BlockContext) -> BlockTransform:
     """Every exact transform together (head permutation applied first, see transform.py)."""
     att, mlp = ctx.block.attention, ctx.block.mlp
-    kv_perm, q_perm = random_head_permutation(att, ctx.rng)
+    kv_perm, q_perm = random_head_permutation(att, ctx.rng, ctx.stack_rng)
     lock = _mergelock_matrices(ctx)
     # The flip is applied after the head permutation.  New kv head j is old kv head
     # kv_perm[j] and its query group is old group kv_perm[j] (reordered within), so its QK
@@ -314,6 +354,14 @@ _MEASURED_GEMMA3 = (
     "  0.37-0.44 (mergelock), 0.37-0.43 (mergebarrier), 0.40-0.43 (params); unprotected:\n"
     "  0.12-0.13; with VO and MLP (all): 0.95."
 )
+_WIDE_HEADS = (
+    "head_dim > 128 (256 in Gemma 2/3): every V/O map is block-diagonal with 128 x 128 blocks\n"
+    "  times a random permutation of the head's dimensions (each block reads dimensions from\n"
+    "  all over the head), at the cost per weight of a 128-dimensional head. Measured: a 50/50\n"
+    "  merge with the base through the protected V/O tensors alone moves tiny head_dim-256\n"
+    "  Gemma 3 logits by 0.86-1.04 (all), 0.87-1.02 (mergelock), 0.87-0.94 (params) in units\n"
+    "  of their spread (3 seeds), dense maps: 0.80-1.01; unprotected: 0.11-0.13."
+)
 _MOE = (
     "every expert's (and a shared expert's) units permuted (all: and sign-flipped) each on\n"
     "  its own (params: far from the same expert of the base); routers and the shared expert's\n"
@@ -322,18 +370,19 @@ _MOE = (
 # What differs per model type, printed by ``mergeshield defenses`` (issue 16).
 FAMILY_NOTES: dict[str, str] = {
     "t5": (
-        "self-attention heads keep their order (each adds its column of a relative position\n"
-        "  bias stored in layer 0 and shared by every layer of the stack); cross-attention\n"
-        "  heads, QK/VO maps and MLP units as elsewhere. Measured: a 50/50 merge with the base\n"
-        "  moves tiny T5 fine-tunes' logits by, in units of their spread (3 seeds), 1.1-1.4\n"
+        "all permutes self-attention heads with one permutation per stack (each head adds its\n"
+        "  column of a relative position bias stored in layer 0 and shared by every layer of\n"
+        "  the stack; the table's columns move with the heads), cross-attention heads per\n"
+        "  layer; QK/VO maps and MLP units as elsewhere. Measured: a 50/50 merge with the base\n"
+        "  moves tiny T5 fine-tunes' logits by, in units of their spread (3 seeds), 1.1-1.3\n"
         "  (all), 1.1-1.4 (mergelock), 1.2-1.5 (params), 0.27-0.48 (mergebarrier, QK only);\n"
-        "  unprotected: 0.11-0.17."
+        "  unprotected: 0.095-0.17."
     ),
     "qwen3": _NORMED_QK + _MEASURED_QWEN3,
-    "gemma3_text": _NORMED_QK + _MEASURED_GEMMA3,
+    "gemma3_text": _NORMED_QK + _MEASURED_GEMMA3 + "\n  " + _WIDE_HEADS,
     "gemma2": (
         "as Llama: sandwich norms, scaled embeddings and final soft-capping act on the residual\n"
-        "  stream, attention soft-capping on scores that every QK map keeps."
+        "  stream, attention soft-capping on scores that every QK map keeps.\n  " + _WIDE_HEADS
     ),
     "phi3": (
         "as Llama, through row views of the fused qkv_proj (q | k | v by head counts) and\n"

@@ -65,6 +65,38 @@ def diagonal_orthogonal(rng: np.random.Generator, n: int, scale: tuple[float, fl
     return log_uniform(rng, *scale, n)[:, None] * random_orthogonal(rng, n)
 
 
+# Head dimensions per block of a V/O map for heads wider than this (Gemma 2/3: head_dim 256):
+# a dense d x d map costs 2d flops per weight, a block-diagonal one 2 * VO_BLOCK.
+VO_BLOCK = 128
+
+
+def block_permuted(blocks: list[np.ndarray], perm: np.ndarray) -> np.ndarray:
+    """``B = blockdiag(blocks) P`` with ``(P x)_k = x_{perm[k]}``: column ``perm[k]`` of ``B``
+    is column ``k`` of the block diagonal, so ``B x = blockdiag(blocks) x[perm]``: the blocks
+    act on randomly chosen dimensions of the head, and every output dimension still reads
+    ``c`` of them."""
+    d = sum(len(b) for b in blocks)
+    diag = np.zeros((d, d))
+    start = 0
+    for b in blocks:
+        diag[start : start + len(b), start : start + len(b)] = b
+        start += len(b)
+    out = np.zeros((d, d))
+    out[:, perm] = diag
+    return out
+
+
+def bound_blocks(blocks: list[np.ndarray], max_cond: float | None) -> list[np.ndarray]:
+    """Every block's singular values clipped to ``[s_max / max_cond, s_max]``, ``s_max`` the
+    largest over all blocks: the block diagonal's condition number is then at most
+    ``max_cond`` (:func:`bound_condition` of the whole)."""
+    if max_cond is None or not np.isfinite(max_cond):
+        return blocks
+    svds = [np.linalg.svd(b) for b in blocks]
+    top = max(s[0] for _, s, _ in svds)
+    return [(u * np.clip(s, top / max_cond, top)) @ vt for u, s, vt in svds]
+
+
 def rope_pairs(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, i + head_dim/2)`` that Hugging Face's ``rotate_half`` rotates together."""
     half = head_dim // 2

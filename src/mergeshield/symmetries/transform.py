@@ -3,12 +3,15 @@
 A :class:`BlockTransform` is applied in this order (indices are "new -> old"):
 
 1. heads: key/value head ``g`` takes old head ``kv_perm[g]``; query head ``h`` takes old head
-   ``q_perm[h]`` (``q_perm`` keeps every query head inside the group of its key/value head);
+   ``q_perm[h]`` (``q_perm`` keeps every query head inside the group of its key/value head),
+   and so does column ``h`` of a position bias table stored in the block (T5);
 2. QK: for key/value head ``g`` and each query head ``h`` of its group,
    ``W_Q^h <- A_g W_Q^h, b_Q^h <- A_g b_Q^h`` and ``W_K^g <- A_g^-T W_K^g, b_K^g <- A_g^-T b_K^g``,
    so every score ``q^T k`` is unchanged;
 3. VO: ``W_V^g <- B_g W_V^g, b_V^g <- B_g b_V^g`` and ``W_O[:, h] <- W_O[:, h] B_g^-1``, so every
-   head output ``W_O[:, h] sum_t p_t v_t`` is unchanged (attention weights sum to one);
+   head output ``W_O[:, h] sum_t p_t v_t`` is unchanged (attention weights sum to one); a
+   ``B_g`` that is block-diagonal times a permutation (heads wider than ``VO_BLOCK``) is applied
+   as a gather and the blocks (:func:`split_blocks`);
 4. MLP: unit ``i`` takes old unit ``unit_perm[i]`` (rows of up/gate, columns of down), then
    ``up`` row ``i`` is multiplied by ``unit_scale[i]`` and ``down`` column ``i`` divided by it
    (exact only for gated MLPs, where ``up`` enters linearly; none in an attention-only
@@ -53,6 +56,7 @@ from mergeshield.arrays import (
     to_torch,
     uint_view,
 )
+from mergeshield.symmetries.linalg import VO_BLOCK
 
 Tensors = dict[str, Array]  # numpy arrays or torch tensors (all of one kind)
 
@@ -71,6 +75,27 @@ class BlockTransform:
     norm_scale: np.ndarray | None = None  # (d,)
     extra_unit_perm: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
     extra_unit_scale: np.ndarray | None = None  # (sum of the extra MLPs' n_units,)
+
+    @classmethod
+    def of_units(
+        cls, perms: list[np.ndarray] | None = None, scales: list[np.ndarray] | None = None
+    ) -> BlockTransform:
+        """The unit permutations and/or scales of every MLP of a block, in
+        :meth:`BlockSpec.mlps` order: the first as ``unit_*``, the others concatenated as
+        ``extra_unit_*``."""
+
+        def split(parts: list[np.ndarray] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+            if not parts:
+                return None, None
+            return parts[0], np.concatenate(parts[1:]) if len(parts) > 1 else None
+
+        (perm, extra_perm), (scale, extra_scale) = split(perms), split(scales)
+        return cls(
+            unit_perm=perm,
+            unit_scale=scale,
+            extra_unit_perm=extra_perm,
+            extra_unit_scale=extra_scale,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -119,13 +144,43 @@ def rotary_pairs(mats: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(np.diagonal(pairs, axis1=2, axis2=4))
 
 
+def signed_permutation(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(columns, signs)`` when every matrix of ``mats`` (``n x d x d``) is a signed
+    permutation, row ``i`` of matrix ``h`` being ``signs[h, i] * e_{columns[h, i]}`` (the QK
+    maps of heads with per-head q/k norms: signs and quarter turns); else None."""
+    a = np.abs(mats)
+    if not (np.all((a == 0) | (a == 1)) and np.all(a.sum(axis=1) == 1)):
+        return None
+    if not np.all(a.sum(axis=2) == 1):
+        return None
+    columns = a.argmax(axis=2)
+    return columns, np.take_along_axis(mats, columns[..., None], axis=2)[..., 0]
+
+
+def negate_rows(x: Array, rows: np.ndarray) -> None:
+    """``x[rows] = -x[rows]`` in place: the sign bit, exact in any format."""
+    if is_torch(x):
+        x[to_torch(np.flatnonzero(rows))] *= -1
+    else:
+        scale_exactly(x, np.where(rows, -1.0, 1.0)[:, None])
+
+
 def map_row_blocks(x: Array, mats: np.ndarray, d: int) -> Array:
     """``out[h] = mats[h] @ x[h]`` for every row block ``h`` (``d`` rows) of ``x`` (``[out, in]``),
     as a new array of ``x``'s dtype: each chunk of whole blocks is widened to float64,
     multiplied and rounded once (float64 ``x``: no rounding).  Matrices that only mix rotary
     pairs (:func:`rotary_pairs`) are applied as ``y_j = c_00 x_j + c_01 x_{j+d/2}``,
-    ``y_{j+d/2} = c_10 x_j + c_11 x_{j+d/2}``: 4 products per weight instead of ``d``."""
+    ``y_{j+d/2} = c_10 x_j + c_11 x_{j+d/2}``: 4 products per weight instead of ``d``.
+    Signed permutations (:func:`signed_permutation`) only move rows and flip sign bits: no
+    product, no widening (the same values; a zero weight may keep its sign where the product
+    path would give ``+0``)."""
     n, cols = len(mats), x.shape[1]
+    signed = signed_permutation(np.asarray(mats, dtype=np.float64))
+    if signed is not None:
+        columns, signs = signed
+        out = take(x, (np.arange(n)[:, None] * d + columns).reshape(-1), 0)
+        negate_rows(out, signs.reshape(-1) < 0)
+        return out
     pairs = rotary_pairs(np.asarray(mats, dtype=np.float64))
     m = as_matrices(mats if pairs is None else pairs[..., None], x)
     out = empty(x.shape, like=x)
@@ -243,6 +298,8 @@ def _head_step(tensors, att, mlp, d, r, t, inverse) -> None:
     _permute_rows(tensors, att.k, kv, d)
     _permute_rows(tensors, att.v, kv, d)
     _permute_columns(tensors, att.o, q, d)
+    if att.position_bias is not None:  # T5: column h is head h's bias
+        tensors[att.position_bias] = take(tensors[att.position_bias], q, 1)
 
 
 def _qk_step(tensors, att, mlp, d, r, t, inverse) -> None:
@@ -272,13 +329,51 @@ def _norm_step(tensors, att, mlp, d, r, t, inverse) -> None:
         tensors[name] = cast(u - att.norm_offset, w)
 
 
+def split_blocks(mats: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(perm, blocks)`` when every matrix (``n x d x d``, ``d > c``) is
+    ``blockdiag(c x c blocks) P`` (:func:`mergeshield.symmetries.linalg.block_permuted`): each
+    column has its non-zeros in one row block, ``c`` columns per block.  ``perm`` (``n x d``)
+    orders each head's columns by block, ``blocks`` (``n * d/c, c, c``) are the blocks; else
+    None."""
+    n, d, _ = mats.shape
+    if d <= c or d % c:
+        return None
+    k = d // c
+    touched = (mats.reshape(n, k, c, d) != 0).any(axis=2)  # (head, row block, column)
+    if not np.all(touched.sum(axis=1) == 1) or not np.all(touched.sum(axis=2) == c):
+        return None
+    perm = np.argsort(touched.argmax(axis=1), axis=1, kind="stable")
+    diag = np.take_along_axis(mats, perm[:, None, :], axis=2)
+    blocks = [diag[:, i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(k)]
+    return perm, np.stack(blocks, axis=1).reshape(n * k, c, c)
+
+
 def _vo_step(tensors, att, mlp, d, r, t, inverse) -> None:
     if t.vo is None:
         return
     b = np.linalg.inv(t.vo) if inverse else t.vo
+    split = split_blocks(b, VO_BLOCK)
+    if split is not None:
+        _vo_blocks(tensors, att, d, r, *split)
+        return
     b_inv_t = np.swapaxes(np.linalg.inv(b), 1, 2)  # columns of W_O: W_O B^-1 = (B^-T W_O^T)^T
     _rows(tensors, att.v, _per_head(b, d))
     _columns(tensors, att.o, np.repeat(b_inv_t, r, axis=0), d)
+
+
+def _vo_blocks(tensors, att, d: int, r: int, perm: np.ndarray, blocks: np.ndarray) -> None:
+    """The VO step for ``B = blockdiag(blocks) P`` per key/value head (:func:`split_blocks`):
+    ``W_V <- blockdiag(blocks) W_V[perm]`` (rows gathered, then ``c``-row blocks mapped) and
+    ``W_O[:, h] <- W_O[:, h] P^T blockdiag(blocks)^-1`` (columns gathered, then ``c``-column
+    blocks): ``2c`` flops per weight instead of ``2d``."""
+    c = blocks.shape[-1]
+    v_index = (np.arange(len(perm))[:, None] * d + perm).reshape(-1)
+    _rows(tensors, att.v, lambda x: map_row_blocks(take(x, v_index, 0), blocks, c))
+    o_index = (np.arange(att.n_heads)[:, None] * d + np.repeat(perm, r, axis=0)).reshape(-1)
+    inv_t = np.swapaxes(np.linalg.inv(blocks), 1, 2).reshape(len(perm), -1, c, c)
+    o_blocks = np.repeat(inv_t, r, axis=0).reshape(-1, c, c)
+    w_o = take(att.o.view(tensors)[0], o_index, 1)
+    _set_weight(tensors, att.o, map_column_blocks(w_o, o_blocks, c))
 
 
 def _scale_units(tensors: Tensors, mlp, scale: np.ndarray, inverse: bool) -> None:
