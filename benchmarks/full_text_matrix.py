@@ -2,7 +2,11 @@
 (wordnet_noun victim + wordnet_verb free-rider, the full text setting's experts), under the
 joint objective, swept in memory and every reported cell merged again by mergekit.
 
-    python benchmarks/full_text_matrix.py --out /tmp/full-text-matrix
+    python benchmarks/full_text_matrix.py --out /tmp/full-text-matrix [--grid-stride 3]
+
+``--grid-stride 3`` (the default) thins each method's coefficient grid as the matrix of
+BENCHMARKS "Audit, full text setting ... victim-only objective" did (that run took about 2.5
+hours of mergekit merges); ``--grid-stride 1`` sweeps every coefficient.
 
 Builds (or reuses) the two-task full text family first; the audit's own run time (report.json
 ``seconds``) excludes that build.  Prints where the time went: the in-memory sweeps and the
@@ -27,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--grid-stride", type=int, default=3)
     args = parser.parse_args()
     family = build_family("text", "full", tasks=list(TASKS))
     plan = AuditPlan(
@@ -39,6 +44,7 @@ def main() -> None:
         defenses=("params", "mergelock", "mergebarrier"),
         attacks=("aga", "rebasin", "procrustes"),
         methods=tuple(args.methods),
+        grid_stride=args.grid_stride,
         seed=0,
     )
     start = time.perf_counter()

@@ -270,11 +270,14 @@ def _vit(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["llama-gqa2", "gpt2", "vit", "qwen2"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa2", "gpt2", "vit", "qwen2", "t5-v1.1", "mixtral", "qwen2_moe", "gemma3"]
+)
 def test_other_families(name, tmp_path) -> None:
     """A task-arithmetic mix of the victim is found and another task's model is not, on the
     tiny models of the other families (RoPE and GQA, fused transposed c_attn, ViT, q/k/v
-    biases); the original is compared in its own layout."""
+    biases, T5's attention-only cross-attention blocks, MoE experts, q/k norms); the original
+    is compared in its own layout."""
     from tests.tiny_models import build
 
     build(name, tmp_path / "base")

@@ -353,7 +353,8 @@ def _score_models(
             b = _block32(base_r, bspec)
             o = _block32(orig_r, original.spec.blocks[i], like=bspec)
             names = _matrices(bspec.tensor_names(), b)
-            mlp = [slot.weight for slot in bspec.mlp.slots().values()]
+            # every MLP of the block (MoE experts included; none in a T5 cross-attention block)
+            mlp = list(dict.fromkeys(s.weight for m in bspec.mlps() for s in m.slots().values()))
             refs = {"raw": {n: residual(o[n] - b[n], b[n], rank) for n in names}}
             refs["aligned"] = refs["raw"]
             frame = {"raw": b, "aligned": b}
