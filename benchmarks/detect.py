@@ -1,7 +1,7 @@
 """Detection study (issue 18): true-positive rate over models that contain the victim, false-
 positive rate over models that do not, and run time against one mergekit merge.
 
-    python benchmarks/detect.py [--kind text] [--setting small] [--seeds 6]
+    python benchmarks/detect.py [--kind text|image|llm] [--setting small] [--seeds 6]
 
 The family comes from :func:`mergeshield.evaluation.zoo.build_family`; the victim is its first
 task.  Same-task hard negatives are fine-tunes of the victim's task with other seeds and other
@@ -25,6 +25,16 @@ same-task seeds 4+, the remaining other task, every method's merges without the 
 fine-tuned merge without the victim.  Two modes: with the calibration null models, and
 without null models (sign-flip null + effect floor).  Results go to
 ``<cache>/detect-bench/<family>/results.json`` and are printed as markdown.
+
+``--kind llm`` (SmolLM2-135M, victim antonym, others arithmetic and bbc_topic): a stated subset
+of the merges (:data:`LLM_GRID`, every merge family), aga only, pruning only, one fine-tuned
+merge each way (the zoo's own recipe, one epoch of arithmetic), and as nulls same-task seeds
+4+, bbc_topic, :data:`LLM_NULL_GRID` merges and merges of the two other experts; calibration:
+same-task seeds 1-3 and arithmetic.
+
+``--many-nulls N`` / ``--short-nulls M`` (with ``--discard`` to delete each once scored): only
+the false-positive study over ``N`` (victim's recipe) and ``M`` (one epoch) independent null
+fine-tunes (:func:`null_specs`, :func:`many_nulls`), each with its own test accuracy.
 """
 
 from __future__ import annotations
@@ -43,8 +53,11 @@ from mergeshield.attacks import attack
 from mergeshield.attacks.adaptive import finetune_recovery, perturb_then_align
 from mergeshield.detect import E_MIN, detect, detect_all
 from mergeshield.evaluation import zoo
+from mergeshield.evaluation.accuracy import accuracy
+from mergeshield.evaluation.generative import exact_match, load_causal_lm, load_gen_task
 from mergeshield.folders import atomic_dir, load_tensors, save_tensors
 from mergeshield.merging import METHODS, backbone_prefix, extract_backbone, merge
+from mergeshield.modeling import load_classifier
 from mergeshield.protect import protect
 from mergeshield.tasks import load_task
 
@@ -61,22 +74,42 @@ def cached(path: Path, build) -> Path:
     return path
 
 
+def task_data(family: zoo.Family, task: str, seed: int, n_train: int | None = None):
+    """``task``'s balanced split drawn with ``seed`` at the family's sizes (``n_train``:
+    instead of the family's; a generative task for the llm family)."""
+    settings = zoo.SETTINGS[(family.kind, family.setting)]
+    sizes = (n_train or settings.n_train, settings.n_val, settings.n_test, seed)
+    if family.kind == "llm":
+        return load_gen_task(task, *sizes)
+    return load_task(task, *sizes, settings.image_size)
+
+
 def same_task_model(
-    family: zoo.Family, task: str, seed: int, out: Path, epochs: int | None = None
+    family: zoo.Family, task: str, seed: int, out: Path, epochs: int | None = None, **recipe
 ) -> Path:
     """The zoo's fine-tune of ``task`` with another seed and another balanced data split
-    (``epochs``: instead of the zoo's)."""
+    (``epochs`` and ``recipe``, e.g. ``n_train`` or ``batch_size``: instead of the zoo's).
+    ``family.base`` is where it starts (a merge, for the llm family's fine-tuned merges)."""
     settings = dataclasses.replace(zoo.SETTINGS[(family.kind, family.setting)], seed=seed)
     if epochs is not None:
         settings = dataclasses.replace(settings, epochs=epochs)
+    settings = dataclasses.replace(settings, **recipe)
 
     def build(tmp: Path) -> None:
-        data = load_task(
-            task, settings.n_train, settings.n_val, settings.n_test, seed, settings.image_size
-        )
+        data = task_data(family, task, seed, settings.n_train)
         zoo._finetune(family, data, settings, tmp, lambda label, total: lambda: None)
 
     return cached(out, build)
+
+
+def own_accuracy(family: zoo.Family, task: str, seed: int, model: Path, split: str) -> float:
+    """Accuracy (llm: exact match) of a fine-tune on the ``split`` ("val" or "test") of its own
+    ``seed``, held out from its training data: does a short null fine-tune learn its task?"""
+    settings = zoo.SETTINGS[(family.kind, family.setting)]
+    data = zoo.encode_split(family, task_data(family, task, seed), split, settings)
+    if family.kind == "llm":
+        return exact_match(load_causal_lm(model), data)
+    return accuracy(load_classifier(model, family.kind), data)
 
 
 def backbone(task_model: Path, base: Path, out: Path) -> Path:
@@ -98,7 +131,11 @@ def finetuned(
     """``merged_backbone`` with ``task``'s head, fine-tuned ``steps`` steps on ``task``'s
     training data (:func:`finetune_recovery`); its backbone is written to ``out``.  The model
     is loaded from a folder (backbone + head under the task model's names), so transformers'
-    own name conversion applies (ViT's in-memory names differ from its stored ones)."""
+    own name conversion applies (ViT's in-memory names differ from its stored ones).  The llm
+    family has no head: the merge gets the zoo's own fine-tune (its trained layers, one
+    epoch of ``task``; ``steps`` is not used)."""
+    if family.kind == "llm":
+        return same_task_model(dataclasses.replace(family, base=merged_backbone), task, 0, out, 1)
     import torch
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
@@ -142,80 +179,175 @@ def finetuned(
     return cached(out, build)
 
 
-def many_nulls(
-    family: zoo.Family, work: Path, n: int, first_seed: int = 100, epochs: int | None = None
-) -> dict[str, Path]:
-    """``n`` independent fine-tunes of the base that do not contain the victim, for the
-    false-positive rate: two of every three fine-tune the victim's own task (the hard
-    negatives: other seed, other balanced data split, the victim's recipe, or with
-    ``epochs`` a shorter one), the third cycles through the other tasks.  Seeds
-    ``first_seed, first_seed + 1, ...`` (none shared with the calibration models); each is an
-    independent run of the zoo's fine-tune, so the rule of three applies: 0 false positives
-    in ``n`` bounds the FPR below ``3 / n`` (95%)."""
+def null_specs(
+    family: zoo.Family, n: int, first_seed: int = 100, epochs: int | None = None, **recipe
+) -> list[tuple[str, str, int, dict]]:
+    """``(name, task, seed, recipe)`` of ``n`` independent fine-tunes of the base that do not
+    contain the victim, for the false-positive rate: two of every three fine-tune the victim's
+    own task (the hard negatives: other seed, other balanced data split, the victim's recipe,
+    or with ``epochs`` / ``recipe`` (``n_train``, ``batch_size``) a shorter one), the third
+    cycles through the other tasks.  Seeds ``first_seed, first_seed + 1, ...`` (none shared
+    with the calibration models); each is an independent run of the zoo's fine-tune, so the
+    rule of three applies: 0 false positives in ``n`` bounds the FPR below ``3 / n`` (95%)."""
     tasks = list(family.tasks)
     victim, others = tasks[0], tasks[1:]
-    out = {}
-    start = time.perf_counter()
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    if epochs is not None:
+        recipe = {"epochs": epochs} | recipe
+    suffix = "".join(f"-{k.replace('_', '')}{v}" for k, v in recipe.items())
+    specs = []
     for i in range(n):
         seed = first_seed + i
         task = victim if i % 3 != 2 else others[(i // 3) % len(others)]
-        name = f"{task}-seed{seed}" + (f"-epochs{epochs}" if epochs is not None else "")
-        model = same_task_model(family, task, seed, work / "many" / name, epochs)
-        out[name] = backbone(model, family.base, work / "bb-many" / name)
-        if (i + 1) % 10 == 0:
-            took = time.perf_counter() - start
-            print(f"  null fine-tunes {i + 1}/{n} in {took:.0f} s", flush=True)
-    return out
+        specs.append((f"{task}-seed{seed}{suffix}", task, seed, recipe))
+    return specs
+
+
+def many_nulls(
+    family: zoo.Family, models: dict, work: Path, specs: list, discard: bool
+) -> dict[str, dict]:
+    """Build, score (:func:`score`, against the calibration null models) and, with
+    ``discard``, delete the null fine-tunes of ``specs``, :data:`BATCH` at a time (a MiniLM
+    fine-tune and its backbone take 180 MB: hundreds do not fit on disk).  Each row, with the
+    fine-tune's accuracy on its own validation split and its build time, is appended to
+    ``work/many-nulls.jsonl`` as its batch is scored; a rerun skips the names already there."""
+    log = work / "many-nulls.jsonl"
+    rows = {}
+    if log.is_file():
+        rows = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())}
+    todo = [spec for spec in specs if spec[0] not in rows]
+    start = time.perf_counter()
+    for i in range(0, len(todo), BATCH):
+        built = {}
+        for name, task, seed, recipe in todo[i : i + BATCH]:
+            t = time.perf_counter()
+            model = same_task_model(family, task, seed, work / "many" / name, **recipe)
+            info = {"name": name, "task": task, "seed": seed, "recipe": recipe}
+            info["accuracy"] = round(own_accuracy(family, task, seed, model, "val"), 4)
+            bb = backbone(model, family.base, work / "bb-many" / name)
+            info["build_seconds"] = round(time.perf_counter() - t, 1)
+            built[name] = (bb, info)
+        scored = score(models, family.base, {name: bb for name, (bb, _) in built.items()})
+        with log.open("a") as f:
+            for name, (bb, info) in built.items():
+                rows[name] = info | scored[name]
+                f.write(json.dumps(rows[name]) + "\n")
+                if discard:
+                    shutil.rmtree(work / "many" / name)
+                    shutil.rmtree(bb)
+        done = i + len(built)
+        took = time.perf_counter() - start
+        print(f"  null fine-tunes {done}/{len(todo)} built and scored in {took:.0f} s", flush=True)
+    return {spec[0]: rows[spec[0]] for spec in specs}
 
 
 def knob_grid(method: str) -> tuple[float, ...]:
     return (1.0,) if METHODS[method].knob is None else COEFFICIENTS
 
 
+def full_grid() -> list[tuple[str, str, float]]:
+    """``(method, mode, coefficient)``: every method at every coefficient of
+    :data:`COEFFICIENTS` (model_stock: its own), two-model and, where the method takes more
+    models, all-task."""
+    return [
+        (method, mode, c)
+        for method, spec in METHODS.items()
+        for c in knob_grid(method)
+        for mode in (("two", "all") if spec.max_models is None else ("two",))
+    ]
+
+
+# The llm study's merges of the victim (one SmolLM2 merge takes 10-30 s here, not all 9 x 5):
+# every merge family (linear / task arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP,
+# model_stock), coefficients from 0.2 to 1, two-model and all-task.
+LLM_GRID = (
+    ("linear", "two", 0.6),
+    ("task_arithmetic", "two", 0.2),
+    ("task_arithmetic", "two", 1.0),
+    ("task_arithmetic", "all", 0.6),
+    ("ties", "two", 0.4),
+    ("ties", "all", 1.0),
+    ("dare_ties", "all", 0.6),
+    ("dare_linear", "two", 0.6),
+    ("breadcrumbs", "two", 0.6),
+    ("della", "all", 1.0),
+    ("slerp", "two", 0.2),
+    ("slerp", "two", 0.6),
+    ("model_stock", "two", 1.0),
+    ("model_stock", "all", 1.0),
+)
+# ... and its merges without the victim (the other two experts, or a same-task seed with them).
+LLM_NULL_GRID = (
+    ("task_arithmetic", "all", 1.0),
+    ("ties", "all", 1.0),
+    ("dare_linear", "two", 0.6),
+    ("della", "all", 1.0),
+    ("slerp", "two", 0.5),
+    ("model_stock", "all", 1.0),
+)
+
+
+def grid_merges(
+    work: Path, prefix: str, base: Path, grid, first: Path, partner: Path, rest: list[Path]
+) -> dict[str, Path]:
+    """mergekit merges ``prefix + method-mode-c`` of ``grid``: two-model ``[first, partner]``
+    (slerp: ``slerp(partner, first; t)``, so ``t`` is ``first``'s weight), all-task
+    ``[first, *rest]``."""
+    out = {}
+    for method, mode, c in grid:
+        if mode == "two":
+            models = [partner, first] if method == "slerp" else [first, partner]
+        else:
+            models = [first, *rest]
+        name = f"{prefix}{method}-{mode}-{c:g}"
+        out[name] = merged(work, name, method, base, models, c)
+    return out
+
+
 def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     """Every model of the study: ``{"positives": {name: path}, "key_positives": ...,
-    "calibration": [...], "nulls": {name: path}}``."""
+    "calibration": [...], "nulls": {name: path}}``.  The llm family (no head: its task models
+    are the backbones) gets a smaller study: the merges of :data:`LLM_GRID` and
+    :data:`LLM_NULL_GRID`, the aga attack only, pruning only, one fine-tuned merge each way,
+    and one other expert among the calibration null models (it has two)."""
     base = family.base
+    llm = family.kind == "llm"
     tasks = list(family.tasks)
     victim, others = tasks[0], tasks[1:]
-    bb = {t: backbone(family.tasks[t], base, work / "bb" / t) for t in tasks}
+
+    def bb_of(model: Path, name: str) -> Path:
+        return model if llm else backbone(model, base, work / "bb" / name)
+
+    bb = {t: bb_of(family.tasks[t], t) for t in tasks}
     seeds = {}
     for seed in range(1, n_seeds + 1):
         model = same_task_model(family, victim, seed, work / "same" / f"{victim}-seed{seed}")
-        seeds[seed] = backbone(model, base, work / "bb" / f"{victim}-seed{seed}")
+        seeds[seed] = bb_of(model, f"{victim}-seed{seed}")
     v, o1 = bb[victim], bb[others[0]]
     rest = [bb[t] for t in others]
 
-    positives: dict[str, Path] = {}
-    for method, spec in METHODS.items():
-        for c in knob_grid(method):
-            modes = {"two": [o1, v] if method == "slerp" else [v, o1]}
-            if spec.max_models is None:
-                modes["all"] = [v, *rest]
-            for mode, models in modes.items():
-                name = f"{method}-{mode}-{c:g}"
-                positives[name] = merged(work, name, method, base, models, c)
+    positives = grid_merges(work, "", base, LLM_GRID if llm else full_grid(), v, o1, rest)
 
     prot = work / "protected"
     key = work / "protected.key"
     if not prot.is_dir():
         protect(family.tasks[victim], prot, "all", base=base, key_out=key, seed=1)
-    for method in ("aga", "procrustes", "rebasin"):
+    for method in ("aga",) if llm else ("aga", "procrustes", "rebasin"):
         aligned = work / f"aligned-{method}"
         if not aligned.is_dir():
             attack(prot, base, aligned, method)
-        a = backbone(aligned, base, work / "bb" / f"aligned-{method}")
+        a = bb_of(aligned, f"aligned-{method}")
         positives[f"{method}-aligned-ta-two-0.6"] = merged(
             work, f"{method}-ta", "task_arithmetic", base, [a, o1], 0.6
         )
         positives[f"{method}-aligned-ties-all-1"] = merged(
             work, f"{method}-ties", "ties", base, [a, *rest], 1.0
         )
-    for kind, kw in (("pruned", {"prune": 0.5}), ("noised", {"noise": 0.5})):
+    for kind, kw in (("pruned", {"prune": 0.5}), ("noised", {"noise": 0.5}))[: 1 if llm else 2]:
         p = work / f"aga-{kind}"
         if not p.is_dir():
             perturb_then_align(prot, base, p, attack="aga", **kw)
-        pb = backbone(p, base, work / "bb" / f"aga-{kind}")
+        pb = bb_of(p, f"aga-{kind}")
         positives[f"aga-{kind}-ta-two-0.6"] = merged(
             work, f"aga-{kind}-ta", "task_arithmetic", base, [pb, o1], 0.6
         )
@@ -223,10 +355,11 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     positives["ta-all-0.6-finetuned-other-task"] = finetuned(
         family, ta_all, others[0], work / "merges" / "ft-other"
     )
-    positives["ta-all-0.6-finetuned-victim-task"] = finetuned(
-        family, ta_all, victim, work / "merges" / "ft-victim"
-    )
-    pb = backbone(prot, base, work / "bb" / "protected")
+    if not llm:
+        positives["ta-all-0.6-finetuned-victim-task"] = finetuned(
+            family, ta_all, victim, work / "merges" / "ft-victim"
+        )
+    pb = bb_of(prot, "protected")
     key_positives = {
         "protected-as-published-ta-two-0.6": merged(
             work, "protected-ta", "task_arithmetic", base, [pb, o1], 0.6
@@ -236,11 +369,16 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
         ),
     }
 
-    calibration = [seeds[s] for s in CALIBRATION_SEEDS] + [bb[t] for t in others[:2]]
+    in_calibration = 1 if llm else 2  # other tasks among the calibration null models
+    calibration = [seeds[s] for s in CALIBRATION_SEEDS] + rest[:in_calibration]
     nulls: dict[str, Path] = {f"same-task-seed{s}": seeds[s] for s in seeds if s > 3}
-    nulls.update({f"task-{t}": bb[t] for t in others[2:]})
+    nulls.update({f"task-{t}": bb[t] for t in others[in_calibration:]})
     hard = [seeds[s] for s in seeds if s > 3] or [seeds[1]]
-    for method, spec in METHODS.items():
+    if llm:
+        nulls |= grid_merges(work, "null-", base, LLM_NULL_GRID, hard[0], o1, rest)
+        experts = [("task_arithmetic", "two", 1.0), ("ties", "two", 1.0)]
+        nulls |= grid_merges(work, "null-experts-", base, experts, rest[1], o1, rest)
+    for method, spec in METHODS.items() if not llm else ():
         for c in (0.4, 1.0) if spec.knob is not None else (1.0,):
             modes = {"two": [hard[0], o1]}
             if spec.max_models is None:
@@ -253,6 +391,7 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
     )
     return {
         "victim": bb[victim],
+        "partner": o1,
         "backbones": [bb[t] for t in tasks],
         "original": family.tasks[victim],
         "key": key,
@@ -315,9 +454,7 @@ def explain(models: dict, base: Path, path: Path) -> dict[str, dict]:
 def timing(models: dict, family: zoo.Family, work: Path, runs: int) -> dict:
     """Median seconds of one mergekit merge (task arithmetic, victim + one other task) and of
     ``detect`` on it (no null models; with the calibration null models), interleaved."""
-    base = family.base
-    others = list(family.tasks)[1:]
-    o1 = work / "bb" / others[0]
+    base, o1 = family.base, models["partner"]
     merge_s, detect_s, detect_null_s, raw_s = [], [], [], []
     for _ in range(runs):
         out = work / "timing-merge"
@@ -380,7 +517,19 @@ def main() -> None:
         "--short-nulls",
         type=int,
         default=0,
-        help="with --many-nulls: this many more, fine-tuned one epoch (seeds from 1000)",
+        help="only the false-positive study: this many more null fine-tunes, one epoch "
+        "(seeds from 1000)",
+    )
+    parser.add_argument(
+        "--short-train", type=int, help="with --short-nulls: training examples (default: zoo's)"
+    )
+    parser.add_argument(
+        "--short-batch", type=int, help="with --short-nulls: batch size (default: zoo's)"
+    )
+    parser.add_argument(
+        "--discard",
+        action="store_true",
+        help="with --many-nulls / --short-nulls: delete each null fine-tune once scored",
     )
     parser.add_argument(
         "--threads",
@@ -411,23 +560,34 @@ def main() -> None:
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
         return
-    if args.many_nulls:
-        start = time.perf_counter()
-        nulls = many_nulls(family, work, args.many_nulls)
-        nulls |= many_nulls(family, work, args.short_nulls, first_seed=1000, epochs=1)
-        built = time.perf_counter() - start
-        rows = score(models, base, nulls)
+    if args.many_nulls or args.short_nulls:
+        victim = list(family.tasks)[0]
+        specs = null_specs(family, args.many_nulls)
+        short = {"n_train": args.short_train, "batch_size": args.short_batch}
+        specs += null_specs(family, args.short_nulls, first_seed=1000, epochs=1, **short)
+        rows = many_nulls(family, models, work, specs, args.discard)
         results["command"] += f" --many-nulls {args.many_nulls} --short-nulls {args.short_nulls}"
-        results["build_seconds"] = round(built)
+        for flag, value in (("train", args.short_train), ("batch", args.short_batch)):
+            results["command"] += f" --short-{flag} {value}" if value else ""
+        results["command"] += " --discard" if args.discard else ""
+        results["build_and_score_seconds"] = round(sum(r["build_seconds"] for r in rows.values()))
+        results["calibration_accuracy"] = {
+            f"{victim}-seed{s}": own_accuracy(
+                family, victim, s, work / "same" / f"{victim}-seed{s}", "val"
+            )
+            for s in CALIBRATION_SEEDS
+        }
         results["many_nulls"] = rows
         (work / "results-many-nulls.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"\n{results['command']}  ({results['date']}, {results['machine']})")
-        victim = list(family.tasks)[0]
         groups = {
             "all": rows,
             "same task": {k: v for k, v in rows.items() if k.startswith(victim + "-")},
             "other tasks": {k: v for k, v in rows.items() if not k.startswith(victim + "-")},
-            "one epoch": {k: v for k, v in rows.items() if k.endswith("-epochs1")},
+            "short recipe": {k: v for k, v in rows.items() if "-epochs" in k},
+            "same task, short recipe": {
+                k: v for k, v in rows.items() if k.startswith(victim + "-") and "-epochs" in k
+            },
         }
         for group, part in groups.items():
             if not part:
@@ -435,8 +595,15 @@ def main() -> None:
             top = max(part.values(), key=lambda v: v["statistic"])
             cells = [f"{mode} null models {rate(part, mode, True)}" for mode in ("with", "without")]
             worst = f"{top['statistic']} (effect {top['effect']}, p_null {top['p_null']:.2g})"
-            print(f"FPR, {group}: " + ", ".join(cells) + f"; largest statistic {worst}")
-        print(f"built in {built:.0f} s")
+            acc = sorted(v["accuracy"] for v in part.values())
+            low = sum(v["p_null"] < 0.05 for v in part.values())
+            print(
+                f"FPR, {group}: " + ", ".join(cells) + f"; largest statistic {worst}; "
+                f"p_null < 0.05: {low}; own val accuracy median {statistics.median(acc):.3f} "
+                f"(min {acc[0]:.3f}, max {acc[-1]:.3f})"
+            )
+        print(f"calibration same-task val accuracy: {results['calibration_accuracy']}")
+        print(f"built and scored in {results['build_and_score_seconds']} s (sum over rows)")
         return
     results["positives"] = score(models, base, models["positives"])
     results["nulls"] = score(models, base, models["nulls"])
@@ -469,10 +636,10 @@ def main() -> None:
             f"range {min(w):.3f} to {max(w):.3f}; sign of z = sign of w in {agree}/{len(w)}"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    for key in ("signless",):
+    for key in ("signed",):
         pos = sorted((v[key], k) for k, v in results["positives"].items())[:3]
         neg = sorted(((v[key], k) for k, v in results["nulls"].items()), reverse=True)[:3]
-        calibration = next(iter(results["positives"].values()))["signless_nulls"]
+        calibration = next(iter(results["positives"].values()))["signed_nulls"]
         print(
             f"{key} (not used): smallest positives {pos}; largest nulls {neg}; "
             f"calibration nulls {calibration}"

@@ -291,3 +291,37 @@ def test_other_families(name, tmp_path) -> None:
         [tmp_path / "mix", tmp_path / "other"], tmp_path / "original", tmp_path / "base"
     )
     assert found.found and not not_found.found, (found.line(), not_found.line())
+
+
+def test_llama_release_in_a_mergekit_merge(tmp_path) -> None:
+    """Tiny Llama (RoPE, GQA 2, tied embeddings) trained like the llm family, only its upper
+    decoder layer: the release is found in a mergekit TIES merge with two other experts and,
+    protected then aligned by aga, in a task-arithmetic merge; it is not found in the same
+    TIES merge with a same-task fine-tune in its place, with or without null models."""
+    from tests.tiny_models import build
+
+    build("llama-gqa2", tmp_path / "base")
+    base = load_tensors(tmp_path / "base")
+    fam = {"root": tmp_path, "base": tmp_path / "base"}
+
+    def upper_only(task: int, noise: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        tuned = _fine_tune(base, task, noise, scale)
+        return {k: tuned[k] if k.startswith("model.layers.1.") else b for k, b in base.items()}
+
+    models = {"victim": (0, 0, 1.0), "task1": (1, 11, 1.0), "task2": (2, 12, 1.0)}
+    models |= {f"same{s}": (0, 100 + s, 0.7 + 0.1 * s) for s in (1, 2, 3, 4)}
+    for label, (task, noise, scale) in models.items():
+        fam[label] = _save(upper_only(task, noise, scale), fam["base"], tmp_path / label)
+    protect(fam["victim"], tmp_path / "protected", "all", base=fam["base"], seed=2)
+    fam["aligned"] = attack(tmp_path / "protected", fam["base"], tmp_path / "aligned", "aga")
+    suspects = [
+        _merge(fam, "ties", "ties", ["victim", "task1", "task2"], 1.0),
+        _merge(fam, "aligned-ta", "task_arithmetic", ["aligned", "task1"], 0.5),
+        _merge(fam, "null-ties", "ties", ["same4", "task1", "task2"], 1.0),
+    ]
+    nulls = [fam["same1"], fam["same2"], fam["same3"], fam["task1"]]
+    for null in ([], nulls):
+        found, aligned, without = detect_all(suspects, fam["victim"], fam["base"], null=null)
+        assert found.found and aligned.found, (found.line(), aligned.line())
+        assert not without.found, without.line()
+        assert found.statistic > 4 * max(without.statistic, 1.0)
