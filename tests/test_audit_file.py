@@ -254,12 +254,14 @@ def test_builtin_family_metric_must_match_its_kind(tmp_path):
 def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
     """``frontier --config``: the file's family and tasks, unprotected and the file's defenses
     as candidates, the fine-tune attack skipped (it needs training data the file does not
-    name); the unprotected release scores what the audit file's family measured."""
+    name: the note says to add train:); the unprotected release scores what the audit file's
+    family measured."""
     out = tmp_path / "frontier"
     args = ["frontier", "--config", str(user_files / "audit.yml"), "--out", str(out)]
     args += ["--methods", "task_arithmetic", "--attacks", "none"]
     assert main(args) == 0, capsys.readouterr().err
-    assert "fine-tune attack is skipped" in capsys.readouterr().out
+    note = capsys.readouterr().out
+    assert "fine-tune attack is skipped" in note and "add train: DATA to the victim (noun)" in note
     data = json.loads((out / "frontier.json").read_text())
     assert (data["victim"], data["plan"]["free_riders"]) == ("noun", ["verb"])
     results = {r["name"]: r for r in data["details"]}

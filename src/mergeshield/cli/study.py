@@ -173,7 +173,9 @@ def _add_frontier(sub) -> None:
         "--config",
         type=Path,
         help="an audit file (as for audit): its family (built-in or your own classifiers), "
-        "victim, free-riders, objective and seed; its defenses are the default candidates",
+        "victim, free-riders, objective and seed; its defenses are the default candidates; on "
+        "your own classifiers, hardening candidates and the fine-tune attack train on the "
+        "victim's train: data",
     )
     p.add_argument("--kind", choices=["text", "image"], help="built-in family (default text)")
     p.add_argument("--setting", choices=["small", "full"], help="default small")
