@@ -71,7 +71,7 @@ def user_files(tmp_path_factory) -> Path:
         model.load_state_dict(state, strict=False)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-        for split, split_seed in (("val", 10), ("test", 20)):
+        for split, split_seed in (("val", 10), ("test", 20), ("train", 30)):
             texts = _texts(seed * 100 + split_seed, 64)
             with torch.no_grad():
                 pred = model(**tok(texts, return_tensors="pt", padding=True)).logits.argmax(-1)
@@ -87,8 +87,19 @@ def user_files(tmp_path_factory) -> Path:
     return root
 
 
-def test_audit_file_end_to_end(user_files, tmp_path, capsys):
+def _noun_test(model: torch.nn.Module, user_files: Path) -> float:
+    """``model``'s accuracy on noun-test.jsonl, tokenized here with the noun tokenizer."""
     from mergeshield.evaluation.accuracy import accuracy
+
+    rows = [json.loads(line) for line in (user_files / "noun-test.jsonl").read_text().split("\n")
+            if line]  # fmt: skip
+    tok = tf.AutoTokenizer.from_pretrained(user_files / "noun")
+    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+    return accuracy(model, {**enc, "labels": labels})
+
+
+def test_audit_file_end_to_end(user_files, tmp_path, capsys):
     from mergeshield.modeling import load_classifier
 
     out = tmp_path / "report"
@@ -101,13 +112,7 @@ def test_audit_file_end_to_end(user_files, tmp_path, capsys):
     # the base backbone's accuracy, computed here with the victim's head and its tokenizer
     model = load_classifier(user_files / "noun", "text")
     model.bert.load_state_dict(tf.BertModel.from_pretrained(user_files / "base").state_dict())
-    rows = [json.loads(line) for line in (user_files / "noun-test.jsonl").read_text().split("\n")
-            if line]  # fmt: skip
-    tok = tf.AutoTokenizer.from_pretrained(user_files / "noun")
-    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
-    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
-    expected = accuracy(model, {**enc, "labels": labels})
-    assert data["family"]["base_accuracy"]["noun"] == pytest.approx(expected)
+    assert data["family"]["base_accuracy"]["noun"] == pytest.approx(_noun_test(model, user_files))
     assert "objective: min" in capsys.readouterr().out
 
 
@@ -155,6 +160,7 @@ def _variant(user_files: Path, tmp_path: Path, old: str, new: str) -> Path:
         (", val: verb-val.jsonl", "", "no 'val' split"),
         ("test: noun-test.jsonl", "test: nowhere.jsonl", "test data .* not found"),
         ("model: verb", "model: nowhere", "is not a checkpoint folder"),
+        ("noun-test.jsonl}", "noun-test.jsonl, train: nowhere.jsonl}", "train data .* not found"),
     ],
 )
 def test_bad_audit_paths(user_files, tmp_path, old, new, message):
@@ -175,6 +181,14 @@ def test_free_rider_of_another_architecture_and_labels_of_another_head(user_file
     )
     with pytest.raises(MergeShieldError, match="noun test data: unknown label '[xyz]'"):
         materialize(audit, tmp_path / "family2")
+    # the same check on the optional train split
+    audit = load_audit_file(
+        _variant(
+            user_files, tmp_path, "noun-test.jsonl}", "noun-test.jsonl, train: verb-train.jsonl}"
+        )
+    )
+    with pytest.raises(MergeShieldError, match="noun train data: unknown label '[xyz]'"):
+        materialize(audit, tmp_path / "family3")
 
 
 def test_exact_match_is_refused_on_classifiers(user_files, tmp_path, capsys):
@@ -240,12 +254,14 @@ def test_builtin_family_metric_must_match_its_kind(tmp_path):
 def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
     """``frontier --config``: the file's family and tasks, unprotected and the file's defenses
     as candidates, the fine-tune attack skipped (it needs training data the file does not
-    name); the unprotected release scores what the audit file's family measured."""
+    name: the note says to add train:); the unprotected release scores what the audit file's
+    family measured."""
     out = tmp_path / "frontier"
     args = ["frontier", "--config", str(user_files / "audit.yml"), "--out", str(out)]
     args += ["--methods", "task_arithmetic", "--attacks", "none"]
     assert main(args) == 0, capsys.readouterr().err
-    assert "fine-tune attack is skipped" in capsys.readouterr().out
+    note = capsys.readouterr().out
+    assert "fine-tune attack is skipped" in note and "add train: DATA to the victim (noun)" in note
     data = json.loads((out / "frontier.json").read_text())
     assert (data["victim"], data["plan"]["free_riders"]) == ("noun", ["verb"])
     results = {r["name"]: r for r in data["details"]}
@@ -253,7 +269,53 @@ def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
     assert results["unprotected"]["standalone"] == data["finetuned_accuracy"] == 1.0
     assert results["mergelock"]["standalone"] == 1.0  # the same function
     assert main([*args, "--overwrite", "--candidates", "trap2"]) == 2
-    assert "harden on the victim's training data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "harden on the victim's training data" in err and "add train: DATA" in err
+
+
+def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
+    user_files, tmp_path, capsys
+):
+    """With ``train:`` on the victim, ``frontier --config`` builds a hardening candidate (3
+    steps) and runs the fine-tune attack (32 examples, 4 steps); its figures are
+    re-computable: the hardened release is what ``harden`` makes of the same file, its
+    standalone accuracy is that checkpoint's test accuracy measured here, and the fine-tune
+    attack starts (step 0) at the best task-arithmetic merge's in-memory test accuracy."""
+    from mergeshield.folders import load_tensors
+    from mergeshield.hardening.harden import harden
+    from mergeshield.modeling import load_classifier
+
+    config = _variant(
+        user_files, tmp_path, "noun-test.jsonl}", "noun-test.jsonl, train: noun-train.jsonl}"
+    )
+    out = tmp_path / "frontier"
+    args = ["frontier", "--config", str(config), "--out", str(out), "--methods", "task_arithmetic"]
+    args += ["--attacks", "none", "--candidates", "trap2+merge", "--steps", "3", "--lr", "1e-3"]
+    args += ["--finetune", "32", "4"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "skipped" not in capsys.readouterr().out
+    bad = [*args[:-2], "0", "4", "--overwrite"]
+    assert main(bad) == 2 and "--finetune takes two positive" in capsys.readouterr().err
+    data = json.loads((out / "frontier.json").read_text())
+    (result,) = data["details"]
+    released = out / "builds" / "trap2+merge" / "hardened"
+    # the frontier's harden call: the file's train data and max_length, no proxies
+    options: dict = {"method": "trap2+merge", "steps": 3, "lr": 1e-3, "max_len": 16}
+    data_file = user_files / "noun-train.jsonl"
+    again = harden(user_files / "noun", user_files / "base", data_file, tmp_path / "a", **options)
+    ours, theirs = load_tensors(released), load_tensors(again)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    noun = load_tensors(user_files / "noun")
+    assert any(not torch.equal(ours[k], noun[k]) for k in noun)  # it trained
+    model = load_classifier(released, "text")
+    assert result["standalone"] == pytest.approx(_noun_test(model, user_files))
+    finetune = result["finetune"]
+    assert (finetune["examples"], finetune["steps"]) == (32, 4)
+    assert [step for step, _ in finetune["best_merge"]] == [0, 2, 4]
+    best = result["best"]["task_arithmetic"]
+    assert finetune["best_merge"][0][1] == pytest.approx(best["test_victim"])
+    assert [step for step, _ in finetune["merge_without_victim"]] == [0, 2, 4]
 
 
 def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):

@@ -173,7 +173,9 @@ def _add_frontier(sub) -> None:
         "--config",
         type=Path,
         help="an audit file (as for audit): its family (built-in or your own classifiers), "
-        "victim, free-riders, objective and seed; its defenses are the default candidates",
+        "victim, free-riders, objective and seed; its defenses are the default candidates; on "
+        "your own classifiers, hardening candidates and the fine-tune attack train on the "
+        "victim's train: data",
     )
     p.add_argument("--kind", choices=["text", "image"], help="built-in family (default text)")
     p.add_argument("--setting", choices=["small", "full"], help="default small")
@@ -200,6 +202,14 @@ def _add_frontier(sub) -> None:
         "or +noise (=fraction): the aligned update is then pruned or noised",
     )
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune attack")
+    p.add_argument(
+        "--finetune",
+        type=int,
+        nargs=2,
+        metavar=("EXAMPLES", "STEPS"),
+        help="size of the fine-tune attack: victim training examples and AdamW steps "
+        "(default 64 24)",
+    )
     p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
@@ -238,15 +248,20 @@ def _run_frontier(args) -> int:
     default = ["unprotected", *audit.plan.defenses] if args.config else FRONTIER_CANDIDATES
     candidates = [parse_candidate(c) for c in args.candidates or default]
     finetune = not args.no_finetune
-    if not audit.builtin:
+    if args.finetune is not None and (args.no_finetune or min(args.finetune) < 1):
+        raise MergeShieldError("--finetune takes two positive integers, without --no-finetune")
+    if not audit.builtin and audit.tasks[0].train is None:  # tasks[0]: the victim
+        add = f"add train: DATA to the victim ({audit.tasks[0].name}) in {config}"
         hardened = [c.name for c in candidates if c.harden is not None]
         if hardened:
             raise MergeShieldError(
-                f"candidates {hardened} harden on the victim's training data, which an audit "
-                "file of your own models does not name yet: use unprotected and defenses"
+                f"candidates {hardened} harden on the victim's training data, which {config} "
+                f"does not name: {add}, or use unprotected and defenses"
             )
         if finetune:
-            print("the fine-tune attack is skipped: it trains on the victim's training data")
+            print(
+                f"the fine-tune attack is skipped: it trains on the victim's training data ({add})"
+            )
             finetune = False
     unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
     if unknown:
@@ -275,7 +290,7 @@ def _run_frontier(args) -> int:
             methods=tuple(args.methods),
             grids={m: defaults.grids[m] for m in args.methods},
             attacks=tuple(args.attacks),
-            finetune=defaults.finetune if finetune else None,
+            finetune=(tuple(args.finetune or defaults.finetune) if finetune else None),
             objective=args.objective or audit.plan.objective,
             seed=audit.plan.seed if args.seed is None else args.seed,
         )

@@ -8,6 +8,7 @@ Your own release::
       model: models/noun
       val: data/noun-val.jsonl     # the split a free-rider may tune the merge on
       test: data/noun-test.jsonl   # the split the report is scored on
+      train: data/noun-train.jsonl # optional: training data (frontier's hardening, fine-tune)
     free_riders:                   # the public fine-tunes of the same base they would merge
       - {model: models/verb, val: data/verb-val.jsonl, test: data/verb-test.jsonl}
     metric: accuracy
@@ -29,6 +30,10 @@ or CSV text with ``text`` and ``label``, an image folder ``root/<label>/<image>`
 ``datasets`` ``save_to_disk`` folder.  Each task is scored with its own model's head, so the
 labels must be that head's (``config.label2id`` names or ids).  Paths are relative to the
 file.  Every field is checked before any work: a bad file gets a one-line error.
+``train`` (optional, any entry, the same formats and label check) is only read by
+``frontier``: the victim's train split is what its hardening candidates (``trap2+merge``,
+``merge/mergelock``, ...) train on and what its short fine-tune attack draws its examples from,
+as ``load_task``'s train split is for a built-in family; ``audit`` ignores it.
 
 Your own causal LM (any model type ``protect`` supports: llama, qwen2, mistral, ...)::
 
@@ -81,7 +86,7 @@ _TOP = {
     "objective", "grid", "grid_stride", "merge_all", "attacked_only", "pairs", "protocol",
     "interpolation", "max_length", "seed", "tasks",
 }  # fmt: skip
-_TASK = {"name", "model", "val", "test"}
+_TASK = {"name", "model", "val", "test", "train"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class TaskEntry:
     model: Path
     val: Path
     test: Path
+    train: Path | None = None  # optional: what frontier hardens and fine-tunes on
 
 
 @dataclass(frozen=True)
@@ -336,15 +342,22 @@ def _task(root: Path, value: Any, what: str) -> TaskEntry:
         splits[split] = (root / str(value[split])).resolve()
         if not splits[split].exists():
             raise MergeShieldError(f"{what} {model.name}: {split} data {splits[split]} not found")
+    train = None
+    if value.get("train") is not None:
+        train = (root / str(value["train"])).resolve()
+        if not train.exists():
+            raise MergeShieldError(f"{what} {model.name}: train data {train} not found")
     name = str(value.get("name") or model.name)
-    return TaskEntry(name, model, splits["val"], splits["test"])
+    return TaskEntry(name, model, splits["val"], splits["test"], train)
 
 
 def materialize(audit: AuditFile, root: Path) -> Family:
     """The user's models as a :class:`~mergeshield.evaluation.family.Family` under ``root``:
-    each split encoded with its own model's tokenizer/processor and label map (``data/``),
-    then the base and fine-tuned scores measured, as the zoo records them (kind ``llm`` for
-    ``exact_match``: the causal LM's greedy answers, as the built-in LLM family)."""
+    each split (``train`` too where given) encoded with its own model's tokenizer/processor and
+    label map (``data/``), then the base and fine-tuned scores measured, as the zoo records
+    them (kind ``llm`` for ``exact_match``: the causal LM's greedy answers, as the built-in LLM
+    family).  The manifest keeps each ``train`` path and ``max_length`` for frontier's
+    hardening (:func:`mergeshield.evaluation.frontier.training_data`)."""
     import json
 
     import torch
@@ -355,7 +368,8 @@ def materialize(audit: AuditFile, root: Path) -> Family:
 
     assert audit.base is not None
     kinds = set()
-    family = Family("text", "file", Path(root), audit.base, {}, {}, {}, {}, manifest={"tasks": {}})
+    manifest: dict[str, Any] = {"tasks": {}, "max_length": audit.max_length}
+    family = Family("text", "file", Path(root), audit.base, {}, {}, {}, {}, manifest=manifest)
     (family.root / "data").mkdir(parents=True, exist_ok=True)
     for entry in audit.tasks:
         try:
@@ -363,7 +377,7 @@ def materialize(audit: AuditFile, root: Path) -> Family:
         except MergeShieldError as err:
             raise MergeShieldError(f"{entry.name}: {err}") from None
         stored: dict[str, Any] = {}
-        for split in ("val", "test"):
+        for split in ("val", "test") + (("train",) if entry.train is not None else ()):
             try:
                 kind, stored[split], stored["labels"] = _encode(audit, entry, split)
             except MergeShieldError as err:
@@ -389,6 +403,7 @@ def materialize(audit: AuditFile, root: Path) -> Family:
         family.manifest["tasks"][entry.name] = {
             "finetuned_val_accuracy": acc[("val", True)],
             "base_val_accuracy": acc[("val", False)],
+            "train": None if entry.train is None else str(entry.train),
         }
     (family.root / "manifest.json").write_text(json.dumps(family.manifest, indent=2))
     return family

@@ -351,16 +351,10 @@ def _finetune_attack(
     best: MergeResult,
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
-    tau_partner``, on ``n`` victim training examples; test accuracy along the way."""
-    from mergeshield.evaluation.zoo import encode_split  # the zoo's own tokenization
-    from mergeshield.tasks import load_task
-
+    tau_partner``, on ``n`` victim training examples (:func:`training_inputs`, shuffled);
+    test accuracy along the way."""
     n, steps = plan.finetune
-    s = family.manifest["settings"]
-    data = load_task(plan.victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
-    from mergeshield.evaluation.zoo import ZooSettings
-
-    train = encode_split(family, data, "train", ZooSettings(**s))
+    train = training_inputs(family, plan.victim)
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
     test = Scorer(family, plan.victim, released).data["test"]
@@ -392,6 +386,44 @@ def _finetune_attack(
 # ----------------------------------------------------------------------------- study
 
 
+def _file_family(family: Family) -> bool:
+    """A family materialized from an audit file of the user's own models."""
+    return family.setting == "file"
+
+
+def training_data(family: Family, task: str) -> tuple[Any, int | None]:
+    """``task``'s training data as ``harden`` reads it, and the token length to train on
+    (None for images): a built-in task's ``load_task`` train split at the length the family
+    was built with, or the audit file's ``train:`` data at the file's ``max_length``."""
+    if _file_family(family):
+        path = family.manifest["tasks"][task].get("train")
+        if path is None:
+            raise MergeShieldError(
+                f"task {task!r} has no training data: add train: DATA to it in the audit file"
+            )
+        return Path(path), family.manifest["max_length"] if family.kind == "text" else None
+    from mergeshield.tasks import load_task
+
+    s = family.manifest["settings"]
+    data = load_task(task, s["n_train"], s["n_val"], s["n_test"], s["seed"])
+    if family.kind != "text":
+        return data, None
+    return data, dict(s.get("max_len_overrides") or ()).get(task, s["max_len"])
+
+
+def training_inputs(family: Family, task: str) -> Tensors:
+    """Model inputs and ``labels`` of ``task``'s train split: a built-in task tokenized as the
+    zoo does (:func:`mergeshield.evaluation.zoo.encode_split`), an audit file's ``train:``
+    data as :func:`mergeshield.evaluation.audit_file.materialize` encoded it."""
+    if _file_family(family):
+        training_data(family, task)  # the one-line error when the file names no train data
+        return torch.load(family.root / "data" / f"{task}.pt", weights_only=True)["train"]
+    from mergeshield.evaluation.zoo import ZooSettings, encode_split
+
+    data, _ = training_data(family, task)
+    return encode_split(family, data, "train", ZooSettings(**family.manifest["settings"]))
+
+
 def build_candidate(
     candidate: Candidate, family: Family, plan: FrontierPlan, folder: Path, *, progress: bool
 ) -> Path:
@@ -399,18 +431,15 @@ def build_candidate(
     unless already there."""
     from mergeshield.hardening.harden import harden
     from mergeshield.protect import protect
-    from mergeshield.tasks import load_task
 
     model = family.tasks[plan.victim]
     if candidate.harden is not None:
         hardened = folder / "hardened"
         if not (hardened / "config.json").is_file():
-            s = family.manifest["settings"]
-            data = load_task(plan.victim, s["n_train"], s["n_val"], s["n_test"], s["seed"])
+            data, max_len = training_data(family, plan.victim)
             kwargs: dict[str, Any] = {"proxies": tuple(str(family.tasks[p]) for p in plan.proxies)}
-            if family.kind == "text":  # train on the token length the family was built with
-                overrides = dict(s.get("max_len_overrides") or ())
-                kwargs["max_len"] = overrides.get(plan.victim, s["max_len"])
+            if max_len is not None:  # train on the token length the family was built with
+                kwargs["max_len"] = max_len
             harden(
                 model,
                 family.base,
