@@ -141,3 +141,52 @@ def test_killed_protect_loses_nothing_and_the_next_run_succeeds(sharded, tmp_pat
     restored = unprotect(out, key, tmp_path / "restored")
     assert set(hashes(restored)) == set(before)
     assert load_key(key)[0]["key_id"]
+
+
+SCRATCH_DRIVER = """
+import sys, time
+from pathlib import Path
+from mergeshield.folders import scratch
+
+with scratch(sys.argv[1]) as work:
+    (work / "merge.bin").write_bytes(b"x" * 1000)
+    Path(sys.argv[2]).write_text(str(work))
+    time.sleep(60)
+"""
+
+
+def test_scratch_of_a_killed_run_is_swept_by_the_next_run(tmp_path, monkeypatch):
+    """An audit's working folder (``folders.scratch``) outlives ``kill -9`` of its process only
+    until the next run of any command: the next ``scratch`` removes it, while the folder of a
+    live process stays, and the caller's own folder is removed when its block ends."""
+    import tempfile
+
+    from mergeshield.folders import scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    procs, folders = [], []
+    for job in ("killed", "alive"):
+        marker = tmp_path / f"{job}.marker"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", SCRATCH_DRIVER, job, str(marker)], env=env)
+        )
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        folders.append(Path(marker.read_text()))
+    killed, alive = folders
+    try:
+        procs[0].kill()
+        procs[0].wait(timeout=30)
+        assert killed.is_dir() and alive.is_dir()
+        with scratch("next") as mine:
+            assert mine.parent == tmp_path and mine.name.startswith("mergeshield-next-")
+            assert not killed.exists(), "the killed run's folder was not swept"
+            assert alive.is_dir(), "a live run's folder was swept"
+        assert not mine.exists()
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+    with scratch("after"):
+        assert not alive.exists()

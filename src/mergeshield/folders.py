@@ -4,6 +4,8 @@ Every output is written under an exclusive lock (:func:`exclusive`: ``.NAME.lock
 an ``flock`` the kernel releases when its process dies, even by ``kill -9``) into a temporary
 ``.NAME.tmp-*`` beside it, renamed into place once complete.  Holding the lock, a run removes
 the temporaries a killed run left on the same output, so none outlives the next run.
+Working folders that are not outputs (an audit's merges) live in :func:`scratch` folders in the
+system's temporary directory, swept the same way by the next run of any command.
 """
 
 from __future__ import annotations
@@ -200,6 +202,46 @@ def exclusive(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+SCRATCH_PREFIX = "mergeshield-"
+SCRATCH_OWNER = ".owner"  # an flock held by the process that uses the folder
+
+
+def _sweep_scratch(parent: Path) -> None:
+    """Remove the scratch folders in ``parent`` whose owner is dead: their ``.owner`` lock is
+    free (the kernel released it when the process ended, ``kill -9`` included)."""
+    for item in parent.glob(f"{SCRATCH_PREFIX}*"):
+        owner = item / SCRATCH_OWNER
+        try:
+            fd = os.open(owner, os.O_RDONLY)
+        except OSError:  # not one of ours, or not a folder, or being created right now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        _remove(item)
+
+
+@contextmanager
+def scratch(job: str) -> Iterator[Path]:
+    """Yield a fresh working folder ``mergeshield-JOB-*`` in the system's temporary directory,
+    removed when the block ends in any way.  The folder holds an ``flock`` for its whole life,
+    so the next call (of any process) removes the folders of processes that were killed."""
+    parent = Path(tempfile.gettempdir())
+    _sweep_scratch(parent)
+    work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job}-", dir=parent))
+    fd = os.open(work / SCRATCH_OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield work
+    finally:
+        _remove(work)
         os.close(fd)
 
 

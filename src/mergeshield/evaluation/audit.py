@@ -17,7 +17,8 @@ victim task and its free-riders:
    fine-tuned head (the reported figures).  The in-memory merge's test accuracies are kept
    next to them (``MergeRow.kernel_check``); more than one test example apart on any task is
    flagged in the report.  The coefficient that the victim-only view (``objective="victim"``)
-   would pick is scored too, for comparison, in memory, as are the papers' fixed merges.
+   would pick is reported too, for comparison, with its validation figures; the papers' fixed
+   merges are scored in memory.
 
 Each merged task's share of its fine-tuning gain that survives is
 ``kept = (acc_merged - acc_base) / (acc_finetuned - acc_base)``; the verdicts are those of
@@ -31,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, evaluate
 from mergeshield.evaluation.family import Family
 from mergeshield.evaluation.zoo import build_family
-from mergeshield.folders import atomic_dir, load_tensors
+from mergeshield.folders import atomic_dir, load_tensors, scratch
 from mergeshield.merging import extract_backbone, get_method, merge
 from mergeshield.merging.kernels import Tensors, prepare
 from mergeshield.objective import (
@@ -109,8 +109,9 @@ class MergeRow:
     ``sweep``: ``(coefficient, joint validation score)`` for each coefficient tried;
     ``val_kept``: ``(coefficient, victim kept, {free-rider: kept})`` on validation data.
     Test accuracies and shares kept are at ``coefficient``, of mergekit's merge; ``victim_view``
-    holds the same test figures (in-memory merge) at the coefficient the victim-only objective
-    picks; ``kernel_check`` the in-memory merge's test accuracies at ``coefficient`` and how
+    is the contrast with the victim-only objective: the coefficient it picks and the shares kept
+    there on the *validation* split (what that attacker saw; ``split: "val"``: scoring its test
+    split too would cost a third of the audit's time); ``kernel_check`` the in-memory merge's test accuracies at ``coefficient`` and how
     many test examples they are apart from mergekit's (``agrees``: at most one on every task),
     the tensors in which the two merges are not bit for bit equal (none: the in-memory merge
     scores exactly as mergekit's and is not scored again), and the seconds spent in memory
@@ -209,8 +210,7 @@ def run_audit(
     partial = out.parent / f"{out.name}.partial.jsonl"  # one line per finished merge row
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.unlink(missing_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mergeshield-audit-"))
-    try:
+    with scratch("audit") as work:
         variants = _variants(plan, family, victim, work, progress)
         if plan.attacked_only:
             variants = {k: v for k, v in variants.items() if v[2]}
@@ -284,8 +284,6 @@ def run_audit(
                 result.interpolation[name] = _interpolate(
                     plan, memory, victim, variant_tensors, result.standalone[name]
                 )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     _relative_degradation(result.protocol)
     result.seconds = time.perf_counter() - start
     write_report(result, out)
@@ -366,7 +364,7 @@ def _merge_row(
 ) -> MergeRow:
     """Sweep ``method``'s grid in memory, keep the coefficient with the best joint validation
     score, merge at it again with mergekit and score that merge on the test split (the victim-
-    only view's choice is scored in memory).  ``variant``: (name, defense, attack);
+    only view's choice is reported with its validation figures).  ``variant``: (name, defense, attack);
     ``models``: (backbone folder, its tensors) for the variant and each partner."""
     family, tasks = memory.family, [victim, *partners]
     start = time.perf_counter()
@@ -416,11 +414,12 @@ def _merge_row(
         },
     )
     victim_choice = choose(val_kept, "victim")
-    view = test if victim_choice == coefficient else memory.scores(at(victim_choice), tasks, "test")
+    _, victim_share, partner_shares = next(v for v in val_kept if v[0] == victim_choice)
     row.victim_view = {
         "coefficient": victim_choice,
-        "victim_kept": view[victim][1],
-        "partner_kept": {p: view[p][1] for p in partners},
+        "split": "val",
+        "victim_kept": victim_share,
+        "partner_kept": partner_shares,
     }
     return row
 
@@ -568,7 +567,7 @@ HEADER = [
     "free-rider acc (gain kept)",
     "joint",
     "verdict",
-    "victim-only view (coef: victim / free-rider kept)",
+    "victim-only view (coef: victim / free-rider kept, validation)",
 ]
 
 

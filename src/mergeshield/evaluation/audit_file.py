@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit import PAPER_SETTINGS, AuditPlan
-from mergeshield.folders import read_config
+from mergeshield.folders import read_config, scratch
 from mergeshield.objective import check_objective
 
 if TYPE_CHECKING:
@@ -463,7 +463,6 @@ def _tokenizer_dir(model: Path, base: Path) -> Path:
 def audit_family(audit: AuditFile, *, progress: bool = True) -> Iterator[Family]:
     """The family an audit file describes: the built-in one (built or reused from the cache)
     or the user's models materialized in a temporary folder for the duration."""
-    import tempfile
 
     from mergeshield.evaluation.zoo import build_family
 
@@ -471,8 +470,8 @@ def audit_family(audit: AuditFile, *, progress: bool = True) -> Iterator[Family]
         tasks = list(audit.plan.tasks) if audit.plan.tasks else None
         yield build_family(audit.plan.kind, audit.plan.setting, tasks=tasks, progress=progress)
         return
-    with tempfile.TemporaryDirectory(prefix="mergeshield-family-") as tmp:
-        yield materialize(audit, Path(tmp))
+    with scratch("family") as tmp:
+        yield materialize(audit, tmp)
 
 
 def run_audit_file(

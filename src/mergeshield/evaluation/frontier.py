@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +49,7 @@ from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, accuracy, backbone_tensors
 from mergeshield.evaluation.family import Family
+from mergeshield.folders import scratch
 from mergeshield.merging import extract_backbone, merge
 from mergeshield.merging.kernels import merge_tensors, prepare
 from mergeshield.modeling import load_classifier, stored_to_module_names
@@ -174,8 +174,7 @@ def evaluate_release(
 
     check_objective(plan.objective)
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="mergeshield-frontier-"))
-    try:
+    with scratch("frontier") as work:
         base = backbone_tensors(family.base)
         victim_scorer = Scorer(family, plan.victim, released)
         result = ReleaseResult(
@@ -286,8 +285,6 @@ def evaluate_release(
                 partner_models,
                 result.best["task_arithmetic"],
             )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
