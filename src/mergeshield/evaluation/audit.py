@@ -111,11 +111,12 @@ class MergeRow:
     Test accuracies and shares kept are at ``coefficient``, of mergekit's merge; ``victim_view``
     is the contrast with the victim-only objective: the coefficient it picks and the shares kept
     there on the *validation* split (what that attacker saw; ``split: "val"``: scoring its test
-    split too would cost a third of the audit's time); ``kernel_check`` the in-memory merge's test accuracies at ``coefficient`` and how
-    many test examples they are apart from mergekit's (``agrees``: at most one on every task),
-    the tensors in which the two merges are not bit for bit equal (none: the in-memory merge
-    scores exactly as mergekit's and is not scored again), and the seconds spent in memory
-    (the sweep) and on mergekit's recheck (its merge and the test scoring).
+    split too would cost a third of the audit's time); ``kernel_check`` the in-memory merge's
+    test accuracies at ``coefficient`` and how many test examples they are apart from
+    mergekit's (``agrees``: at most one on every task), the tensors in which the two merges
+    are not bit for bit equal (none: the in-memory merge scores exactly as mergekit's and is
+    not scored again), and the seconds spent in memory (the sweep) and on mergekit's recheck
+    (its merge and the test scoring).
     """
 
     variant: str  # "unprotected", a defense, or "defense+attack"
@@ -364,8 +365,8 @@ def _merge_row(
 ) -> MergeRow:
     """Sweep ``method``'s grid in memory, keep the coefficient with the best joint validation
     score, merge at it again with mergekit and score that merge on the test split (the victim-
-    only view's choice is reported with its validation figures).  ``variant``: (name, defense, attack);
-    ``models``: (backbone folder, its tensors) for the variant and each partner."""
+    only view's choice is reported with its validation figures).  ``variant``: (name, defense,
+    attack); ``models``: (backbone folder, its tensors) for the variant and each partner."""
     family, tasks = memory.family, [victim, *partners]
     start = time.perf_counter()
     at = prepare(method, memory.base, [t for _, t in models], seed=plan.seed)
