@@ -174,3 +174,42 @@ def test_kernels_refuse_bad_inputs(tmp_path) -> None:
         merge_tensors("ties", base, [base], coefficient=1.0, params={"gamma": 0.1})
     with pytest.raises(MergeShieldError, match="unknown merge method"):
         merge_tensors("nope", base, [base], coefficient=1.0)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "della", "dare_ties"])
+def test_sparse_cache_reuses_the_shared_models_masks_bit_for_bit(method, monkeypatch) -> None:
+    """With a :class:`SparseCache` of the free-rider, merging it with two different variants
+    gives exactly the uncached merges, computes the free-rider's deterministic part (mask or
+    DELLA's probabilities) once, and computes it again after the free-rider changed in place."""
+    from mergeshield.merging import kernels
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g)}
+
+    def noisy() -> dict[str, torch.Tensor]:
+        return {k: t + 0.05 * torch.randn(t.shape, generator=g) for k, t in base.items()}
+
+    rider, variants = noisy(), [noisy(), noisy()]
+    calls = []
+    real = kernels._deterministic_part
+    monkeypatch.setattr(
+        kernels, "_deterministic_part", lambda delta, *a: calls.append(1) or real(delta, *a)
+    )
+    cache = kernels.SparseCache([rider])
+    deterministic = method != "dare_ties"
+    for index, variant in enumerate(variants):
+        calls.clear()
+        cached = prepare(method, base, [variant, rider], seed=3, cache=cache)(0.7)
+        per_model = len(calls)
+        calls.clear()
+        plain = prepare(method, base, [variant, rider], seed=3)(0.7)
+        assert all(torch.equal(cached[k], plain[k]) for k in base)
+        if deterministic:  # 2 tensors x 2 models uncached; the rider's 2 come from the cache
+            assert len(calls) == 4 and per_model == (4 if index == 0 else 2)
+    if deterministic:
+        rider["w"].add_(0.1)  # in place: the cached part of "w" is stale
+        calls.clear()
+        cached = prepare(method, base, [variants[0], rider], seed=3, cache=cache)(0.7)
+        assert len(calls) == 3
+        plain = prepare(method, base, [variants[0], rider], seed=3)(0.7)
+        assert all(torch.equal(cached[k], plain[k]) for k in base)

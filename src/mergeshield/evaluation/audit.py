@@ -23,7 +23,8 @@ victim task and its free-riders:
 Each merged task's share of its fine-tuning gain that survives is
 ``kept = (acc_merged - acc_base) / (acc_finetuned - acc_base)``; the verdicts are those of
 :func:`mergeshield.objective.verdict`.  Also measured: the papers' fixed protocol
-(:data:`PAPER_SETTINGS`, relative degradation against the unprotected merge) and the accuracy
+(:data:`PAPER_SETTINGS`, relative degradation against the unprotected merge; for the unprotected
+and protected releases, not the attacked variants, which the sweep covers) and the accuracy
 along the straight path ``theta_base + alpha (theta_variant - theta_base)``.
 """
 
@@ -45,7 +46,7 @@ from mergeshield.evaluation.family import Family
 from mergeshield.evaluation.zoo import build_family
 from mergeshield.folders import atomic_dir, load_tensors, scratch
 from mergeshield.merging import extract_backbone, get_method, merge
-from mergeshield.merging.kernels import Tensors, prepare
+from mergeshield.merging.kernels import SparseCache, Tensors, prepare
 from mergeshield.objective import (
     HOLDS,
     INSERTED_TEXT,
@@ -220,8 +221,8 @@ def run_audit(
         }
         for name, (model, _, _) in variants.items():
             result.standalone[name] = evaluate(model, victim, family=family)
-        memory = InMemory(family, [victim, *riders])
         rider_tensors = {t: load_tensors(b) for t, b in backbones.items()}
+        memory = InMemory(family, [victim, *riders], shared=list(rider_tensors.values()))
         runs = []
         for method in plan.methods:
             for partners in groups:
@@ -266,7 +267,8 @@ def run_audit(
                 result.merges.append(row)
                 with partial.open("a") as log:  # progress survives a crash of a long run
                     log.write(json.dumps(asdict(row)) + "\n")
-            for method, coefficient in plan.protocol:
+            # the papers' protocol measures releases as the papers did: no attacker
+            for method, coefficient in plan.protocol if attack == "" else ():
                 for partners in groups:
                     if _takes(method, 1 + len(partners)):
                         result.protocol.append(
@@ -332,12 +334,17 @@ class InMemory:
     """The audit's in-memory side: the base's tensors and, per task, a classifier with the
     task's own fine-tuned head that scores backbone tensors (base layout) on a split.
 
-    The seam for other scorers: :meth:`scores` maps merged tensors to (accuracy, kept)."""
+    The seam for other scorers: :meth:`scores` maps merged tensors to (accuracy, kept).
+    ``sparse`` caches the sparsification of ``shared`` (the free-riders' tensors, merged with
+    every variant)."""
 
-    def __init__(self, family: Family, tasks: list[str]) -> None:
+    def __init__(
+        self, family: Family, tasks: list[str], shared: list[Tensors] | None = None
+    ) -> None:
         self.family = family
         self.base = load_tensors(family.base)
         self.scorers = {t: Scorer(family, t, family.tasks[t]) for t in tasks}
+        self.sparse = SparseCache(shared or [])
 
     def scores(
         self, tensors: Tensors, tasks: list[str], split: str
@@ -369,7 +376,7 @@ def _merge_row(
     attack); ``models``: (backbone folder, its tensors) for the variant and each partner."""
     family, tasks = memory.family, [victim, *partners]
     start = time.perf_counter()
-    at = prepare(method, memory.base, [t for _, t in models], seed=plan.seed)
+    at = prepare(method, memory.base, [t for _, t in models], seed=plan.seed, cache=memory.sparse)
     val_kept: list[tuple[float, float, dict[str, float]]] = []
     for c in coefficient_grid(plan, method):
         val = memory.scores(at(c), tasks, "val")
@@ -458,7 +465,8 @@ def _protocol_row(
 ) -> ProtocolRow:
     """The papers' fixed merge (in memory): no search, mean test accuracy over the tasks."""
     params = {"density": 0.2} if method == "ties" else None
-    merged = prepare(method, memory.base, models, params=params, seed=plan.seed)(coefficient)
+    at = prepare(method, memory.base, models, params=params, seed=plan.seed, cache=memory.sparse)
+    merged = at(coefficient)
     scores = memory.scores(merged, [victim, *partners], "test")
     accuracy = {t: a for t, (a, _) in scores.items()}
     return ProtocolRow(
