@@ -4,8 +4,8 @@ One table per merge group (the victim with one free-rider, or with all of them):
 victim variant (unprotected, each defense, each defense + attack), a column per merge method,
 each cell ``victim kept / free-rider kept (joint score) @ coefficient`` at the attacker's best
 joint setting (several free-riders: their minimum), then the victim-only view (what the
-victim-only objective picks, at its coefficient); bold where a protection holds (the weakest
-task keeps <= 5%).  Then the papers' fixed-protocol table.
+victim-only objective picks, at its coefficient; validation shares since session 10); bold
+where a protection holds (the weakest task keeps <= 5%).  Then the papers' fixed-protocol table.
 
     python benchmarks/audit_tables.py reports/full-text-*/report.json
 """

@@ -46,7 +46,7 @@ from mergeshield.evaluation.family import Family
 from mergeshield.evaluation.zoo import build_family
 from mergeshield.folders import atomic_dir, load_tensors, scratch
 from mergeshield.merging import extract_backbone, get_method, merge
-from mergeshield.merging.kernels import SparseCache, Tensors, prepare
+from mergeshield.merging.kernels import SparseCache, Tensors, prepare, reuse_freed_memory
 from mergeshield.objective import (
     HOLDS,
     INSERTED_TEXT,
@@ -212,7 +212,7 @@ def run_audit(
     partial = out.parent / f"{out.name}.partial.jsonl"  # one line per finished merge row
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.unlink(missing_ok=True)
-    with scratch("audit") as work:
+    with scratch("audit") as work, reuse_freed_memory():
         variants = _variants(plan, family, victim, work, progress)
         if plan.attacked_only:
             variants = {k: v for k, v in variants.items() if v[2]}
@@ -637,8 +637,9 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         f"at most {HOLDS:.0%} (the merged model is the release itself); *{USEFUL_TEXT}* when "
         f"every merged task keeps more than {HOLDS:.0%}. An unprotected merge should keep at "
         f"least {UNPROTECTED_MIN:.0%} of every task's gain. The last column is what the "
-        "victim-only objective would have chosen (test shares kept at its coefficient). The "
-        "sweeps run in memory (parity-tested kernels); each chosen merge is computed again by "
+        "victim-only objective would have chosen (validation shares kept at its coefficient: "
+        "what that attacker saw). The sweeps run in memory (parity-tested kernels); each "
+        "chosen merge is computed again by "
         f"mergekit and its figures are the ones shown ({_agreement(result)}).",
         "",
         "## Tasks",

@@ -40,7 +40,10 @@ keep-probabilities are computed once instead of once per variant and method.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +81,35 @@ TASK_VECTOR_RULES: dict[str, TaskVectorRule] = {
     ),
     "della": TaskVectorRule("della_magprune", consensus=True, normalize=True, rescale=True),
 }
+
+
+# glibc mallopt parameters and their defaults (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Keep freed memory in the process's heap for the block, then give it back.
+
+    glibc serves every block over 32 MB (a MiniLM's 47 MB word embeddings: every task vector,
+    mask and merge of it) with fresh ``mmap`` pages that the kernel faults in and zeroes at
+    each allocation: about 70 million page faults and 6% of the CPU time of the full text
+    audit.  With ``mmap`` off and no trimming, freed blocks are reused instead (peak memory a
+    few hundred MB higher).  No-op where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- sparsify
