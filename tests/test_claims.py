@@ -150,3 +150,33 @@ def test_text_rebasin_and_procrustes_do_not_undo_params(text, attack):
         attacked = text[(f"params+{attack}", method)].weakest
         unprotected = text[("unprotected", method)].weakest
         assert attacked < unprotected - UNDONE, (method, attacked, unprotected)
+
+
+@pytest.fixture(scope="module")
+def text_mergelock(tmp_path_factory):
+    """Small text family, MergeLock without an attack, task arithmetic only."""
+    family = build_family("text", "small", progress=False)
+    plan = AuditPlan(
+        victim="wordnet_noun",
+        free_riders=("wordnet_verb",),
+        defenses=("mergelock",),
+        attacks=(),
+        methods=("task_arithmetic",),
+        grid_stride=3,
+        protocol=(),
+        interpolation=(0.0, 1.0),
+    )
+    out = tmp_path_factory.mktemp("text-mergelock")
+    return _rows(run_audit(plan, out, family=family, progress=False))
+
+
+@pytest.mark.slow
+def test_text_mergelock_leaves_task_arithmetic_at_one_worth_having(text_mergelock):
+    """README: on the text families MergeLock leaves task arithmetic at coefficient 1 a merge
+    worth having (full family: 47% of the free-rider's gain, the victim's 91%): it maps only
+    the attention heads, and the free-rider's other updates still add to the release."""
+    row = text_mergelock[("mergelock", "task_arithmetic")]
+    assert row.coefficient >= 1.0 and row.victim_kept >= 0.60, (row.coefficient, row.victim_kept)
+    assert _worth_having(text_mergelock, "mergelock") == {
+        "task_arithmetic": (row.weakest, text_mergelock[("unprotected", "task_arithmetic")].weakest)
+    }
