@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.generative import exact_match, load_causal_lm
+from mergeshield.evaluation.generative import exact_match
 from mergeshield.folders import load_tensors
 from mergeshield.modeling import (
+    load_causal_lm,
     load_classifier,
     share_correct,
     stored_to_module_names,
