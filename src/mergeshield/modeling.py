@@ -179,6 +179,17 @@ def merged_part(model: torch.nn.Module) -> torch.nn.Module:
     return model if is_causal_lm(model) else model.base_model
 
 
+def load_merged(model: torch.nn.Module, tensors: Tensors) -> None:
+    """Load ``tensors`` (named as :func:`merged_part`'s state dict) into that part of
+    ``model``; every tensor must be given except BERT's pooler and a tied ``lm_head``."""
+    tied = is_causal_lm(model) and getattr(model.config, "tie_word_embeddings", False)
+    optional = ("pooler.",) + (("lm_head.",) if tied else ())
+    missing = merged_part(model).load_state_dict(tensors, strict=False).missing_keys
+    absent = [k for k in missing if not k.startswith(optional)]
+    if absent:
+        raise MergeShieldError(f"backbone lacks {absent[:3]}")
+
+
 def merged_prefix(model: torch.nn.Module) -> str:
     """The prefix of :func:`merged_part`'s parameter names in ``model`` ('' for a causal LM)."""
     return "" if is_causal_lm(model) else getattr(model, "base_model_prefix", "")
