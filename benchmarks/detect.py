@@ -54,10 +54,10 @@ from mergeshield.attacks.adaptive import finetune_recovery, perturb_then_align
 from mergeshield.detect import E_MIN, detect, detect_all
 from mergeshield.evaluation import zoo
 from mergeshield.evaluation.accuracy import accuracy
-from mergeshield.evaluation.generative import exact_match, load_causal_lm, load_gen_task
+from mergeshield.evaluation.generative import exact_match, load_gen_task
 from mergeshield.folders import atomic_dir, load_tensors, save_tensors
 from mergeshield.merging import METHODS, backbone_prefix, extract_backbone, merge
-from mergeshield.modeling import load_classifier
+from mergeshield.modeling import load_causal_lm, load_classifier
 from mergeshield.protect import protect
 from mergeshield.tasks import load_task
 

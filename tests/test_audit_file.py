@@ -18,6 +18,7 @@ import transformers as tf
 from mergeshield.cli import main
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit_file import builtin_file, load_audit_file
+from tests.tiny_models import LM_TASKS, build_lm_family, greedy_exact_match, lm_rows
 
 WORDS = [f"w{i}" for i in range(90)]
 
@@ -338,81 +339,11 @@ def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, 
 
 # --- a causal-LM family: prompt/answer data, exact match of the greedy answer ---------------
 
-LM_WORDS = [f"w{i}" for i in range(40)]
-LM_TASKS = {"opp": lambda k: (7 * k + 3) % 40, "next": lambda k: (k + 1) % 40}
-
-
-def _lm_rows(task: str, ks: range) -> list[dict[str, str]]:
-    """``"opp w5 is"`` -> ``" w38"``: each task maps the word to another word its own way."""
-    return [{"prompt": f"{task} w{k} is", "answer": f" w{LM_TASKS[task](k)}"} for k in ks]
-
-
-def _greedy_exact_match(folder: Path, rows: list[dict[str, str]], tok) -> float:
-    """Share of rows whose greedy continuation, decoded token by token, is the answer then
-    eos: computed here without mergeshield's teacher-forced scoring."""
-    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
-    hits = 0
-    for row in rows:
-        got = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        start = len(got)
-        want = tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        with torch.no_grad():
-            for _ in want:
-                got.append(int(model(torch.tensor([got])).logits[0, -1].argmax()))
-        hits += got[start:] == want
-    return hits / len(rows)
-
 
 @pytest.fixture(scope="module")
 def lm_files(tmp_path_factory) -> Path:
-    """A tiny Llama base with a word-level tokenizer, two fine-tunes trained 25 full-batch
-    Adam steps on all 40 prompts of their own task (val: words 0-19, test: 20-39), the data as
-    JSONL, CSV and a datasets folder, and the audit file."""
-    import csv
-
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from mergeshield.evaluation.generative import GenSplit, encode
-    from tests.tiny_models import build
-
-    root = tmp_path_factory.mktemp("lm")
-    build("llama-gqa2", root / "base", seed=0)
-    vocab = {t: i for i, t in enumerate(["</s>", "<unk>", "opp", "next", "is", *LM_WORDS])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
-    tok.save_pretrained(root / "base")
-    for task in LM_TASKS:
-        rows = _lm_rows(task, range(40))
-        data = encode(GenSplit([r["prompt"] for r in rows], [r["answer"] for r in rows]), tok, 16)
-        torch.manual_seed(1)
-        model = tf.AutoModelForCausalLM.from_pretrained(root / "base").train()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(25):
-            opt.zero_grad()
-            model(**data).loss.backward()
-            opt.step()
-        model.save_pretrained(root / task)
-    (root / "opp-val.jsonl").write_text("\n".join(map(json.dumps, _lm_rows("opp", range(20)))))
-    with (root / "opp-test.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["prompt", "answer"])
-        writer.writeheader()
-        writer.writerows(_lm_rows("opp", range(20, 40)))
-    Dataset.from_list(_lm_rows("next", range(20))).save_to_disk(str(root / "next-val"))
-    (root / "next-test.jsonl").write_text(
-        "\n".join(map(json.dumps, _lm_rows("next", range(20, 40))))
-    )
-    (root / "audit.yml").write_text(
-        "base: base\nmetric: exact_match\n"
-        "victim: {model: opp, val: opp-val.jsonl, test: opp-test.csv}\n"
-        "free_riders:\n  - {model: next, val: next-val, test: next-test.jsonl}\n"
-        "defenses: [params]\nattacks: []\nmethods: [task_arithmetic]\n"
-        "grid: [0.5, 1.0]\nprotocol: false\nmax_length: 16\n"
-    )
-    return root
+    """The tiny causal-LM family of :func:`tests.tiny_models.build_lm_family`."""
+    return build_lm_family(tmp_path_factory.mktemp("lm"))
 
 
 def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
@@ -429,10 +360,10 @@ def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
     assert (data["victim"], data["free_riders"], data["family"]["kind"]) == ("opp", ["next"], "llm")
     assert [r["variant"] for r in data["merges"]] == ["unprotected", "mergelock"]
     tok = tf.AutoTokenizer.from_pretrained(lm_files / "base")
-    test = {t: _lm_rows(t, range(20, 40)) for t in LM_TASKS}
+    test = {t: lm_rows(t, range(20, 40)) for t in LM_TASKS}
     for task in LM_TASKS:
-        tuned = _greedy_exact_match(lm_files / task, test[task], tok)
-        base = _greedy_exact_match(lm_files / "base", test[task], tok)
+        tuned = greedy_exact_match(lm_files / task, test[task], tok)
+        base = greedy_exact_match(lm_files / "base", test[task], tok)
         assert data["family"]["finetuned_accuracy"][task] == pytest.approx(tuned)
         assert data["family"]["base_accuracy"][task] == pytest.approx(base)
         assert tuned >= base + 0.5  # each fine-tune answers its own prompts
@@ -446,9 +377,9 @@ def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
         tmp_path / "merged",
         coefficient=row["coefficient"],
     )
-    assert row["victim_accuracy"] == pytest.approx(_greedy_exact_match(merged, test["opp"], tok))
+    assert row["victim_accuracy"] == pytest.approx(greedy_exact_match(merged, test["opp"], tok))
     assert row["partner_accuracy"]["next"] == pytest.approx(
-        _greedy_exact_match(merged, test["next"], tok)
+        greedy_exact_match(merged, test["next"], tok)
     )
 
 
@@ -500,9 +431,3 @@ def test_bad_causal_lm_audit_files(lm_files, tmp_path, capsys, old, new, message
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and re.search(message, err), err
     assert not (tmp_path / "r").exists()
-
-
-def test_frontier_refuses_causal_lms(lm_files, tmp_path, capsys):
-    args = ["frontier", "--config", str(lm_files / "audit.yml"), "--out", str(tmp_path / "f")]
-    assert main(args) == 2
-    assert "frontier does not run on causal LMs yet" in capsys.readouterr().err

@@ -16,9 +16,10 @@ import torch
 
 from mergeshield.defenses import DEFENSES
 from mergeshield.evaluation.accuracy import evaluate
-from mergeshield.evaluation.generative import encode, exact_match, load_causal_lm, load_gen_task
+from mergeshield.evaluation.generative import encode, exact_match, load_gen_task
 from mergeshield.evaluation.zoo import LLM_TRAIN_FROM_LAYER, ZooSettings, build_family
 from mergeshield.folders import load_tensors
+from mergeshield.modeling import load_causal_lm
 from mergeshield.protect import protect
 
 pytestmark = pytest.mark.slow

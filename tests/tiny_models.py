@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,81 @@ def build_sharded(name: str, folder: Path, shard_size: str = "40KB") -> Path:
     _randomize_biases(model)
     model.save_pretrained(folder, max_shard_size=shard_size)
     return folder
+
+
+# --- a tiny causal-LM family: prompt/answer data, exact match of the greedy answer -----------
+
+LM_WORDS = [f"w{i}" for i in range(40)]
+LM_TASKS = {"opp": lambda k: (7 * k + 3) % 40, "next": lambda k: (k + 1) % 40}
+
+
+def lm_rows(task: str, ks: range) -> list[dict[str, str]]:
+    """``"opp w5 is"`` -> ``" w38"``: each task maps the word to another word its own way."""
+    return [{"prompt": f"{task} w{k} is", "answer": f" w{LM_TASKS[task](k)}"} for k in ks]
+
+
+def greedy_exact_match(folder: Path, rows: list[dict[str, str]], tok) -> float:
+    """Share of rows whose greedy continuation, decoded token by token, is the answer then
+    eos: computed here without mergeshield's teacher-forced scoring."""
+    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hits = 0
+    for row in rows:
+        got = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        start = len(got)
+        want = tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            for _ in want:
+                got.append(int(model(torch.tensor([got])).logits[0, -1].argmax()))
+        hits += got[start:] == want
+    return hits / len(rows)
+
+
+def build_lm_family(root: Path) -> Path:
+    """A tiny Llama base with a word-level tokenizer, two fine-tunes trained 25 full-batch
+    Adam steps on all 40 prompts of their own task (val: words 0-19, test: 20-39; train, all
+    40: ``opp-train.jsonl``, named by no audit file here), the data as JSONL, CSV and a
+    datasets folder, and the audit file."""
+    import csv
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mergeshield.evaluation.generative import GenSplit, encode
+
+    build("llama-gqa2", root / "base", seed=0)
+    vocab = {t: i for i, t in enumerate(["</s>", "<unk>", "opp", "next", "is", *LM_WORDS])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tok.save_pretrained(root / "base")
+    for task in LM_TASKS:
+        rows = lm_rows(task, range(40))
+        data = encode(GenSplit([r["prompt"] for r in rows], [r["answer"] for r in rows]), tok, 16)
+        torch.manual_seed(1)
+        model = tf.AutoModelForCausalLM.from_pretrained(root / "base").train()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(25):
+            opt.zero_grad()
+            model(**data).loss.backward()
+            opt.step()
+        model.save_pretrained(root / task)
+    (root / "opp-train.jsonl").write_text("\n".join(map(json.dumps, lm_rows("opp", range(40)))))
+    (root / "opp-val.jsonl").write_text("\n".join(map(json.dumps, lm_rows("opp", range(20)))))
+    with (root / "opp-test.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["prompt", "answer"])
+        writer.writeheader()
+        writer.writerows(lm_rows("opp", range(20, 40)))
+    Dataset.from_list(lm_rows("next", range(20))).save_to_disk(str(root / "next-val"))
+    (root / "next-test.jsonl").write_text(
+        "\n".join(map(json.dumps, lm_rows("next", range(20, 40))))
+    )
+    (root / "audit.yml").write_text(
+        "base: base\nmetric: exact_match\n"
+        "victim: {model: opp, val: opp-val.jsonl, test: opp-test.csv}\n"
+        "free_riders:\n  - {model: next, val: next-val, test: next-test.jsonl}\n"
+        "defenses: [params]\nattacks: []\nmethods: [task_arithmetic]\n"
+        "grid: [0.5, 1.0]\nprotocol: false\nmax_length: 16\n"
+    )
+    return root

@@ -5,7 +5,8 @@ Everything that loads a transformers model for training or scoring stands on thi
 :func:`swap_backbone` (a merged backbone into a task model), :func:`stored_to_module_names`
 (the one mapping between the names a checkpoint stores and the names a loaded module uses),
 :func:`backbone_map` (a task model's backbone parameters to base tensors), :func:`take_batch`,
-:func:`quiet_transformers`, and :func:`train_steps`, the one supervised training loop.
+:func:`quiet_transformers`, and :func:`train_steps`, the one training loop.  Causal LMs
+(:func:`load_causal_lm`) have no head: a merge replaces the whole model (:func:`merged_part`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,12 +70,15 @@ def train_steps(
     weight_decay: float = 0.0,
     warmup: tuple[int, int] | None = None,
     after_step: Callable[[int, float], None] | None = None,
+    loss: Callable[[Tensors], torch.Tensor] | None = None,
+    dropout: bool = True,
 ) -> list[float]:
-    """The one supervised training loop: for each row index in ``batches``, the model's own
-    loss on :func:`take_batch` of ``data`` (inputs and ``labels``), AdamW on the parameters
-    that require gradients, their norm clipped at 1, and ``after_step(step, loss)`` (steps
-    count from 1).  ``warmup = (w, total)``: linear warm-up over ``w`` steps, then linear
-    decay to 0 at ``total``.  Returns the losses; the model is left in eval mode."""
+    """The one training loop: for each row index in ``batches``, the loss on :func:`take_batch`
+    of ``data`` (``loss(batch)``, default the model's own loss on inputs and ``labels``), AdamW
+    on the parameters that require gradients, their norm clipped at 1, and ``after_step(step,
+    loss)`` (steps count from 1).  ``warmup = (w, total)``: linear warm-up over ``w`` steps,
+    then linear decay to 0 at ``total``.  ``dropout=False`` trains in eval mode.  Returns the
+    losses; the model is left in eval mode.  ``batches`` is read lazily, one index per step."""
     trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones stay
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
     sched = None
@@ -83,15 +88,16 @@ def train_steps(
         sched = get_linear_schedule_with_warmup(opt, *warmup)
     losses: list[float] = []
     for step, index in enumerate(batches, start=1):
-        model.train()
-        loss = model(**take_batch(data, index)).loss
-        loss.backward()
+        model.train(dropout)
+        batch = take_batch(data, index)
+        value = model(**batch).loss if loss is None else loss(batch)
+        value.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(value.item())
         if after_step is not None:
             after_step(step, losses[-1])
     model.eval()
@@ -115,14 +121,26 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def classifier_kind(folder: Path) -> str:
-    """``"image"`` for an ``...ForImageClassification`` checkpoint, else ``"text"``."""
+CAUSAL_LM_ENDINGS = ("ForCausalLM", "LMHeadModel")  # architecture names of causal LMs
+
+
+def model_kind(folder: Path) -> str:
+    """``"llm"`` for a causal LM checkpoint (``...ForCausalLM``), ``"image"`` for an
+    ``...ForImageClassification`` one, else ``"text"``."""
     from transformers import AutoConfig
 
     with quiet_transformers():
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    image = any(a.endswith("ForImageClassification") for a in config.architectures or [])
+    architectures = config.architectures or []
+    if any(a.endswith(CAUSAL_LM_ENDINGS) for a in architectures):
+        return "llm"
+    image = any(a.endswith("ForImageClassification") for a in architectures)
     return "image" if image else "text"
+
+
+def load_model(folder: Path, kind: str) -> torch.nn.Module:
+    """:func:`load_causal_lm` for kind ``llm``, else :func:`load_classifier`."""
+    return load_causal_lm(folder) if kind == "llm" else load_classifier(folder, kind)
 
 
 def load_classifier(folder: Path, kind: str) -> torch.nn.Module:
@@ -130,13 +148,52 @@ def load_classifier(folder: Path, kind: str) -> torch.nn.Module:
     from a local folder (no remote code, no hub access), float32, in eval mode."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if kind == "text" else AutoModelForImageClassification
+    return _load(auto, folder)
+
+
+def load_causal_lm(folder: Path) -> torch.nn.Module:
+    """A causal LM loaded in fp32 with the stock ``AutoModelForCausalLM`` from a local folder,
+    in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, folder)
+
+
+def _load(auto: Any, folder: Path) -> torch.nn.Module:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise MergeShieldError(f"{folder} is not a model checkpoint folder (no config.json)")
-    auto = AutoModelForSequenceClassification if kind == "text" else AutoModelForImageClassification
     with quiet_transformers():
         model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     return model.eval()
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a causal LM (``...ForCausalLM``/``...LMHeadModel`` class)."""
+    return type(model).__name__.endswith(CAUSAL_LM_ENDINGS)
+
+
+def merged_part(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose weights a merge replaces: a classifier's base model (each task keeps
+    its own head), a causal LM whole (no head: the merged model itself answers)."""
+    return model if is_causal_lm(model) else model.base_model
+
+
+def load_merged(model: torch.nn.Module, tensors: Tensors) -> None:
+    """Load ``tensors`` (named as :func:`merged_part`'s state dict) into that part of
+    ``model``; every tensor must be given except BERT's pooler and a tied ``lm_head``."""
+    tied = is_causal_lm(model) and getattr(model.config, "tie_word_embeddings", False)
+    optional = ("pooler.",) + (("lm_head.",) if tied else ())
+    missing = merged_part(model).load_state_dict(tensors, strict=False).missing_keys
+    absent = [k for k in missing if not k.startswith(optional)]
+    if absent:
+        raise MergeShieldError(f"backbone lacks {absent[:3]}")
+
+
+def merged_prefix(model: torch.nn.Module) -> str:
+    """The prefix of :func:`merged_part`'s parameter names in ``model`` ('' for a causal LM)."""
+    return "" if is_causal_lm(model) else getattr(model, "base_model_prefix", "")
 
 
 def swap_backbone(model: torch.nn.Module, backbone: Path) -> list[str]:
@@ -236,16 +293,17 @@ def _marker_names(module_class: type, base: str) -> tuple[tuple[str, str], ...]:
 
 
 def base_in_module_names(model: torch.nn.Module, base: Path) -> Tensors:
-    """The base folder's tensors (float32) keyed as ``model.base_model`` names them."""
-    rename = stored_to_module_names(model.base_model, base)
+    """The base folder's tensors (float32) keyed as :func:`merged_part` names them."""
+    rename = stored_to_module_names(merged_part(model), base)
     return {rename.get(k, k): v.float() for k, v in load_tensors(Path(base)).items()}
 
 
 def backbone_map(model: torch.nn.Module, base: Tensors) -> dict[str, str]:
     """``model parameter name -> base tensor name`` for every backbone parameter of ``model``
-    (``bert.encoder...`` -> ``encoder...``) whose shape matches the base tensor (``base``
-    keyed as :func:`base_in_module_names` keys it)."""
-    prefix = getattr(model, "base_model_prefix", "")
+    (``bert.encoder...`` -> ``encoder...``; a causal LM's every parameter, named as stored)
+    whose shape matches the base tensor (``base`` keyed as :func:`base_in_module_names` keys
+    it)."""
+    prefix = merged_prefix(model)
     mapping = {}
     for name, p in model.named_parameters():
         short = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name

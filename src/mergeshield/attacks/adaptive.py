@@ -30,7 +30,7 @@ from mergeshield.merging.backbone import backbone_prefix
 from mergeshield.merging.kernels import TASK_VECTOR_RULES
 from mergeshield.merging.mergekit_runner import run_mergekit
 from mergeshield.merging.methods import get_method
-from mergeshield.modeling import train_steps
+from mergeshield.modeling import load_merged, train_steps
 
 Tensors = dict[str, torch.Tensor]
 INSERTION_METHODS = tuple(TASK_VECTOR_RULES)  # the task-vector methods
@@ -98,16 +98,16 @@ def finetune_recovery(
     batch_size: int = 16,
     seed: int = 0,
 ) -> list[tuple[int, float]]:
-    """Fine-tune ``model`` (a classifier whose ``base_model`` gets ``backbone``) on the first
-    ``n_examples`` rows of ``train`` (model inputs and ``labels``) for
-    ``steps`` AdamW steps; return ``[(step, evaluate(model))]`` at 0, steps/2 and steps.
+    """Fine-tune ``model`` (a classifier whose ``base_model`` gets ``backbone``, or a causal LM
+    that gets it whole: :func:`mergeshield.modeling.merged_part`) on the first
+    ``n_examples`` rows of ``train`` (model inputs and ``labels``: a causal LM's are the answer
+    tokens) for ``steps`` AdamW steps; return ``[(step, evaluate(model))]`` at 0, steps/2 and
+    steps.
 
     The whole model trains (backbone and head): the strongest cheap recovery.  ``model`` is
     modified in place.
     """
-    missing = model.base_model.load_state_dict(backbone, strict=False).missing_keys
-    if [k for k in missing if not k.startswith("pooler.")]:
-        raise MergeShieldError(f"backbone lacks {missing[:3]}")
+    load_merged(model, backbone)
     n = min(n_examples, len(train["labels"]))
     data = {k: v[:n] for k, v in train.items()}
     gen = torch.Generator().manual_seed(seed)

@@ -192,7 +192,10 @@ def _add_harden(sub) -> None:
     defaults = HardenConfig()
     p = command(sub, "harden", _run_harden)
     p.add_argument(
-        "task_model", metavar="model", type=Path, help="fine-tuned classifier checkpoint folder"
+        "task_model",
+        metavar="model",
+        type=Path,
+        help="fine-tuned classifier or causal LM checkpoint folder",
     )
     p.add_argument("out", type=Path, help="output folder (written atomically)")
     p.add_argument("--base", type=Path, required=True, help="the public base model folder")
@@ -201,7 +204,8 @@ def _add_harden(sub) -> None:
         type=Path,
         required=True,
         help="training data: .jsonl/.csv with text and label, an image folder "
-        "(root/<label>/<image>), or a `datasets` save_to_disk folder",
+        "(root/<label>/<image>), or a `datasets` save_to_disk folder; for a causal LM the same "
+        "files or folder with prompt and answer (the loss is on the answer)",
     )
     p.add_argument(
         "--method",
@@ -214,7 +218,12 @@ def _add_harden(sub) -> None:
     p.add_argument(
         "--lam", type=float, default=defaults.lam, help="weight of the simulated-merge terms"
     )
-    p.add_argument("--max-len", type=int, default=defaults.max_len, help="token limit (text)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=defaults.max_len,
+        help="token limit (text; a causal LM's prompt + answer + eos, prompts cut on the left)",
+    )
     p.add_argument(
         "--prune-fraction",
         type=float,
@@ -253,11 +262,13 @@ def _add_harden(sub) -> None:
 def _run_harden(args) -> int:
     """fine-tune a release so that merges of it fail (needs the owner's task data)
 
-    Continue training the classifier MODEL on the owner's task DATA so that it keeps its own
-    accuracy while simulated merges of it predict nothing (TRAP2-style scale sensitivity,
-    merge-aware, anchor-repulsive ARF, MergeGuard), then optionally apply an exact symmetry
-    defense. Output loads with stock Auto classes. Whether it holds against adaptive attacks is
-    measured, not promised: see BENCHMARKS.md, 'Beyond the papers'.
+    Continue training the classifier or causal LM MODEL on the owner's task DATA so that it
+    keeps its own accuracy (a causal LM: its answers) while simulated merges of it predict
+    nothing (TRAP2-style scale sensitivity, merge-aware, anchor-repulsive ARF, MergeGuard; a
+    causal LM's merges are pushed to a uniform next-token distribution on the answers), then
+    optionally apply an exact symmetry defense. Output loads with stock Auto classes. Whether
+    it holds against adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond
+    the papers'.
     """
     from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect

@@ -172,12 +172,16 @@ def _add_frontier(sub) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="an audit file (as for audit): its family (built-in or your own classifiers), "
-        "victim, free-riders, objective and seed; its defenses are the default candidates; on "
-        "your own classifiers, hardening candidates and the fine-tune attack train on the "
-        "victim's train: data",
+        help="an audit file (as for audit): its family (built-in, your own classifiers or "
+        "causal LMs), victim, free-riders, objective and seed; its defenses are the default "
+        "candidates; on your own models, hardening candidates and the fine-tune attack train "
+        "on the victim's train: data",
     )
-    p.add_argument("--kind", choices=["text", "image"], help="built-in family (default text)")
+    p.add_argument(
+        "--kind",
+        choices=["text", "image", "llm"],
+        help="built-in family (default text; llm: SmolLM2-135M experts, exact match)",
+    )
     p.add_argument("--setting", choices=["small", "full"], help="default small")
     p.add_argument("--victim", help="victim task (default: the family's first)")
     p.add_argument("--free-riders", nargs="+", help="default: the family's last task")
@@ -239,12 +243,6 @@ def _run_frontier(args) -> int:
     config = args.config or builtin_file(f"{args.kind or 'text'}-{args.setting or 'small'}")
     tasks_given = {"victim": args.victim, "free_riders": args.free_riders}
     audit = load_audit_file(config, {k: v for k, v in tasks_given.items() if v is not None})
-    if audit.metric != "accuracy":
-        raise MergeShieldError(
-            f"{config}: frontier does not run on causal LMs yet (its hardening candidates, "
-            "fine-tune attack and standalone score are for classifiers); use mergeshield audit "
-            "--config for them"
-        )
     default = ["unprotected", *audit.plan.defenses] if args.config else FRONTIER_CANDIDATES
     candidates = [parse_candidate(c) for c in args.candidates or default]
     finetune = not args.no_finetune

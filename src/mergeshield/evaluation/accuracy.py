@@ -20,10 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.generative import exact_match, load_causal_lm
+from mergeshield.evaluation.generative import exact_match
 from mergeshield.folders import load_tensors
 from mergeshield.modeling import (
+    load_causal_lm,
     load_classifier,
+    load_merged,
+    load_model,
+    merged_part,
     share_correct,
     stored_to_module_names,
     swap_backbone,
@@ -82,6 +86,12 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> float:
     return share_correct(model, data, lambda logits, labels: logits.argmax(-1) == labels)
 
 
+def score(model: torch.nn.Module, data: dict[str, torch.Tensor], kind: str) -> float:
+    """A family's score of ``model`` on ``data``: exact match of the greedy answer for kind
+    ``llm``, else accuracy."""
+    return exact_match(model, data) if kind == "llm" else accuracy(model, data)
+
+
 @functools.lru_cache(maxsize=64)
 def _eval_split(root: str, task: str, split: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The cached model inputs and labels of ``task``'s ``split`` ("val" or "test"), and the
@@ -102,24 +112,19 @@ class Scorer:
     with the tensors loaded whole (exact match of the greedy answer)."""
 
     def __init__(self, family: Family, task: str, head_model: Path) -> None:
-        self.llm = family.kind == "llm"
-        self.model = (
-            load_causal_lm(head_model) if self.llm else load_classifier(head_model, family.kind)
-        )
-        self.target = self.model if self.llm else self.model.base_model
+        self.kind = family.kind
+        self.model = load_model(head_model, family.kind)
         self.data = {s: _eval_split(str(family.root), task, s)[0] for s in ("val", "test")}
-        self.names = stored_to_module_names(self.target, family.base)
-        tied = self.llm and getattr(self.model.config, "tie_word_embeddings", False)
-        self.optional = ("pooler.",) + (("lm_head.",) if tied else ())
+        self.names = stored_to_module_names(merged_part(self.model), family.base)
 
     def __call__(self, backbone: dict[str, torch.Tensor], split: str) -> float:
-        renamed = {self.names.get(k, k): v for k, v in backbone.items()}
-        result = self.target.load_state_dict(renamed, strict=False)
-        if [k for k in result.missing_keys if not k.startswith(self.optional)]:
-            raise ValueError(f"backbone lacks {result.missing_keys[:3]}")
-        if self.llm:
-            return exact_match(self.model, self.data[split])
-        return accuracy(self.model, self.data[split])
+        load_merged(self.model, {self.names.get(k, k): v for k, v in backbone.items()})
+        return self.standalone(split)
+
+    def standalone(self, split: str) -> float:
+        """The score of the model as it is now: ``head_model`` itself until tensors are
+        loaded."""
+        return score(self.model, self.data[split], self.kind)
 
 
 def backbone_tensors(folder: Path) -> dict[str, torch.Tensor]:

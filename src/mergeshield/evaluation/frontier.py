@@ -3,7 +3,8 @@
 For each candidate release of the victim task (unprotected, a symmetry defense, a hardened
 model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protected):
 
-1. **standalone**: test accuracy of the release with its own head;
+1. **standalone**: test accuracy of the release with its own head (a causal LM's family,
+   kind ``llm``: exact match of its greedy answers, the score of every step below too);
 2. **attacked variants**: the release as is, and aligned to the public base by each attack of
    :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``), optionally followed by
    pruning or noising the aligned update (``aga+prune``, :func:`parse_attack`);
@@ -24,7 +25,8 @@ model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protec
    ``theta_0 + lam tau_free-rider`` (a merge without the victim).
 
 The victim is scored with the *release's* head (what a free-rider has), free-riders with their
-own heads; ``kept = (acc - acc_base) / (acc_ft - acc_base)`` as in the audit.  Target (issues
+own heads (causal LMs have none: the merged model answers every task);
+``kept = (acc - acc_base) / (acc_ft - acc_base)`` as in the audit.  Target (issues
 4 and 19): standalone within 0.5 points of the fine-tune and, after the best attack, at most
 10% of the *weakest* merged task's gain kept, for every method.
 
@@ -47,12 +49,12 @@ import torch
 
 from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then_align
 from mergeshield.errors import MergeShieldError
-from mergeshield.evaluation.accuracy import Scorer, accuracy, backbone_tensors
+from mergeshield.evaluation.accuracy import Scorer, backbone_tensors, score
 from mergeshield.evaluation.family import Family
 from mergeshield.folders import scratch
 from mergeshield.merging import extract_backbone, merge
 from mergeshield.merging.kernels import merge_tensors, prepare
-from mergeshield.modeling import load_classifier, stored_to_module_names
+from mergeshield.modeling import load_model, merged_part, stored_to_module_names
 from mergeshield.objective import check_objective, choose, joint_score, kept, weakest
 
 Tensors = dict[str, torch.Tensor]
@@ -168,8 +170,9 @@ def evaluate_release(
     progress: bool = True,
 ) -> ReleaseResult:
     """Standalone accuracy and the best attack per merge method for one release of
-    ``plan.victim`` (a classification checkpoint folder); see the module docstring for the
-    protocol.  Intermediate folders live in a temporary folder, removed in every case."""
+    ``plan.victim`` (a classification checkpoint folder, or a causal LM for an ``llm``
+    family); see the module docstring for the protocol.  Intermediate folders live in a
+    temporary folder, removed in every case."""
     from mergeshield.attacks import attack as run_attack
 
     check_objective(plan.objective)
@@ -179,7 +182,7 @@ def evaluate_release(
         victim_scorer = Scorer(family, plan.victim, released)
         result = ReleaseResult(
             name=name,
-            standalone=accuracy(victim_scorer.model, victim_scorer.data["test"]),
+            standalone=victim_scorer.standalone("test"),
             base=family.base_accuracy[plan.victim],
             finetuned=family.finetuned_accuracy[plan.victim],
             partner_refs={
@@ -348,8 +351,8 @@ def _finetune_attack(
     best: MergeResult,
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
-    tau_partner``, on ``n`` victim training examples (:func:`training_inputs`, shuffled);
-    test accuracy along the way."""
+    tau_partner``, on ``n`` victim training examples (:func:`training_inputs`, shuffled; a
+    causal LM's prompt/answer pairs, the loss on the answer); test score along the way."""
     n, steps = plan.finetune
     train = training_inputs(family, plan.victim)
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
@@ -366,15 +369,15 @@ def _finetune_attack(
     }
     out: dict[str, Any] = {"examples": n, "steps": steps}
     for label, backbone in starts.items():
-        model = load_classifier(released, family.kind)
-        names = stored_to_module_names(model.base_model, family.base)
+        model = load_model(released, family.kind)
+        names = stored_to_module_names(merged_part(model), family.base)
         out[label] = finetune_recovery(
             model,
             {names.get(k, k): v for k, v in backbone.items()},
             train,
             n_examples=n,
             steps=steps,
-            evaluate=lambda m: accuracy(m, test),
+            evaluate=lambda m: score(m, test, family.kind),
             seed=plan.seed,
         )
     return out
@@ -390,20 +393,23 @@ def _file_family(family: Family) -> bool:
 
 def training_data(family: Family, task: str) -> tuple[Any, int | None]:
     """``task``'s training data as ``harden`` reads it, and the token length to train on
-    (None for images): a built-in task's ``load_task`` train split at the length the family
-    was built with, or the audit file's ``train:`` data at the file's ``max_length``."""
+    (None for images): a built-in task's train split (``load_task``, or ``load_gen_task`` for
+    the LLM family) at the length the family was built with, or the audit file's ``train:``
+    data at the file's ``max_length``."""
     if _file_family(family):
         path = family.manifest["tasks"][task].get("train")
         if path is None:
             raise MergeShieldError(
                 f"task {task!r} has no training data: add train: DATA to it in the audit file"
             )
-        return Path(path), family.manifest["max_length"] if family.kind == "text" else None
+        return Path(path), family.manifest["max_length"] if family.kind != "image" else None
+    from mergeshield.evaluation.generative import load_gen_task
     from mergeshield.tasks import load_task
 
     s = family.manifest["settings"]
-    data = load_task(task, s["n_train"], s["n_val"], s["n_test"], s["seed"])
-    if family.kind != "text":
+    sizes = (s["n_train"], s["n_val"], s["n_test"], s["seed"])
+    data = load_gen_task(task, *sizes) if family.kind == "llm" else load_task(task, *sizes)
+    if family.kind == "image":
         return data, None
     return data, dict(s.get("max_len_overrides") or ()).get(task, s["max_len"])
 

@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mergeshield.errors import MergeShieldError
+from mergeshield.hardening.data import IGNORE, encode_prompt_answers
 from mergeshield.modeling import share_correct
 from mergeshield.tasks import WORDNET_DIR, Splits, _bbc
 
 LLM_TASKS: tuple[str, ...] = ("antonym", "arithmetic", "bbc_topic")
 BBC_PROMPT_CHARS = 120
-IGNORE = -100
 NAMES = ("Ann", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lea")
 OBJECTS = ("apples", "books", "coins", "pens", "stamps", "cards", "shells", "marbles")
 
@@ -149,27 +148,9 @@ def _arithmetic() -> list[list[tuple[str, str]]]:
 
 
 def encode(split: GenSplit, tokenizer: Any, max_len: int) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask`` of ``prompt + answer + eos`` (right-padded, sorted by
-    length) and ``labels``: the answer and eos ids, :data:`IGNORE` elsewhere.  Prompts are cut
-    from the left so that the answer always fits in ``max_len`` tokens."""
-    eos = tokenizer.eos_token_id
-    rows, targets = [], []
-    for prompt, answer in zip(split.prompts, split.answers, strict=True):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-        p = p[max(0, len(p) - (max_len - len(a))) :]
-        rows.append(p + a)
-        targets.append([IGNORE] * len(p) + a)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), eos, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        labels[i, : len(t)] = torch.tensor(t)
-    order = torch.argsort(mask.sum(1), stable=True)
-    return {"input_ids": ids[order], "attention_mask": mask[order], "labels": labels[order]}
+    """:func:`mergeshield.hardening.data.encode_prompt_answers` of ``split``: ``prompt +
+    answer + eos``, ``labels`` on the answer and eos only."""
+    return encode_prompt_answers(split.prompts, split.answers, tokenizer, max_len)
 
 
 def exact_match(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int = 64) -> float:
@@ -182,19 +163,3 @@ def exact_match(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: in
         return ~wrong.any(1)
 
     return share_correct(model, data, judge, batch)
-
-
-def load_causal_lm(folder: Path) -> torch.nn.Module:
-    """A causal LM loaded in fp32 with the stock ``AutoModelForCausalLM`` from a local folder."""
-    from transformers import AutoModelForCausalLM
-
-    from mergeshield.modeling import quiet_transformers
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise MergeShieldError(f"{folder} is not a model checkpoint folder (no config.json)")
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=torch.float32
-        )
-    return model.eval()

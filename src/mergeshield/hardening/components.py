@@ -37,8 +37,10 @@ class Run:
     tensor of every such parameter; ``base``: every base tensor, keyed like ``names``' values
     (:func:`mergeshield.modeling.base_in_module_names`); ``base_folder``: where it was read;
     ``fixed_tau``: the
-    update of backbone parameters that are not trained; ``forward(params, batch)``: logits of
-    the model with ``params`` in place of its own."""
+    update of backbone parameters that are not trained; ``forward(params, batch)``: the
+    predictions the losses look at (:func:`mergeshield.hardening.harden.scored`: a
+    classifier's logits, a causal LM's next-token logits at the answer positions) of the
+    model with ``params`` in place of its own."""
 
     model: torch.nn.Module
     cfg: HardenConfig
@@ -165,11 +167,11 @@ class Merge(Component):
     name, record = "merge", "merge"
 
     def prepare(self, run):
-        from mergeshield.modeling import stored_to_module_names
+        from mergeshield.modeling import merged_part, merged_prefix, stored_to_module_names
 
         model = run.model
-        rename = stored_to_module_names(model.base_model, run.base_folder)
-        prefix = getattr(model, "base_model_prefix", "")
+        rename = stored_to_module_names(merged_part(model), run.base_folder)
+        prefix = merged_prefix(model)
         proxies = proxy_vectors(run.cfg.proxies, run.names, run.base, prefix, rename)
         density = run.cfg.ties_density
         run.cache["proxies"] = proxies

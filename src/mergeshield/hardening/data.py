@@ -12,8 +12,10 @@ Accepted sources (``labels`` are ints or label names from the model's ``config.l
 * a :class:`~mergeshield.tasks.TaskData` (its train split) or a sequence of
   ``(input, label)`` pairs.
 
-A causal LM's task (:func:`read_prompt_answers`): prompt/answer pairs, a JSONL or CSV file or
-a ``datasets`` folder with ``prompt`` and ``answer`` columns.
+A causal LM's task (:func:`prompt_answers`): prompt/answer pairs, a JSONL or CSV file or
+a ``datasets`` folder with ``prompt`` and ``answer`` columns (:func:`read_prompt_answers`), a
+generative task's train split, or a sequence of ``(prompt, answer)`` pairs; encoded as
+``prompt + answer + eos`` with the loss on the answer and eos (:func:`encode_prompt_answers`).
 
 Images are resized (bilinear) to the model's ``config.image_size`` and mapped to ``[-1, 1]``
 (``(v / 255 - 0.5) / 0.5``, the ``ViTImageProcessor`` defaults and the zoo's convention),
@@ -33,10 +35,11 @@ import numpy as np
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.tasks import TaskData
+from mergeshield.tasks import Splits, TaskData
 
 Tensors = dict[str, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IGNORE = -100  # a label no loss and no score looks at (transformers' ignore_index)
 
 
 @dataclass
@@ -156,6 +159,51 @@ def read_prompt_answers(path: str | Path) -> tuple[list[str], list[str]]:
         if not row["answer"]:
             raise MergeShieldError(f"{path}: row {i}: empty answer")
     return [r["prompt"] for r in rows], [r["answer"] for r in rows]
+
+
+def prompt_answers(data: Any) -> tuple[list[str], list[str]]:
+    """Prompts and answers of a causal LM's training data: a path
+    (:func:`read_prompt_answers`), a generative task (its train split's ``prompts`` and
+    ``answers``) or a sequence of ``(prompt, answer)`` string pairs."""
+    if isinstance(data, str | Path):
+        return read_prompt_answers(data)
+    if isinstance(data, Splits):
+        part = data.split("train")
+        if not hasattr(part, "prompts"):
+            raise MergeShieldError("a causal LM trains on prompt/answer pairs, not labelled data")
+        return list(part.prompts), list(part.answers)
+    pairs = list(data)
+    if not all(len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in pairs):
+        raise MergeShieldError("a causal LM trains on (prompt, answer) string pairs")
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def encode_prompt_answers(
+    prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, max_len: int
+) -> Tensors:
+    """``input_ids``/``attention_mask`` of ``prompt + answer + eos`` (right-padded, sorted by
+    length) and ``labels``: the answer and eos ids, :data:`IGNORE` elsewhere.  Prompts are cut
+    from the left so that the answer always fits in ``max_len`` tokens."""
+    if not prompts:
+        raise MergeShieldError("no prompt/answer examples")
+    eos = tokenizer.eos_token_id
+    rows, targets = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        p = p[max(0, len(p) - (max_len - len(a))) :]
+        rows.append(p + a)
+        targets.append([IGNORE] * len(p) + a)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, : len(t)] = torch.tensor(t)
+    order = torch.argsort(mask.sum(1), stable=True)
+    return {"input_ids": ids[order], "attention_mask": mask[order], "labels": labels[order]}
 
 
 def _read_image_folder(root: Path) -> Examples:

@@ -57,6 +57,25 @@ Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per
   reset to ``theta_0``.  Alone (``method="prune"``) it trains nothing; it is meant to be
   followed by a symmetry defense (``--then-protect``).
 
+**Causal LMs** (``...ForCausalLM``; the owner's data are prompt/answer pairs, encoded as
+``prompt + answer + eos``): a causal LM has no head, a merge replaces it whole, and its task is
+solved when the greedy answer is exact, i.e. when at every answer position ``t`` (the
+positions whose next token is an answer or eos token ``a_t``) ``argmax p_t = a_t``.  The
+"prediction" of every formula above is therefore the next-token distribution ``p_t`` over the
+vocabulary (size ``V``) at the answer positions, and every average runs over the answer
+positions of the batch: ``L_keep = (CE(a_t, p_t) + KL(p_orig,t || p_t)) / 2`` (``p_orig,t``: the
+release's own next-token distribution), and ``D = KL(U_V || p_t) = -log V - (1/V) sum_v log
+p_t(v)``.  A uniform ``p_t`` holds no information about ``a_t`` (its argmax is a tie), so a
+merge with ``D = 0`` answers nothing, and ``D`` stays bounded below as before.  Prompt
+positions enter no term (the release's function there is free; only answers are scored).
+
+Which tensors train: a classifier's backbone; a causal LM's tensors that the release changed
+from the base (a tensor its fine-tune left at the base's, such as the lower layers of the
+SmolLM2 experts, stays so: the hardening continues the owner's fine-tune, and a backward pass
+through the frozen lower layers is saved); embeddings only with ``train_embeddings``.  The
+loop is :func:`mergeshield.modeling.train_steps` without dropout (every term sees one
+function).
+
 The result is saved with stock ``save_pretrained`` (loads with ``AutoModelFor...``) plus a
 ``mergeshield_harden.json`` record (configuration and loss history).
 """
@@ -81,13 +100,22 @@ from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_dir, copy_preprocessing_files
 from mergeshield.hardening.components import REGISTRY, Run
 from mergeshield.hardening.config import HardenConfig, parse_method
-from mergeshield.hardening.data import encode_examples, read_examples
+from mergeshield.hardening.data import (
+    IGNORE,
+    TrainingSet,
+    encode_examples,
+    encode_prompt_answers,
+    prompt_answers,
+    read_examples,
+)
 from mergeshield.modeling import (
     backbone_map,
     base_in_module_names,
-    classifier_kind,
-    load_classifier,
+    load_model,
+    model_kind,
+    quiet_transformers,
     take_batch,
+    train_steps,
 )
 from mergeshield.tasks import TaskData
 
@@ -105,14 +133,16 @@ def harden(
     progress: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Fine-tune the released classifier ``task_model`` with the components of ``method`` (see
-    the module docstring) on ``data`` for ``config.steps`` steps; save it to ``out``; return it.
+    """Fine-tune the release ``task_model`` with the components of ``method`` (see the module
+    docstring) on ``data`` for ``config.steps`` steps; save it to ``out``; return it.
 
-    ``base``: the public base model folder (``theta_0``).  ``data``: any source that
-    :func:`mergeshield.hardening.data.read_examples` accepts.  ``overrides`` replace
-    fields of ``config``.  Text (``AutoModelForSequenceClassification``) and image
-    (``AutoModelForImageClassification``) classifiers.  ``out`` is written to a temporary
-    folder and renamed into place when complete (an existing ``out`` is replaced).
+    ``base``: the public base model folder (``theta_0``).  ``data``: for a classifier any
+    source that :func:`mergeshield.hardening.data.read_examples` accepts, for a causal LM
+    prompt/answer pairs (:func:`mergeshield.hardening.data.prompt_answers`).  ``overrides``
+    replace fields of ``config``.  Text (``AutoModelForSequenceClassification``) and image
+    (``AutoModelForImageClassification``) classifiers, causal LMs (``AutoModelForCausalLM``).
+    ``out`` is written to a temporary folder and renamed into place when complete (an
+    existing ``out`` is replaced).
     """
     cfg = replace(config or HardenConfig(), **overrides)
     parts = parse_method(method)
@@ -122,35 +152,42 @@ def harden(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    examples = read_examples(data)
-    kind = classifier_kind(task_model)
-    if examples.kind != kind:
-        raise MergeShieldError(
-            f"{task_model} is a {kind} classifier but the training data holds {examples.kind}"
-        )
-    model = load_classifier(task_model, kind)
+    kind = model_kind(task_model)
+    model = load_model(task_model, kind)
     tok_dir = task_model if (task_model / "tokenizer_config.json").is_file() else base
-    train = encode_examples(
-        examples, task_model, model.config, tokenizer_dir=tok_dir, max_len=cfg.max_len
-    )
+    train = training_set(data, kind, task_model, model, tok_dir, cfg.max_len)
 
     base_t = base_in_module_names(model, base)  # transformers 5 renames e.g. ViT on load
     names = backbone_map(model, base_t)
     theta0 = {n: base_t[s] for n, s in names.items()}
+    # the token embedding and output matrices (a causal LM's are not under ".embeddings.")
+    ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+    embeddings = {
+        id(m.weight) for m in ends if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     for name, p in model.named_parameters():
-        backbone = name in names and (cfg.train_embeddings or ".embeddings." not in f".{name}")
+        embedding = ".embeddings." in f".{name}" or id(p) in embeddings
+        changed = name in names and (kind != "llm" or not torch.equal(p.detach(), theta0[name]))
+        backbone = changed and (cfg.train_embeddings or not embedding)
         p.requires_grad_(backbone or (cfg.train_head and name not in names))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MergeShieldError(f"{task_model}: no tensor to train (none differs from {base})")
 
     def forward(params: Tensors, batch: Tensors) -> torch.Tensor:
-        return functional_call(model, params, args=(), kwargs=batch).logits
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "row")}
+        logits = functional_call(model, params, args=(), kwargs=inputs).logits
+        return scored(logits, batch["labels"])
 
-    inputs = {k: v for k, v in train.tensors.items() if k != "labels"}
+    data_t = train.tensors | {"row": torch.arange(len(train))}
     with torch.no_grad():
-        orig_logits = torch.cat(
-            [model(**take_batch(inputs, slice(i, i + 64))).logits for i in range(0, len(train), 64)]
-        )
+        orig = [
+            forward(dict(model.named_parameters()), take_batch(data_t, slice(i, i + 64)))
+            for i in range(0, len(train), 64)
+        ]
+    orig_logits = torch.cat(orig)
+    # per example: how many rows of orig_logits are its own (1, or its answer's length)
+    counts = torch.tensor([len(targets(y[None])) for y in train.tensors["labels"]])
+    offsets = torch.cumsum(counts, 0) - counts
     fixed_tau = {
         n: (p.detach() - theta0[n])
         for n, p in model.named_parameters()
@@ -161,34 +198,46 @@ def harden(
         component.prepare(run)
     history: list[dict[str, float]] = []
 
-    steps = cfg.steps if any(c.trains for c in components) else 0  # "prune" trains nothing
-    for step in range(steps):
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
-        batch = take_batch(inputs, idx)
-        labels = train.tensors["labels"][idx]
+    def loss(batch: Tensors) -> torch.Tensor:
         params = dict(model.named_parameters())
         tau = {n: fixed_tau[n] if n in fixed_tau else params[n] - theta0[n] for n in names}
-        log_p = torch.log_softmax(forward(params, batch), -1)
-        p_orig = torch.softmax(orig_logits[idx], -1)
+        logits = forward(params, batch)
+        log_p = torch.log_softmax(logits, -1)
+        rows = torch.cat(
+            [torch.arange(int(offsets[i]), int(offsets[i] + counts[i])) for i in batch["row"]]
+        )
+        p_orig = torch.softmax(orig_logits[rows], -1)
         keep = (
-            0.5 * torch.nn.functional.nll_loss(log_p, labels)
+            0.5 * torch.nn.functional.nll_loss(log_p, targets(batch["labels"]))
             + 0.5 * (p_orig * (torch.log(p_orig + 1e-12) - log_p)).sum(-1).mean()
         )
-        loss = keep
-        record = {"step": float(step), "keep": float(keep.detach())}
+        total = keep
+        record = {"step": float(len(history)), "keep": float(keep.detach())}
         for component in components:
             term = component.loss(run, params, tau, batch)
             if term is not None:
                 record[component.record] = float(term[0].detach())
-                loss = loss + term[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-        opt.step()
-        record["loss"] = float(loss.detach())
+                total = total + term[1]
+        record["loss"] = float(total.detach())
         history.append(record)
-        if progress and (step % 10 == 0 or step == steps - 1):
-            print(json.dumps({k: round(v, 4) for k, v in record.items()}), flush=True)
+        return total
+
+    def after_step(step: int, value: float) -> None:
+        if progress and (step % 10 == 1 or step == steps):
+            print(json.dumps({k: round(v, 4) for k, v in history[-1].items()}), flush=True)
+
+    steps = cfg.steps if any(c.trains for c in components) else 0  # "prune" trains nothing
+    batches = (torch.randint(0, len(train), (cfg.batch_size,), generator=gen) for _ in range(steps))
+    train_steps(
+        model,
+        data_t,
+        batches,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        loss=loss,
+        after_step=after_step,
+        dropout=False,
+    )
 
     with torch.no_grad():
         for component in components:
@@ -210,6 +259,46 @@ def harden(
         copy_preprocessing_files(tok_dir, tmp)
         (tmp / "mergeshield_harden.json").write_text(json.dumps(record_out, indent=1) + "\n")
     return out
+
+
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The predictions the losses look at: a classifier's logits ``[B, C]`` (``labels [B]``);
+    a causal LM's next-token logits at the answer positions ``[M, V]`` (``labels [B, T]``,
+    :data:`IGNORE` off the answer), in the order of :func:`targets`."""
+    return logits if labels.dim() == 1 else logits[:, :-1][labels[:, 1:] != IGNORE]
+
+
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """What :func:`scored`'s rows should predict: the labels, or the answer and eos tokens."""
+    if labels.dim() == 1:
+        return labels
+    target = labels[:, 1:]
+    return target[target != IGNORE]
+
+
+def training_set(
+    data: Any, kind: str, task_model: Path, model: torch.nn.Module, tok_dir: Path, max_len: int
+) -> TrainingSet:
+    """The model inputs and ``labels`` of ``data`` for a ``kind`` model: prompt/answer pairs
+    for a causal LM, labelled examples of the classifier's kind otherwise."""
+    if kind == "llm":
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        if tokenizer.eos_token_id is None:
+            raise MergeShieldError(
+                f"{tok_dir}: the tokenizer has no eos token (answers end with it)"
+            )
+        return TrainingSet(encode_prompt_answers(*prompt_answers(data), tokenizer, max_len))
+    examples = read_examples(data)
+    if examples.kind != kind:
+        raise MergeShieldError(
+            f"{task_model} is a {kind} classifier but the training data holds {examples.kind}"
+        )
+    return encode_examples(
+        examples, task_model, model.config, tokenizer_dir=tok_dir, max_len=max_len
+    )
 
 
 def harden_and_protect(
