@@ -112,7 +112,7 @@ class MergeRow:
     Test accuracies and shares kept are at ``coefficient``, of mergekit's merge; ``victim_view``
     is the contrast with the victim-only objective: the coefficient it picks and the shares kept
     there on the *validation* split (what that attacker saw; ``split: "val"``: scoring its test
-    split too would cost a third of the audit's time); ``kernel_check`` the in-memory merge's
+    split too would cost about a fifth of the audit's time); ``kernel_check`` the in-memory merge's
     test accuracies at ``coefficient`` and how many test examples they are apart from
     mergekit's (``agrees``: at most one on every task), the tensors in which the two merges
     are not bit for bit equal (none: the in-memory merge scores exactly as mergekit's and is
