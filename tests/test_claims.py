@@ -8,9 +8,9 @@ assert the same statements, each with the rule the README states:
 - a protection *holds* against a method when the attacker's best merge (chosen by the joint
   objective on validation data) keeps at most 5% of the weakest merged task's gain;
 - a defense leaves *no merge worth having* when, for every method whose unprotected merge is
-  usable (keeps more than 5%), its best merge keeps at most a quarter of the weakest-task share
-  that the unprotected merge by the same method keeps (it takes away at least three quarters of
-  what merging gives the free-rider);
+  usable (keeps more than 5%), its best merge either holds or keeps at most a quarter of the
+  weakest-task share that the unprotected merge by the same method keeps (it takes away at
+  least three quarters of what merging gives the free-rider);
 - an attack *undoes* a defense for a method when its best merge keeps the weakest task's gain
   within 10 points of what the unprotected merge keeps (about three times the sampling
   error of a share measured on 300 test examples).
@@ -38,7 +38,9 @@ def _rows(result) -> dict[tuple[str, str], object]:
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory):
     """Small vision family, victim fashion_rotated merged with digits by every method,
-    each defense without and after AGA."""
+    each defense without and after AGA, on each method's whole grid (a grid of every other
+    coefficient can miss SLERP's narrow crossover, where both tasks are kept, for one variant
+    and find it for another: 0.5 and 0.7 straddle the best merges at 0.6)."""
     family = build_family("image", "small", progress=False)
     plan = AuditPlan(
         kind="image",
@@ -47,7 +49,6 @@ def vision(tmp_path_factory):
         defenses=("params", "mergelock", "mergebarrier"),
         attacks=("aga",),
         methods=ALL_METHODS,
-        grid_stride=2,
         protocol=(),
         interpolation=(0.0, 1.0),
     )
@@ -77,23 +78,35 @@ def text(tmp_path_factory):
 
 def _worth_having(rows, variant: str) -> dict[str, tuple[float, float]]:
     """method -> (weakest share kept by ``variant``'s best merge, by the unprotected one), for
-    the methods whose unprotected merge is usable, where the variant keeps more than WORTH of
-    the unprotected share."""
+    the methods whose unprotected merge is usable, where the variant's merge does not hold and
+    keeps more than WORTH of the unprotected share."""
     out = {}
     for (name, method), row in rows.items():
         if name != variant:
             continue
         unprotected = rows[("unprotected", method)].weakest
-        if unprotected > HOLDS and row.weakest > WORTH * unprotected:
+        if unprotected > HOLDS and row.weakest > max(HOLDS, WORTH * unprotected):
             out[method] = (row.weakest, unprotected)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", ["params", "mergelock"])
-def test_vision_params_and_mergelock_leave_no_merge_worth_having(vision, defense):
-    """README: "without an attack PaRaMS and MergeLock leave no merge worth having"."""
-    assert _worth_having(vision, defense) == {}
+def test_vision_params_leaves_no_merge_worth_having(vision):
+    """README: "without an attack PaRaMS leaves no merge worth having"."""
+    assert _worth_having(vision, "params") == {}
+
+
+@pytest.mark.slow
+def test_vision_mergelock_leaves_only_near_insertions_worth_having(vision):
+    """README: MergeLock's merges worth having, if any, are sums near the release inserted
+    whole (coefficient 0.9 or more, the victim keeping more than the free-rider); every other
+    method's best merge is not worth having."""
+    worth = _worth_having(vision, "mergelock")
+    for method in worth:
+        row = vision[("mergelock", method)]
+        assert row.coefficient >= 0.9, (method, row.coefficient)
+        assert row.victim_kept > max(row.partner_kept.values()), (method, row.victim_kept)
+    assert set(worth) <= {"linear", "task_arithmetic"}, worth
 
 
 @pytest.mark.slow
