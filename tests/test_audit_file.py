@@ -18,6 +18,7 @@ import transformers as tf
 from mergeshield.cli import main
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit_file import builtin_file, load_audit_file
+from mergeshield.folders import load_tensors
 from tests.tiny_models import LM_TASKS, build_lm_family, greedy_exact_match, lm_rows
 
 WORDS = [f"w{i}" for i in range(90)]
@@ -383,6 +384,51 @@ def test_causal_lm_audit_file_end_to_end(lm_files, tmp_path):
     )
 
 
+def test_causal_lm_audit_in_bf16(lm_files, tmp_path):
+    """``--dtype bfloat16``: the base and the fine-tunes released in bf16, protected and merged
+    in it.  The references are the bf16 models' scores (greedy decoding here, in float32 like
+    the audit); mergekit writes bf16 merges that equal the in-memory ones bit for bit; the
+    reported unprotected merge, merged again here by mergekit from models cast by
+    transformers, scores as reported; protection still computes the release's function."""
+    from mergeshield.merging import merge
+
+    out = tmp_path / "report"
+    args = ["audit", "--config", str(lm_files / "audit.yml"), "--out", str(out)]
+    assert main([*args, "--defenses", "params", "mergelock", "--dtype", "bfloat16"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["family"]["dtype"] == "bfloat16" and data["plan"]["dtype"] == "bfloat16"
+    tok = tf.AutoTokenizer.from_pretrained(lm_files / "base")
+    test = {t: lm_rows(t, range(20, 40)) for t in LM_TASKS}
+    bf16 = {}
+    for name in ("base", *LM_TASKS):
+        model = tf.AutoModelForCausalLM.from_pretrained(lm_files / name, dtype=torch.bfloat16)
+        model.save_pretrained(tmp_path / f"{name}-bf16")
+        bf16[name] = tmp_path / f"{name}-bf16"
+    for task in LM_TASKS:
+        tuned = greedy_exact_match(bf16[task], test[task], tok, torch.float32)
+        base = greedy_exact_match(bf16["base"], test[task], tok, torch.float32)
+        assert data["family"]["finetuned_accuracy"][task] == pytest.approx(tuned)
+        assert data["family"]["base_accuracy"][task] == pytest.approx(base)
+    assert data["standalone"]["params"] == data["standalone"]["mergelock"]
+    assert data["standalone"]["mergelock"] == pytest.approx(
+        data["family"]["finetuned_accuracy"]["opp"], abs=0.05 + 1e-9
+    )  # bf16 rounding of the protected weights: at most one of the 20 test prompts
+    for row in data["merges"]:
+        assert row["kernel_check"]["differing_tensors"] == [], row["variant"]
+    row = data["merges"][0]
+    merged = merge(
+        "task_arithmetic",
+        bf16["base"],
+        [bf16["opp"], bf16["next"]],
+        tmp_path / "merged",
+        coefficient=row["coefficient"],
+        out_dtype="bfloat16",
+    )
+    assert {t.dtype for t in load_tensors(merged).values()} == {torch.bfloat16}
+    for task, reported in (("opp", row["victim_accuracy"]), *row["partner_accuracy"].items()):
+        assert reported == pytest.approx(greedy_exact_match(merged, test[task], tok, torch.float32))
+
+
 def _lm_variant(lm_files: Path, tmp_path: Path, old: str, new: str) -> Path:
     text = (lm_files / "audit.yml").read_text()
     assert old in text
@@ -431,3 +477,31 @@ def test_bad_causal_lm_audit_files(lm_files, tmp_path, capsys, old, new, message
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and re.search(message, err), err
     assert not (tmp_path / "r").exists()
+
+
+def test_cast_checkpoint_casts_floats_copies_side_files_and_leaves_stray_weights(tmp_path):
+    """:func:`mergeshield.folders.cast_checkpoint`: floating tensors rounded to bf16, integer
+    ones kept, config says bf16, tokenizer/generation files copied, other weight files (a
+    stray ``pytorch_model.bin``) not; the source is unchanged."""
+    from mergeshield.folders import cast_checkpoint, save_tensors
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {"w": torch.randn(4, 3), "ids": torch.arange(5)}
+    save_tensors(tensors, src)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    (src / "generation_config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"stray")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = cast_checkpoint(src, tmp_path / "out", torch.bfloat16)
+    got = load_tensors(out)
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], tensors["w"].bfloat16())
+    assert torch.equal(got["ids"], tensors["ids"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

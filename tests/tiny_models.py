@@ -469,10 +469,12 @@ def lm_rows(task: str, ks: range) -> list[dict[str, str]]:
     return [{"prompt": f"{task} w{k} is", "answer": f" w{LM_TASKS[task](k)}"} for k in ks]
 
 
-def greedy_exact_match(folder: Path, rows: list[dict[str, str]], tok) -> float:
+def greedy_exact_match(folder: Path, rows: list[dict[str, str]], tok, dtype=None) -> float:
     """Share of rows whose greedy continuation, decoded token by token, is the answer then
-    eos: computed here without mergeshield's teacher-forced scoring."""
-    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    eos: computed here without mergeshield's teacher-forced scoring (in ``dtype``, default
+    the checkpoint's)."""
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     hits = 0
     for row in rows:
         got = tok(row["prompt"], add_special_tokens=False)["input_ids"]

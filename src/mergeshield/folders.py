@@ -119,6 +119,38 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: Path) -> Path:
     return path
 
 
+# Files that hold or point to weights: never copied beside weights that mergeshield writes
+# (copied into a protected output, they would publish the original model).
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".keras", ".msgpack", ".gguf",
+    ".ggml", ".onnx", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".tflite", ".mlmodel",
+    ".index.json", ".distcp",
+)  # fmt: skip
+
+
+def cast_checkpoint(src: Path, out: Path, dtype: torch.dtype) -> Path:
+    """Copy the checkpoint ``src`` to ``out`` (atomically) with every floating tensor cast to
+    ``dtype`` (round to nearest) and ``config.json``'s dtype set to it: the same
+    model as a publisher would release it in, e.g., bf16.  The folder's other files
+    (tokenizer, generation config) are copied, its weights written as one file; tensors that
+    are not floating keep their dtype."""
+    tensors = {
+        name: t.to(dtype) if t.is_floating_point() else t for name, t in load_tensors(src).items()
+    }
+    config = read_config(src)
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+        config[key] = str(dtype).removeprefix("torch.")  # transformers 5 writes "dtype"
+    with atomic_dir(Path(out)) as tmp:
+        save_tensors(tensors, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for file in Path(src).iterdir():
+            plain = file.is_file() and not file.name.startswith(".")
+            weights = file.name.lower().endswith(WEIGHT_SUFFIXES)
+            if plain and not weights and file.name != "config.json":
+                shutil.copy2(file, tmp / file.name)
+    return Path(out)
+
+
 def read_config(folder: Path) -> dict:
     """The parsed ``config.json`` of a checkpoint folder."""
     path = Path(folder) / "config.json"

@@ -28,7 +28,7 @@ from mergeshield.arrays import (
     stored,
 )
 from mergeshield.checkpoint import INDEX, Checkpoint, _fail, _shard_files, check_output_path
-from mergeshield.folders import atomic_dir
+from mergeshield.folders import WEIGHT_SUFFIXES, atomic_dir
 from mergeshield.shards import (
     GATHER_CHUNK_BYTES,
     WRITE_BEHIND_BYTES,
@@ -51,13 +51,6 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             _fail(f"{out}: already exists; pass --overwrite to replace it")
 
 
-# Files that hold or point to weights: never copied into an output, whose only weights are
-# the ones written by :func:`rewrite` (copied, they would publish the original model).
-WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".keras", ".msgpack", ".gguf",
-    ".ggml", ".onnx", ".npz", ".npy", ".pkl", ".pickle", ".joblib", ".tflite", ".mlmodel",
-    ".index.json", ".distcp",
-)  # fmt: skip
 # Folders that may hold copies of the weights (git and git-lfs objects, the hub's cache).
 SKIPPED_FOLDERS = (".git", ".cache", ".huggingface")
 

@@ -86,6 +86,12 @@ def _audit_arguments(p) -> None:
         "0 and 1 cost nothing)",
     )
     p.add_argument("--seed", type=int, help="protection seed (a reproducible audit; default 0)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the dtype the models are released and merged in (default float32; bfloat16 as "
+        "most LLMs are published; scored in float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -117,6 +123,12 @@ def _add_demo(sub) -> None:
         choices=["text", "llm"],
         default="text",
         help="text: MiniLM-L6 (demo.yml); llm: SmolLM2-135M generative experts (demo-llm.yml)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the dtype the models are released and merged in (default float32; bfloat16 as "
+        "most LLMs are published; scored in float32)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_audit, demo=True)
@@ -325,6 +337,7 @@ def audit_overrides(args) -> dict[str, Any]:
         "objective": getattr(args, "objective", None),
         "interpolation": getattr(args, "interpolation", None),
         "seed": getattr(args, "seed", None),
+        "dtype": getattr(args, "dtype", None),
         "merge_all": True if getattr(args, "merge_all", False) else None,
         "attacked_only": True if getattr(args, "attacked_only", False) else None,
         "protocol": False if getattr(args, "no_protocol", False) else None,

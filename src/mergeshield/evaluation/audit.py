@@ -26,6 +26,11 @@ Each merged task's share of its fine-tuning gain that survives is
 (:data:`PAPER_SETTINGS`, relative degradation against the unprotected merge; for the unprotected
 and protected releases, not the attacked variants, which the sweep covers) and the accuracy
 along the straight path ``theta_base + alpha (theta_variant - theta_base)``.
+
+``AuditPlan.dtype`` (e.g. ``"bfloat16"``): the base, the victim and the free-riders are
+released in that dtype (:func:`mergeshield.evaluation.zoo.family_in_dtype`, with the reference
+scores measured again on those copies), protected, attacked and merged in it (merges computed
+in float32 and written in the dtype, by mergekit and in memory alike), and scored in float32.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import torch
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, evaluate
 from mergeshield.evaluation.family import Family
-from mergeshield.evaluation.zoo import build_family
+from mergeshield.evaluation.zoo import DTYPES, build_family, family_in_dtype
 from mergeshield.folders import atomic_dir, load_tensors, scratch
 from mergeshield.merging import extract_backbone, get_method, merge
 from mergeshield.merging.kernels import SparseCache, Tensors, prepare, reuse_freed_memory
@@ -101,6 +106,7 @@ class AuditPlan:
     protocol: tuple[tuple[str, float], ...] = PAPER_SETTINGS
     interpolation: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
+    dtype: str = "float32"  # the models as released and merged: float32, bfloat16 or float16
 
 
 @dataclass
@@ -189,6 +195,8 @@ def run_audit(
     """Run ``plan`` and write the report (``report.md``, ``report.json``, PNG plots) to ``out``."""
     start = time.perf_counter()
     check_objective(plan.objective)
+    if plan.dtype not in DTYPES:
+        raise MergeShieldError(f"unknown dtype {plan.dtype!r}: use one of {sorted(DTYPES)}")
     for method, _ in plan.protocol:
         get_method(method)
     if family is None:
@@ -213,6 +221,8 @@ def run_audit(
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.unlink(missing_ok=True)
     with scratch("audit") as work, reuse_freed_memory():
+        family = family_in_dtype(family, plan.dtype, work / "dtype")
+        result.family = _family_summary(family)
         variants = _variants(plan, family, victim, work, progress)
         if plan.attacked_only:
             variants = {k: v for k, v in variants.items() if v[2]}
@@ -304,6 +314,7 @@ def _family_summary(family: Family) -> dict[str, Any]:
     return {
         "kind": family.kind,
         "setting": family.setting,
+        "dtype": family.manifest.get("dtype", "float32"),
         "root": str(family.root),
         "tasks": list(family.tasks),
         "base_accuracy": family.base_accuracy,
@@ -388,7 +399,13 @@ def _merge_row(
     in_memory_seconds = time.perf_counter() - start
     folder = work / "best"
     merge(
-        method, family.base, [f for f, _ in models], folder, coefficient=coefficient, seed=plan.seed
+        method,
+        family.base,
+        [f for f, _ in models],
+        folder,
+        coefficient=coefficient,
+        seed=plan.seed,
+        out_dtype=None if plan.dtype == "float32" else plan.dtype,
     )
     rechecked = load_tensors(folder)
     differing = differing_tensors(merged, rechecked)

@@ -19,6 +19,7 @@ Your own release::
     grid: [0.3, 0.5, 0.7, 1.0]     # optional: the coefficients tried (default: each method's)
     merge_all: false               # also merge the victim with all free-riders at once
     max_length: 128                # token limit of text inputs
+    dtype: float32                 # or bfloat16: the models as released and merged
 
 A built-in family (the ones ``--kind`` builds, ``llm`` included): ``family: {kind: text, setting:
 small}`` and
@@ -69,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit import PAPER_SETTINGS, AuditPlan
+from mergeshield.evaluation.zoo import DTYPES
 from mergeshield.folders import read_config, scratch
 from mergeshield.objective import check_objective
 
@@ -84,7 +86,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
 _TOP = {
     "base", "victim", "free_riders", "family", "metric", "defenses", "attacks", "methods",
     "objective", "grid", "grid_stride", "merge_all", "attacked_only", "pairs", "protocol",
-    "interpolation", "max_length", "seed", "tasks",
+    "interpolation", "max_length", "seed", "tasks", "dtype",
 }  # fmt: skip
 _TASK = {"name", "model", "val", "test", "train"}
 
@@ -290,6 +292,10 @@ def _plan_fields(path: Path, data: dict[str, Any]) -> dict[str, Any]:
             out[key] = data[key]
     if "pairs" in data:
         out["pairs"] = tuple(_list(path, data, "pairs"))
+    if "dtype" in data:
+        if data["dtype"] not in DTYPES:
+            raise MergeShieldError(f"{path}: dtype is one of {sorted(DTYPES)}")
+        out["dtype"] = data["dtype"]
     if "protocol" in data:
         protocol = data["protocol"]
         if protocol is False or protocol == []:

@@ -666,3 +666,43 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def family_in_dtype(family: Family, dtype: str, folder: Path) -> Family:
+    """``family`` with its base and task models as released in ``dtype`` (``"bfloat16"``...):
+    copies cast by :func:`mergeshield.folders.cast_checkpoint` under ``folder``, and the
+    base and fine-tuned reference scores measured again on them (scored in float32, like every
+    merge).  The data and labels stay the family's.  ``"float32"`` returns ``family``."""
+    from mergeshield.evaluation.accuracy import evaluate
+    from mergeshield.folders import cast_checkpoint
+
+    if dtype not in DTYPES:
+        raise MergeShieldError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    if dtype == "float32":
+        return family
+    folder = Path(folder)
+    base = cast_checkpoint(family.base, folder / "base", DTYPES[dtype])
+    tasks = {t: cast_checkpoint(p, folder / t, DTYPES[dtype]) for t, p in family.tasks.items()}
+    manifest = json.loads(json.dumps(family.manifest))
+    view = dataclasses.replace(
+        family,
+        base=base,
+        tasks=tasks,
+        manifest=manifest,
+        base_accuracy=dict(family.base_accuracy),
+        finetuned_accuracy=dict(family.finetuned_accuracy),
+    )
+    for task, path in tasks.items():
+        entry = manifest.setdefault("tasks", {}).setdefault(task, {})
+        for split, suffix in (("test", ""), ("val", "_val")):
+            entry[f"finetuned{suffix}_accuracy"] = evaluate(path, task, family=view, split=split)
+            entry[f"base{suffix}_accuracy"] = evaluate(
+                path, task, family=view, split=split, backbone=base
+            )
+        view.finetuned_accuracy[task] = entry["finetuned_accuracy"]
+        view.base_accuracy[task] = entry["base_accuracy"]
+    manifest["dtype"] = dtype
+    return view

@@ -248,8 +248,11 @@ def merge_config(
     *,
     coefficient: float,
     params: dict[str, Any] | None = None,
+    out_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The mergekit config dict (YAML schema) that :func:`merge` runs; validates the inputs."""
+    """The mergekit config dict (YAML schema) that :func:`merge` runs; validates the inputs.
+    Every merge is computed in float32; ``out_dtype`` (e.g. ``"bfloat16"``) is the dtype
+    written (default float32)."""
     spec = get_method(method)
     base, models = Path(base).resolve(), [Path(m).resolve() for m in models]
     if len(models) < spec.min_models:
@@ -271,7 +274,10 @@ def merge_config(
         raise MergeShieldError(
             f"{method} takes parameters {sorted({*spec.params, *spec.options})}, not {unknown}"
         )
-    return spec.build(base, models, float(coefficient), {**spec.params, **user})
+    config = spec.build(base, models, float(coefficient), {**spec.params, **user})
+    if out_dtype is not None:
+        config["out_dtype"] = out_dtype
+    return config
 
 
 def merge(
@@ -283,13 +289,17 @@ def merge(
     coefficient: float,
     params: dict[str, Any] | None = None,
     seed: int = 0,
+    out_dtype: str | None = None,
 ) -> Path:
     """Merge ``models`` (backbones in ``base``'s layout) with mergekit into ``out``; return it.
 
     ``coefficient`` is the attacker's knob (see the module docstring): λ for the task-vector
     methods, t for slerp, the task models' total weight for linear, 1.0 for model_stock.
     ``params`` overrides the method's default mergekit parameters (e.g. ``density``).  ``seed``
-    fixes mergekit's ``random_seed`` (DARE, DELLA).  ``out`` is replaced atomically.
+    fixes mergekit's ``random_seed`` (DARE, DELLA).  ``out_dtype``: the dtype written (default
+    float32; the merge is computed in float32 either way).  ``out`` is replaced atomically.
     """
-    config = merge_config(method, base, models, coefficient=coefficient, params=params)
+    config = merge_config(
+        method, base, models, coefficient=coefficient, params=params, out_dtype=out_dtype
+    )
     return run_mergekit(config, Path(out), seed=seed)
