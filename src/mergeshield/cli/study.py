@@ -86,13 +86,17 @@ def _audit_arguments(p) -> None:
         "0 and 1 cost nothing)",
     )
     p.add_argument("--seed", type=int, help="protection seed (a reproducible audit; default 0)")
+    _dtype_argument(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+
+
+def _dtype_argument(p) -> None:
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="the dtype the models are released and merged in (default float32; bfloat16 as "
         "most LLMs are published; scored in float32)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
 def _add_audit(sub) -> None:
@@ -124,12 +128,7 @@ def _add_demo(sub) -> None:
         default="text",
         help="text: MiniLM-L6 (demo.yml); llm: SmolLM2-135M generative experts (demo-llm.yml)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="the dtype the models are released and merged in (default float32; bfloat16 as "
-        "most LLMs are published; scored in float32)",
-    )
+    _dtype_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_audit, demo=True)
 
