@@ -4,7 +4,8 @@ demo --kind llm`` builds (marked ``slow``; about 4-5 min on 2 cores): the two-ta
 split or more over the base; every defense keeps the antonym expert's greedy generations
 identical on its whole test split in fp32 and its exact match within one test example in bf16;
 and the demo's audit runs on it, its unprotected task-arithmetic merge keeping at least 60% of
-each task's gain (a family that can judge a defense).
+each task's gain (a family that can judge a defense), PaRaMS holding and MergeLock and
+MergeBarrier leaving task arithmetic at coefficient 1 useful (the README's LLM claims).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mergeshield.evaluation.generative import encode, exact_match, load_gen_task
 from mergeshield.evaluation.zoo import LLM_TRAIN_FROM_LAYER, SETTINGS, build_family
 from mergeshield.folders import load_tensors
 from mergeshield.modeling import load_causal_lm
-from mergeshield.objective import verdict
+from mergeshield.objective import HOLDS, verdict
 from mergeshield.protect import protect
 
 pytestmark = pytest.mark.slow
@@ -118,6 +119,11 @@ def test_demo_audit_unprotected_merge_keeps_both_tasks(family, tmp_path):
     assert unprotected.victim_kept >= 0.60, unprotected
     assert min(unprotected.partner_kept.values()) >= 0.60, unprotected
     assert all(r.kernel_check["agrees"] for r in rows.values())
+    # README: PaRaMS holds; MergeLock and MergeBarrier leave task arithmetic at 1 useful
+    assert rows["params"].weakest <= HOLDS, rows["params"]
+    for name in ("mergelock", "mergebarrier"):
+        assert rows[name].coefficient == 1.0 and rows[name].weakest > HOLDS, rows[name]
+        assert rows[name].victim_kept >= 0.60, rows[name]  # the release inserted whole
     report = (tmp_path / "report" / "report.md").read_text()
     for name in audit.plan.defenses:
         assert verdict(rows[name].victim_kept, rows[name].partner_kept) in report, name
