@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mergeshield.errors import MergeShieldError
-from mergeshield.folders import load_tensors, scratch, weight_files
+from mergeshield.folders import load_tensors, save_tensors, scratch, weight_files
 
 Tensors = dict[str, torch.Tensor]
 
@@ -266,8 +266,6 @@ def _float_names(folder: Path) -> set[str]:
 
 @functools.lru_cache(maxsize=16)
 def _marker_names(module_class: type, base: str) -> tuple[tuple[str, str], ...]:
-    from safetensors.torch import save_file
-
     layout = load_tensors(Path(base), sorted(_float_names(Path(base))))
     order = sorted(layout)
     with scratch("names") as tmp:
@@ -275,7 +273,7 @@ def _marker_names(module_class: type, base: str) -> tuple[tuple[str, str], ...]:
             k: torch.full(layout[k].shape, i + 1.0, dtype=layout[k].dtype)
             for i, k in enumerate(order)
         }
-        save_file(marked, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(marked, tmp)
         shutil.copy2(Path(base) / "config.json", tmp / "config.json")
         with quiet_transformers():
             loaded = module_class.from_pretrained(tmp, local_files_only=True, dtype=torch.float32)

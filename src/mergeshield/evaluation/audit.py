@@ -48,7 +48,7 @@ import torch
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, evaluate
 from mergeshield.evaluation.family import Family
-from mergeshield.evaluation.zoo import DTYPES, build_family, family_in_dtype
+from mergeshield.evaluation.zoo import build_family, check_dtype, family_in_dtype
 from mergeshield.folders import atomic_dir, load_tensors, scratch
 from mergeshield.merging import extract_backbone, get_method, merge
 from mergeshield.merging.kernels import SparseCache, Tensors, prepare, reuse_freed_memory
@@ -195,8 +195,7 @@ def run_audit(
     """Run ``plan`` and write the report (``report.md``, ``report.json``, PNG plots) to ``out``."""
     start = time.perf_counter()
     check_objective(plan.objective)
-    if plan.dtype not in DTYPES:
-        raise MergeShieldError(f"unknown dtype {plan.dtype!r}: use one of {sorted(DTYPES)}")
+    check_dtype(plan.dtype)
     for method, _ in plan.protocol:
         get_method(method)
     if family is None:

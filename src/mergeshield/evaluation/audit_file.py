@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.audit import PAPER_SETTINGS, AuditPlan
-from mergeshield.evaluation.zoo import DTYPES
+from mergeshield.evaluation.zoo import check_dtype
 from mergeshield.folders import read_config, scratch
 from mergeshield.objective import check_objective
 
@@ -293,9 +293,10 @@ def _plan_fields(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if "pairs" in data:
         out["pairs"] = tuple(_list(path, data, "pairs"))
     if "dtype" in data:
-        if data["dtype"] not in DTYPES:
-            raise MergeShieldError(f"{path}: dtype is one of {sorted(DTYPES)}")
-        out["dtype"] = data["dtype"]
+        try:
+            out["dtype"] = check_dtype(data["dtype"])
+        except MergeShieldError as err:
+            raise MergeShieldError(f"{path}: {err}") from None
     if "protocol" in data:
         protocol = data["protocol"]
         if protocol is False or protocol == []:

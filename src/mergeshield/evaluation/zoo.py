@@ -671,6 +671,13 @@ def _transformers_version() -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it names one of :data:`DTYPES`, else a one-line error."""
+    if dtype not in DTYPES:
+        raise MergeShieldError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return dtype
+
+
 def family_in_dtype(family: Family, dtype: str, folder: Path) -> Family:
     """``family`` with its base and task models as released in ``dtype`` (``"bfloat16"``...):
     copies cast by :func:`mergeshield.folders.cast_checkpoint` under ``folder``, and the
@@ -679,9 +686,7 @@ def family_in_dtype(family: Family, dtype: str, folder: Path) -> Family:
     from mergeshield.evaluation.accuracy import evaluate
     from mergeshield.folders import cast_checkpoint
 
-    if dtype not in DTYPES:
-        raise MergeShieldError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    if dtype == "float32":
+    if check_dtype(dtype) == "float32":
         return family
     folder = Path(folder)
     base = cast_checkpoint(family.base, folder / "base", DTYPES[dtype])
