@@ -79,6 +79,20 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tmp_path):
         data["labels"][i, : len(r)] = lab
     assert exact_match(model, data, batch=3) == 0.5
 
+    class AllLogits(torch.nn.Module):
+        """A causal LM without ``logits_to_keep``: every position's logits are computed."""
+
+        def __init__(self, lm: torch.nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+    for batch in (1, 3, 8):  # rows whose answers sit at other positions share a batch
+        assert exact_match(model, data, batch=batch) == 0.5, batch
+        assert exact_match(AllLogits(model), data, batch=batch) == 0.5, batch
+
 
 def test_llm_audit_files_load_without_building():
     from mergeshield.evaluation.audit_file import builtin_file, load_audit_file

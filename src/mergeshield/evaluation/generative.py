@@ -20,6 +20,7 @@ same prefix as the teacher-forced pass).  Ties in the argmax count as torch's ``
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.hardening.data import IGNORE, encode_prompt_answers
-from mergeshield.modeling import share_correct
+from mergeshield.modeling import take_batch
 from mergeshield.tasks import WORDNET_DIR, Splits, _bbc
 
 LLM_TASKS: tuple[str, ...] = ("antonym", "arithmetic", "bbc_topic")
@@ -155,11 +156,24 @@ def encode(split: GenSplit, tokenizer: Any, max_len: int) -> dict[str, torch.Ten
 
 def exact_match(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int = 64) -> float:
     """Share of examples whose greedy answer is exactly the reference (answer then eos), from
-    teacher-forced logits (see the module doc)."""
-
-    def judge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        target = labels[:, 1:]
-        wrong = (logits[:, :-1].argmax(-1) != target) & (target != IGNORE)
-        return ~wrong.any(1)
-
-    return share_correct(model, data, judge, batch)
+    teacher-forced logits (see the module doc).  Only the positions that predict an answer
+    token of some row in the batch get logits (``logits_to_keep``, where the model takes it):
+    the vocabulary projection is a fifth of SmolLM2's work per token, and the answers are a
+    few tokens of each row."""
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    model.eval()
+    n = len(data["labels"])
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            inputs = take_batch(data, slice(i, i + batch))
+            target = inputs.pop("labels")[:, 1:]  # logits at t predict token t + 1
+            scored = target != IGNORE
+            positions = scored.any(0).nonzero().squeeze(1)
+            if keeps:
+                logits = model(**inputs, logits_to_keep=positions).logits
+            else:
+                logits = model(**inputs).logits[:, positions]
+            wrong = (logits.argmax(-1) != target[:, positions]) & scored[:, positions]
+            correct += int((~wrong.any(1)).sum())
+    return correct / n
