@@ -314,10 +314,13 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     assert result["standalone"] == pytest.approx(_noun_test(model, user_files))
     finetune = result["finetune"]
     assert (finetune["examples"], finetune["steps"]) == (32, 4)
-    assert [step for step, _ in finetune["best_merge"]] == [0, 2, 4]
+    assert [step for step, *_ in finetune["best_merge"]] == [0, 2, 4]
     best = result["best"]["task_arithmetic"]
-    assert finetune["best_merge"][0][1] == pytest.approx(best["test_victim"])
-    assert [step for step, _ in finetune["merge_without_victim"]] == [0, 2, 4]
+    # before any step: the best merge's own test scores, the victim's and the free-rider's
+    assert finetune["best_merge"][0][1:] == pytest.approx(
+        [best["test_victim"], best["test_partner"]]
+    )
+    assert [step for step, *_ in finetune["merge_without_victim"]] == [0, 2, 4]
 
 
 def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):

@@ -93,11 +93,11 @@ def finetune_recovery(
     *,
     n_examples: int,
     steps: int,
-    evaluate: Callable[[torch.nn.Module], float],
+    evaluate: Callable[[torch.nn.Module], Any],
     lr: float = 5e-5,
     batch_size: int = 16,
     seed: int = 0,
-) -> list[tuple[int, float]]:
+) -> list[tuple[int, Any]]:
     """Fine-tune ``model`` (a classifier whose ``base_model`` gets ``backbone``, or a causal LM
     that gets it whole: :func:`mergeshield.modeling.merged_part`) on the first
     ``n_examples`` rows of ``train`` (model inputs and ``labels``: a causal LM's are the answer

@@ -121,6 +121,12 @@ class Scorer:
         load_merged(self.model, {self.names.get(k, k): v for k, v in backbone.items()})
         return self.standalone(split)
 
+    def of_module(self, module: torch.nn.Module, split: str) -> float:
+        """The score of ``module``'s merged part (a model of the same class, e.g. one trained
+        after a merge) under this task's head, without renaming."""
+        load_merged(self.model, merged_part(module).state_dict())
+        return self.standalone(split)
+
     def standalone(self, split: str) -> float:
         """The score of the model as it is now: ``head_model`` itself until tensors are
         loaded."""

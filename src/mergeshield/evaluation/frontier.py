@@ -286,6 +286,7 @@ def evaluate_release(
                 base,
                 variant_folders,
                 partner_models,
+                partner_scorers,
                 result.best["task_arithmetic"],
             )
     result.seconds = time.perf_counter() - start
@@ -348,16 +349,20 @@ def _finetune_attack(
     base: Tensors,
     variant_folders: dict[str, Path],
     partner_models: dict[str, Tensors],
+    partner_scorers: dict[str, Scorer],
     best: MergeResult,
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
     tau_partner``, on ``n`` victim training examples (:func:`training_inputs`, shuffled; a
-    causal LM's prompt/answer pairs, the loss on the answer); test score along the way."""
+    causal LM's prompt/answer pairs, the loss on the answer).  Along the way, ``[step, victim
+    test score, free-rider test score]``: the free-rider's task scored on the trained model's
+    merged part under its own head, so that the fine-tuned merge is judged on both tasks."""
     n, steps = plan.finetune
     train = training_inputs(family, plan.victim)
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
     test = Scorer(family, plan.victim, released).data["test"]
+    partner_scorer = partner_scorers[best.partner]
     theta = backbone_tensors(variant_folders[best.variant])
     partner = partner_models[best.partner]
     c = best.coefficient
@@ -371,15 +376,16 @@ def _finetune_attack(
     for label, backbone in starts.items():
         model = load_model(released, family.kind)
         names = stored_to_module_names(merged_part(model), family.base)
-        out[label] = finetune_recovery(
+        curve = finetune_recovery(
             model,
             {names.get(k, k): v for k, v in backbone.items()},
             train,
             n_examples=n,
             steps=steps,
-            evaluate=lambda m: score(m, test, family.kind),
+            evaluate=lambda m: (score(m, test, family.kind), partner_scorer.of_module(m, "test")),
             seed=plan.seed,
         )
+        out[label] = [[step, *scores] for step, scores in curve]
     return out
 
 
@@ -605,13 +611,21 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         lines.append("| " + " | ".join(cells) + " |")
     tuned = [r for r in results if r.finetune]
     if tuned:
-        lines += ["", "Short fine-tune attack (victim test accuracy after each step block):", ""]
+        lines += [
+            "",
+            "Short fine-tune attack on victim training examples, from the best task-arithmetic "
+            "merge and from the same merge without the victim (test scores after each step "
+            "block, victim / free-rider):",
+            "",
+        ]
         for r in tuned:
             ft = r.finetune
+            starts = [k for k in ft if k not in ("examples", "steps")]
             lines.append(
                 f"- {r.name}: {ft['examples']} examples, {ft['steps']} steps: "
                 + "; ".join(
-                    f"{k} {json.dumps(ft[k])}" for k in ft if k not in ("examples", "steps")
+                    f"{k} " + ", ".join(f"@{s} {v:.3f} / {p:.3f}" for s, v, p in ft[k])
+                    for k in starts
                 )
             )
     lines += ["", "![frontier](frontier.png)", ""]
