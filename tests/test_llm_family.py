@@ -1,11 +1,12 @@
 """The LLM family on the real SmolLM2-135M at its ``small`` setting, the one ``mergeshield
-demo --kind llm`` builds (marked ``slow``; about 4 min on 2 cores): the two-task family
+demo --kind llm`` builds (marked ``slow``; about 2.5 min on 2 cores): the two-task family
 (antonym, arithmetic) is built, cached and reused; the experts gain a quarter of their test
 split or more over the base; every defense keeps the antonym expert's greedy generations
 identical on its whole test split in fp32 and its exact match within one test example in bf16;
-and the demo's audit runs on it, its unprotected task-arithmetic merge keeping at least 60% of
-each task's gain (a family that can judge a defense), PaRaMS holding and MergeLock and
-MergeBarrier leaving task arithmetic at coefficient 1 useful (the README's LLM claims).
+and (``-m research``: 90 s more, past CI's 15-minute budget) the demo's audit runs on it, its
+unprotected task-arithmetic merge keeping at least 60% of each task's gain (a family that can
+judge a defense), PaRaMS holding and MergeLock and MergeBarrier leaving task arithmetic at
+coefficient 1 useful (the README's LLM claims).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def test_every_defense_keeps_greedy_generations_fp32_and_exact_match_bf16(family
     assert abs(after - before) <= 1 / SMALL.n_test + 1e-9
 
 
+@pytest.mark.research  # 83 s: with it `.ci/run` took 15 min 5 s on 2 cores (budget 15 min)
 def test_demo_audit_unprotected_merge_keeps_both_tasks(family, tmp_path):
     """The demo's audit (``demo-llm.yml``) on this family: the unprotected task-arithmetic
     merge at the attacker's best joint setting keeps at least 60% of each task's gain, every
