@@ -3,7 +3,7 @@ demo --kind llm`` builds (marked ``slow``; about 2.5 min on 2 cores): the two-ta
 (antonym, arithmetic) is built, cached and reused; the experts gain a quarter of their test
 split or more over the base; every defense keeps the antonym expert's greedy generations
 identical on its whole test split in fp32 and its exact match within one test example in bf16;
-and (``-m research``: 90 s more, past CI's 15-minute budget) the demo's audit runs on it, its
+and (``-m research``: about 85 s more, past CI's 15-minute budget) the demo's audit runs on it, its
 unprotected task-arithmetic merge keeping at least 60% of each task's gain (a family that can
 judge a defense), PaRaMS holding and MergeLock and MergeBarrier leaving task arithmetic at
 coefficient 1 useful (the README's LLM claims).

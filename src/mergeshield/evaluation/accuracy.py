@@ -83,7 +83,9 @@ def evaluate_backbone(
 
 def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> float:
     """Accuracy of ``model`` (argmax of its logits) on inputs/``labels`` in ``data``."""
-    return share_correct(model, data, lambda logits, labels: logits.argmax(-1) == labels)
+    return share_correct(
+        model, data, lambda m, inputs, labels: m(**inputs).logits.argmax(-1) == labels
+    )
 
 
 def score(model: torch.nn.Module, data: dict[str, torch.Tensor], kind: str) -> float:

@@ -29,7 +29,7 @@ import torch
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.hardening.data import IGNORE, encode_prompt_answers
-from mergeshield.modeling import take_batch
+from mergeshield.modeling import Tensors, share_correct
 from mergeshield.tasks import WORDNET_DIR, Splits, _bbc
 
 LLM_TASKS: tuple[str, ...] = ("antonym", "arithmetic", "bbc_topic")
@@ -161,19 +161,16 @@ def exact_match(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: in
     the vocabulary projection is a fifth of SmolLM2's work per token, and the answers are a
     few tokens of each row."""
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
-    model.eval()
-    n = len(data["labels"])
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, n, batch):
-            inputs = take_batch(data, slice(i, i + batch))
-            target = inputs.pop("labels")[:, 1:]  # logits at t predict token t + 1
-            scored = target != IGNORE
-            positions = scored.any(0).nonzero().squeeze(1)
-            if keeps:
-                logits = model(**inputs, logits_to_keep=positions).logits
-            else:
-                logits = model(**inputs).logits[:, positions]
-            wrong = (logits.argmax(-1) != target[:, positions]) & scored[:, positions]
-            correct += int((~wrong.any(1)).sum())
-    return correct / n
+
+    def judge(model: torch.nn.Module, inputs: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        target = labels[:, 1:]  # logits at t predict token t + 1
+        scored = target != IGNORE
+        positions = scored.any(0).nonzero().squeeze(1)
+        if keeps:
+            logits = model(**inputs, logits_to_keep=positions).logits
+        else:
+            logits = model(**inputs).logits[:, positions]
+        wrong = (logits.argmax(-1) != target[:, positions]) & scored[:, positions]
+        return ~wrong.any(1)
+
+    return share_correct(model, data, judge, batch)
