@@ -286,7 +286,8 @@ def evaluate_release(
                 base,
                 variant_folders,
                 partner_models,
-                partner_scorers,
+                victim_scorer,
+                partner_scorers[result.best["task_arithmetic"].partner],
                 result.best["task_arithmetic"],
             )
     result.seconds = time.perf_counter() - start
@@ -349,7 +350,8 @@ def _finetune_attack(
     base: Tensors,
     variant_folders: dict[str, Path],
     partner_models: dict[str, Tensors],
-    partner_scorers: dict[str, Scorer],
+    victim_scorer: Scorer,
+    partner_scorer: Scorer,
     best: MergeResult,
 ) -> dict[str, Any]:
     """Fine-tune the best task-arithmetic merge, and the victim-free merge ``theta_0 + c
@@ -361,8 +363,7 @@ def _finetune_attack(
     train = training_inputs(family, plan.victim)
     perm = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(plan.seed))
     train = {k: v[perm] for k, v in train.items()}
-    test = Scorer(family, plan.victim, released).data["test"]
-    partner_scorer = partner_scorers[best.partner]
+    test = victim_scorer.data["test"]
     theta = backbone_tensors(variant_folders[best.variant])
     partner = partner_models[best.partner]
     c = best.coefficient
