@@ -204,17 +204,18 @@ def null_specs(
 
 
 def many_nulls(
-    family: zoo.Family, models: dict, work: Path, specs: list, discard: bool
+    family: zoo.Family, models: dict, work: Path, specs: list, discard: bool, shard: str = ""
 ) -> dict[str, dict]:
     """Build, score (:func:`score`, against the calibration null models) and, with
     ``discard``, delete the null fine-tunes of ``specs``, :data:`BATCH` at a time (a MiniLM
     fine-tune and its backbone take 180 MB: hundreds do not fit on disk).  Each row, with the
     fine-tune's accuracy on its own validation split and its build time, is appended to
-    ``work/many-nulls.jsonl`` as its batch is scored; a rerun skips the names already there."""
-    log = work / "many-nulls.jsonl"
+    ``work/many-nulls.jsonl`` (``many-nulls-shard<shard>.jsonl`` for one of several processes)
+    as its batch is scored; a rerun skips the names already in any of these files."""
+    log = work / f"many-nulls{'-shard' + shard if shard else ''}.jsonl"
     rows = {}
-    if log.is_file():
-        rows = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())}
+    for old in sorted(work.glob("many-nulls*.jsonl")):
+        rows |= {r["name"]: r for r in map(json.loads, old.read_text().splitlines())}
     todo = [spec for spec in specs if spec[0] not in rows]
     start = time.perf_counter()
     for i in range(0, len(todo), BATCH):
@@ -304,12 +305,16 @@ def grid_merges(
     return out
 
 
-def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
+def build_models(
+    family: zoo.Family, work: Path, n_seeds: int, calibration_only: bool = False
+) -> dict:
     """Every model of the study: ``{"positives": {name: path}, "key_positives": ...,
     "calibration": [...], "nulls": {name: path}}``.  The llm family (no head: its task models
     are the backbones) gets a smaller study: the merges of :data:`LLM_GRID` and
     :data:`LLM_NULL_GRID`, the aga attack only, pruning only, one fine-tuned merge each way,
-    and one other expert among the calibration null models (it has two)."""
+    and one other expert among the calibration null models (it has two).  With
+    ``calibration_only`` (the false-positive study of :func:`many_nulls`): only
+    ``{"original", "calibration"}``, without the merges and attacks."""
     base = family.base
     llm = family.kind == "llm"
     tasks = list(family.tasks)
@@ -320,11 +325,15 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
 
     bb = {t: bb_of(family.tasks[t], t) for t in tasks}
     seeds = {}
-    for seed in range(1, n_seeds + 1):
+    for seed in CALIBRATION_SEEDS if calibration_only else range(1, n_seeds + 1):
         model = same_task_model(family, victim, seed, work / "same" / f"{victim}-seed{seed}")
         seeds[seed] = bb_of(model, f"{victim}-seed{seed}")
     v, o1 = bb[victim], bb[others[0]]
     rest = [bb[t] for t in others]
+    in_calibration = 1 if llm else 2  # other tasks among the calibration null models
+    calibration = [seeds[s] for s in CALIBRATION_SEEDS] + rest[:in_calibration]
+    if calibration_only:
+        return {"original": family.tasks[victim], "calibration": calibration}
 
     positives = grid_merges(work, "", base, LLM_GRID if llm else full_grid(), v, o1, rest)
 
@@ -369,8 +378,6 @@ def build_models(family: zoo.Family, work: Path, n_seeds: int) -> dict:
         ),
     }
 
-    in_calibration = 1 if llm else 2  # other tasks among the calibration null models
-    calibration = [seeds[s] for s in CALIBRATION_SEEDS] + rest[:in_calibration]
     nulls: dict[str, Path] = {f"same-task-seed{s}": seeds[s] for s in seeds if s > 3}
     nulls.update({f"task-{t}": bb[t] for t in others[in_calibration:]})
     hard = [seeds[s] for s in seeds if s > 3] or [seeds[1]]
@@ -532,6 +539,12 @@ def main() -> None:
         help="with --many-nulls / --short-nulls: delete each null fine-tune once scored",
     )
     parser.add_argument(
+        "--shard",
+        help="with --many-nulls / --short-nulls: I/N builds and scores only every N-th null "
+        "fine-tune from the I-th (0-based), so that N processes share the work; a run without "
+        "it then summarises the rows they wrote",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -546,7 +559,8 @@ def main() -> None:
     family = zoo.build_family(args.kind, args.setting, progress=False)
     work = zoo.default_cache_dir() / "detect-bench" / family.root.name
     start = time.perf_counter()
-    models = build_models(family, work, args.seeds)
+    only_nulls = bool(args.many_nulls or args.short_nulls)
+    models = build_models(family, work, args.seeds, calibration_only=only_nulls)
     print(f"models built in {time.perf_counter() - start:.0f} s", flush=True)
 
     results: dict = {
@@ -565,6 +579,10 @@ def main() -> None:
         specs = null_specs(family, args.many_nulls)
         short = {"n_train": args.short_train, "batch_size": args.short_batch}
         specs += null_specs(family, args.short_nulls, first_seed=1000, epochs=1, **short)
+        if args.shard:
+            index, count = map(int, args.shard.split("/"))
+            many_nulls(family, models, work, specs[index::count], args.discard, str(index))
+            return
         rows = many_nulls(family, models, work, specs, args.discard)
         results["command"] += f" --many-nulls {args.many_nulls} --short-nulls {args.short_nulls}"
         for flag, value in (("train", args.short_train), ("batch", args.short_batch)):
