@@ -34,7 +34,9 @@ same-task seeds 1-3 and arithmetic.
 
 ``--many-nulls N`` / ``--short-nulls M`` (with ``--discard`` to delete each once scored): only
 the false-positive study over ``N`` (victim's recipe) and ``M`` (one epoch) independent null
-fine-tunes (:func:`null_specs`, :func:`many_nulls`), each with its own test accuracy.
+fine-tunes (:func:`null_specs`, :func:`many_nulls`), each with its own test accuracy;
+``--shard I/N`` splits them over ``N`` processes (rows in ``many-nulls-shardI.jsonl``; any
+``many-nulls*.jsonl`` in the study's folder counts as done, so rows kept elsewhere resume a run).
 """
 
 from __future__ import annotations
