@@ -561,7 +561,7 @@ def main() -> None:
     family = zoo.build_family(args.kind, args.setting, progress=False)
     work = zoo.default_cache_dir() / "detect-bench" / family.root.name
     start = time.perf_counter()
-    only_nulls = bool(args.many_nulls or args.short_nulls)
+    only_nulls = bool(args.many_nulls or args.short_nulls) and not args.timing_only
     models = build_models(family, work, args.seeds, calibration_only=only_nulls)
     print(f"models built in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -576,7 +576,7 @@ def main() -> None:
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
         return
-    if args.many_nulls or args.short_nulls:
+    if only_nulls:
         victim = list(family.tasks)[0]
         specs = null_specs(family, args.many_nulls)
         short = {"n_train": args.short_train, "batch_size": args.short_batch}

@@ -48,9 +48,9 @@ def share_correct(
 ) -> float:
     """Share of the rows of ``data`` that ``judge(model, inputs, labels)`` (it runs the model;
     one bool per row) calls right, the model in eval mode, without gradients,
-    :func:`take_batch` at a time (32 rows:
-    on 2 CPU cores 15-25% faster than 128 for MiniLM and the small ViT, the activations stay
-    in cache; the family caches store rows sorted by length, so batches are barely padded)."""
+    :func:`take_batch` at a time (32 rows: on 2 CPU cores 15-25% faster than 128 for MiniLM
+    and the small ViT, the activations stay in cache; the family caches store rows sorted by
+    length, so batches are barely padded)."""
     model.eval()
     n = len(data["labels"])
     correct = 0
