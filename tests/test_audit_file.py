@@ -275,6 +275,40 @@ def test_frontier_config_on_your_own_classifiers(user_files, tmp_path, capsys):
     assert "harden on the victim's training data" in err and "add train: DATA" in err
 
 
+def test_frontier_sweeps_every_merge_method(user_files, tmp_path, capsys):
+    """The frontier's attacker merges with any mergekit method: each method's own grid
+    thinned by ``--grid-stride`` (task arithmetic and TIES keep the frontier's grids), the
+    coefficient-1 insertion for the task-vector methods only, the best setting per method
+    re-merged by mergekit; an unknown method is refused with one line."""
+    from mergeshield.merging.methods import get_method
+
+    out = tmp_path / "frontier"
+    methods = ["linear", "ties", "slerp", "model_stock"]
+    args = ["frontier", "--config", str(user_files / "audit.yml"), "--out", str(out)]
+    args += ["--methods", *methods, "--attacks", "none", "--candidates", "unprotected"]
+    assert main([*args, "--grid-stride", "3"]) == 0, capsys.readouterr().err
+    data = json.loads((out / "frontier.json").read_text())
+    (result,) = data["details"]
+    for method in methods:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        sweep = [r for r in rows if r["search"] == "sweep"]
+        grid = [c for c, *_ in sweep[0]["curve"]]
+        expected = (1.0, 1.5, 2.0) if method == "ties" else get_method(method).thinned(3)
+        assert grid == list(expected)
+        assert {r["search"] for r in rows} == (
+            {"sweep", "insertion"} if method == "ties" else {"sweep"}
+        )
+        best = result["best"][method]
+        assert best["val_joint"] == max(r["val_joint"] for r in rows)
+        assert best["test_victim_mergekit"] == pytest.approx(best["test_victim"], abs=0.02)
+    assert get_method("linear").thinned(3) == (0.5, 1.0)  # of 1, .8, .6, .5, .4, .2
+    assert get_method("model_stock").thinned(3) == (1.0,)
+    md = (out / "frontier.md").read_text()
+    assert all(f"{m}: victim" in md for m in methods)
+    bad = [*args, "--overwrite", "--methods", "lineer"]
+    assert main(bad) == 2 and "lineer" in capsys.readouterr().err
+
+
 def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     user_files, tmp_path, capsys
 ):

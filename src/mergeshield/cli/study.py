@@ -208,7 +208,20 @@ def _add_frontier(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=60, help="harden steps")
     p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["task_arithmetic", "ties"],
+        help="merge methods (any of `mergeshield merge`'s; default task_arithmetic ties)",
+    )
+    p.add_argument(
+        "--grid-stride",
+        type=int,
+        default=2,
+        metavar="K",
+        help="methods other than task_arithmetic (0.5 0.7 1) and ties (1 1.5 2) sweep every "
+        "K-th coefficient of their own grid, the largest always (default 2)",
+    )
     p.add_argument(
         "--attacks",
         nargs="+",
@@ -248,6 +261,7 @@ def _run_frontier(args) -> int:
         parse_candidate,
         run_frontier,
     )
+    from mergeshield.merging.methods import get_method
 
     if args.config is not None and (args.kind or args.setting):
         raise MergeShieldError("give --config or --kind/--setting, not both")
@@ -272,9 +286,10 @@ def _run_frontier(args) -> int:
                 f"the fine-tune attack is skipped: it trains on the victim's training data ({add})"
             )
             finetune = False
-    unknown = [m for m in args.methods if m not in ("task_arithmetic", "ties")]
-    if unknown:
-        raise MergeShieldError(f"frontier methods are task_arithmetic and ties, not {unknown}")
+    for method in args.methods:
+        get_method(method)  # the one-line error naming the known methods
+    if args.grid_stride < 1:
+        raise MergeShieldError(f"--grid-stride must be at least 1, got {args.grid_stride}")
     for attack in args.attacks:
         parse_attack(attack)
     if args.out.exists() and any(args.out.iterdir()):
@@ -297,7 +312,8 @@ def _run_frontier(args) -> int:
             free_riders=tuple(riders),
             proxies=tuple(proxies),
             methods=tuple(args.methods),
-            grids={m: defaults.grids[m] for m in args.methods},
+            grids={m: g for m, g in defaults.grids.items() if m in args.methods},
+            grid_stride=args.grid_stride,
             attacks=tuple(args.attacks),
             finetune=(tuple(args.finetune or defaults.finetune) if finetune else None),
             objective=args.objective or audit.plan.objective,

@@ -517,7 +517,7 @@ def coefficient_grid(plan: AuditPlan, method: str) -> tuple[float, ...]:
         return spec.grid
     if plan.grid is not None:
         return plan.grid
-    return tuple(reversed(tuple(reversed(spec.grid))[:: plan.grid_stride]))
+    return spec.thinned(plan.grid_stride)
 
 
 def _interpolate(

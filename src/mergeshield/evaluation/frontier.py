@@ -8,10 +8,11 @@ model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protec
 2. **attacked variants**: the release as is, and aligned to the public base by each attack of
    :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``), optionally followed by
    pruning or noising the aligned update (``aga+prune``, :func:`parse_attack`);
-3. for every variant, merge method and free-rider, the attacker's **coefficient search**:
-   ``merge(theta_0; variant, free-rider; c)`` over the method's grid, plus the
-   **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider`` over
-   ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
+3. for every variant, merge method (any of :data:`mergeshield.merging.methods.METHODS`) and
+   free-rider, the attacker's **coefficient search**: ``merge(theta_0; variant, free-rider;
+   c)`` over the method's grid (:meth:`FrontierPlan.grid`), plus, for the task-vector
+   methods, the **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider``
+   over ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
 4. the attacker's choice on the *validation* split, for the sweep and for insertion alike:
    the coefficient with the best joint score over the merged tasks under ``plan.objective``
    (:mod:`mergeshield.objective`; by default the weakest task's share of gain kept, so a
@@ -47,13 +48,19 @@ from typing import Any
 
 import torch
 
-from mergeshield.attacks.adaptive import finetune_recovery, insert, perturb_then_align
+from mergeshield.attacks.adaptive import (
+    INSERTION_METHODS,
+    finetune_recovery,
+    insert,
+    perturb_then_align,
+)
 from mergeshield.errors import MergeShieldError
 from mergeshield.evaluation.accuracy import Scorer, backbone_tensors, score
 from mergeshield.evaluation.family import Family
 from mergeshield.folders import scratch
 from mergeshield.merging import extract_backbone, merge
 from mergeshield.merging.kernels import merge_tensors, prepare
+from mergeshield.merging.methods import get_method
 from mergeshield.modeling import load_model, merged_part, stored_to_module_names
 from mergeshield.objective import check_objective, choose, joint_score, kept, weakest
 
@@ -85,12 +92,23 @@ class FrontierPlan:
             "ties": (1.0, 1.5, 2.0),
         }
     )
+    grid_stride: int = 2  # methods without a grid above: every k-th of the method's own grid
     insertion_grid: tuple[float, ...] = (0.3, 0.5, 1.0)
     attacks: tuple[str, ...] = ("none", "aga", "rebasin", "procrustes")
     objective: str = "min"
     verify_mergekit: bool = True
     finetune: tuple[int, int] | None = (64, 24)  # (examples, steps) or None
     seed: int = 0
+
+    def grid(self, method: str) -> tuple[float, ...]:
+        """The sweep's coefficients for ``method``: ``grids[method]``, else every
+        ``grid_stride``-th of the method's own grid (:meth:`MergeMethod.thinned`)."""
+        return self.grids.get(method) or get_method(method).thinned(self.grid_stride)
+
+    def searches(self, method: str) -> tuple[str, ...]:
+        """The coefficient sweep, and the coefficient-1 insertion for the task-vector methods
+        (:data:`mergeshield.attacks.adaptive.INSERTION_METHODS`)."""
+        return ("sweep", "insertion") if method in INSERTION_METHODS else ("sweep",)
 
 
 @dataclass
@@ -215,7 +233,7 @@ def evaluate_release(
             for partner in plan.free_riders:
                 for method in plan.methods:
                     models = [theta, partner_models[partner]]
-                    for search in ("sweep", "insertion"):
+                    for search in plan.searches(method):
                         row = _search(
                             plan,
                             family,
@@ -321,7 +339,7 @@ def _search(
 ) -> MergeResult:
     """Try every coefficient of the search; keep the one with the best joint validation score
     under ``plan.objective`` (first on ties, NaN never wins)."""
-    grid = plan.grids[method] if search == "sweep" else plan.insertion_grid
+    grid = plan.grid(method) if search == "sweep" else plan.insertion_grid
     refs = {
         t: (
             family.manifest["tasks"][t]["base_val_accuracy"],
@@ -644,13 +662,13 @@ def plot_frontier(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"task_arithmetic": "o", "ties": "s"}
+    markers = dict(zip(plan.methods, "os^vD<>pP*h", strict=False))
     for r in results:
         cost = 100 * (r.finetuned - r.standalone)
         summary = r.summary()
         for m in r.best:
             y = summary[m]["weakest"]
-            ax.scatter(cost, y, marker=markers.get(m, "^"))
+            ax.scatter(cost, y, marker=markers.get(m, "x"))
             ax.annotate(f"{r.name} ({m[:4]})", (cost, y), fontsize=7)
     ax.axvspan(-100, 100 * TARGET_COST, ymax=1, alpha=0.05, color="g")
     ax.axhline(TARGET_KEPT, color="g", ls="--", lw=1, label=f"target weakest <= {TARGET_KEPT:.0%}")

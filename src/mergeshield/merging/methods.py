@@ -141,6 +141,15 @@ class MergeMethod:
     max_models: int | None = None
     randomized: bool = False
 
+    def thinned(self, stride: int = 1) -> tuple[float, ...]:
+        """Every ``stride``-th coefficient of ``grid`` counted from the largest, which is always
+        kept (a method without a knob keeps its one coefficient)."""
+        if stride < 1:
+            raise MergeShieldError(f"grid stride must be at least 1, got {stride}")
+        if self.knob is None:
+            return self.grid
+        return tuple(reversed(tuple(reversed(self.grid))[::stride]))
+
 
 _LAMBDAS_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _LAMBDAS_MEAN = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
