@@ -304,7 +304,7 @@ def test_frontier_sweeps_every_merge_method(user_files, tmp_path, capsys):
     assert get_method("linear").thinned(3) == (0.5, 1.0)  # of 1, .8, .6, .5, .4, .2
     assert get_method("model_stock").thinned(3) == (1.0,)
     md = (out / "frontier.md").read_text()
-    assert all(f"{m}: victim" in md for m in methods)
+    assert all(f"| unprotected | {m} |" in md for m in methods)
     bad = [*args, "--overwrite", "--methods", "lineer"]
     assert main(bad) == 2 and "lineer" in capsys.readouterr().err
 

@@ -597,37 +597,52 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         f"{', '.join(plan.proxies) or 'none'}.",
         "",
         f"Attacker per method: the best (on validation data) of {{{', '.join(plan.attacks)}}} x "
-        "{coefficient sweep, coefficient-1 insertion}; test accuracy of that choice"
-        + (" re-merged by mergekit." if plan.verify_mergekit else " (in-memory merge)."),
+        "{coefficient sweep, coefficient-1 insertion (task-vector methods)}; test accuracy of "
+        "that choice"
+        + (" re-merged by mergekit." if plan.verify_mergekit else " (in-memory merge).")
+        + " Sweep grids: "
+        + "; ".join(f"{m} {list(plan.grid(m))}" for m in plan.methods)
+        + f"; insertion weights {list(plan.insertion_grid)}.",
         f"The attacker's objective: `{plan.objective}` (a free-rider wants one merged model "
         "that keeps every merged task). "
         f"Target: cost <= {100 * TARGET_COST:.1f} points and at most {TARGET_KEPT:.0%} of the "
         "weakest merged task's gain kept, for every method.",
         "",
-        "Each cell: victim accuracy (share of its gain kept); the free-rider's accuracy in the "
-        "same merge (share of *its* gain kept); the weakest share; the attack.",
+        "Per candidate: the method whose best attacked merge keeps the most of the weakest "
+        "merged task's gain, and whether the target is met.",
         "",
-        "| candidate | standalone (cost) | "
-        + " | ".join(
-            f"{m}: victim (kept); free-rider (kept); weakest; attack" for m in plan.methods
-        )
-        + " | meets target |",
-        "|---|---|" + "---|" * len(plan.methods) + "---|",
+        "| candidate | standalone (cost) | worst method: weakest kept (attack) | meets target |",
+        "|---|---|---|---|",
     ]
-    for r in results:
-        s = r.summary()
-        cells = [f"{s['name']}", f"{r.standalone:.3f} ({100 * s['cost']:+.1f} pt)"]
+    summaries = [r.summary() for r in results]
+    for r, s in zip(results, summaries, strict=True):
+        methods = [m for m in plan.methods if m in r.best]
+        worst = max(methods, key=lambda m: s[m]["weakest"], default=None)
+        cell = f"{worst} {s[worst]['weakest']:.0%} ({s[worst]['attack']})" if worst else "-"
+        lines.append(
+            f"| {r.name} | {r.standalone:.3f} ({100 * s['cost']:+.1f} pt) | {cell} | "
+            + ("yes" if s["meets_target"] else "**no**")
+            + " |"
+        )
+    lines += [
+        "",
+        "Per candidate and method, the attacker's best merge: victim accuracy (share of its "
+        "gain kept); the free-rider's accuracy in the same merge (share of *its* gain kept); the "
+        "weakest share; the attack (`variant/search@coefficient`).",
+        "",
+        "| candidate | method | victim (kept) | free-rider (kept) | weakest | attack |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, s in zip(results, summaries, strict=True):
         for m in plan.methods:
             c, best = s.get(m), r.best.get(m)
             if c is None or best is None:
-                cells.append("-")
                 continue
-            cells.append(
-                f"{c['victim']:.3f} ({c['kept']:.0%}); {best.partner} {c['partner']:.3f} "
-                f"({c['partner_kept']:.0%}); {c['weakest']:.0%}; {c['attack']}"
+            lines.append(
+                f"| {r.name} | {m} | {c['victim']:.3f} ({c['kept']:.0%}) | {best.partner} "
+                f"{c['partner']:.3f} ({c['partner_kept']:.0%}) | {c['weakest']:.0%} | "
+                f"{c['attack']} |"
             )
-        cells.append("yes" if s["meets_target"] else "**no**")
-        lines.append("| " + " | ".join(cells) + " |")
     tuned = [r for r in results if r.finetune]
     if tuned:
         lines += [
