@@ -53,7 +53,7 @@ from pathlib import Path
 
 from mergeshield.attacks import attack
 from mergeshield.attacks.adaptive import finetune_recovery, perturb_then_align
-from mergeshield.detect import E_MIN, detect, detect_all
+from mergeshield.detect import detect, detect_all
 from mergeshield.evaluation import zoo
 from mergeshield.evaluation.accuracy import accuracy
 from mergeshield.evaluation.generative import exact_match, load_gen_task
@@ -414,7 +414,8 @@ def build_models(
 def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, dict]:
     """detect_all with the calibration null models, in batches; both verdicts from one pass:
     ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
-    verdict with the null models, ``without``: the sign-flip null and the effect floor)."""
+    verdict with the null models, ``without``: the sign-flip null, the effect floor and the
+    shape floor)."""
     out = {}
     items = list(names.items())
     for i in range(0, len(items), BATCH):
@@ -425,11 +426,12 @@ def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, d
         for (name, _), r in zip(part, results, strict=True):
             out[name] = {
                 "with": r.found,
-                "without": r.p_flip <= r.alpha and r.effect >= E_MIN,
+                "without": r.found_without_nulls,
                 "statistic": round(r.statistic, 2),
                 "p_null": r.p_null,
                 "p_flip": r.p_flip,
                 "effect": round(r.effect, 3),
+                "shape": round(r.shape, 3),
                 "view": max(r.views, key=r.views.get),
                 "null_statistics": [round(z, 2) for z in r.null_statistics],
                 "signed": round(max(r.scores.signed.values()), 2),

@@ -21,7 +21,7 @@ from transformers import BertConfig, BertModel
 from mergeshield.attacks import attack
 from mergeshield.attacks.adaptive import perturb_then_align
 from mergeshield.cli import main
-from mergeshield.detect import detect, detect_all, residual, tensor_z
+from mergeshield.detect import E_MIN, SHAPE_MIN, detect, detect_all, residual, tensor_z
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors, save_tensors
 from mergeshield.merging import merge
@@ -56,17 +56,19 @@ def _save(tensors: dict[str, torch.Tensor], config: Path, out: Path, prefix: str
     return out
 
 
-def _direction(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """A task's direction: rank 2 plus a full-rank part with a fifth of its norm."""
+def _direction(shape: torch.Size, gen: torch.Generator, full_rank: float = 0.2) -> torch.Tensor:
+    """A task's direction: rank 2 plus a full-rank part with ``full_rank`` times its norm."""
     if len(shape) < 2:
         return torch.randn(shape, generator=gen)
     cols = math.prod(shape[1:])
     low = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, cols, generator=gen)
     low = (low / low.norm() * math.prod(shape) ** 0.5).reshape(shape)
-    return low + 0.2 * torch.randn(shape, generator=gen)
+    return low + full_rank * torch.randn(shape, generator=gen)
 
 
-def _fine_tune(base: dict[str, torch.Tensor], task: int, noise: int, scale: float = 1.0):
+def _fine_tune(
+    base: dict[str, torch.Tensor], task: int, noise: int, scale: float = 1.0, full_rank: float = 0.2
+):
     """``base + TASK_SCALE (scale L_task + e_noise) - wd base`` for every float tensor."""
     task_gen = torch.Generator().manual_seed(1000 + task)
     noise_gen = torch.Generator().manual_seed(2000 + noise)
@@ -75,7 +77,8 @@ def _fine_tune(base: dict[str, torch.Tensor], task: int, noise: int, scale: floa
         if not b.is_floating_point():
             out[name] = b
             continue
-        d = scale * _direction(b.shape, task_gen) + torch.randn(b.shape, generator=noise_gen)
+        d = scale * _direction(b.shape, task_gen, full_rank)
+        d = d + torch.randn(b.shape, generator=noise_gen)
         out[name] = b + TASK_SCALE * d - WEIGHT_DECAY * b
     return out
 
@@ -185,6 +188,38 @@ def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
         assert not false, null
     same = detect(fam["same4"], fam["root"] / "original", fam["base"])
     assert same.effect < 0.1 and same.scores.signed["raw"] > 3  # shares the task, not the release
+
+
+def test_shape_refuses_same_task_fine_tunes_above_the_effect_floor(fam, tmp_path) -> None:
+    """A task whose direction has a large full-rank part (0.45 of its norm; the task above:
+    0.2) puts part of the task into the release's residual, so same-task fine-tunes reach an
+    effect above ``E_MIN`` and a tiny sign-flip p, as same-task SmolLM2 fine-tunes do (E
+    0.12-0.14): the effect floor alone would call them found.  Their shape ``E / E_shared``
+    stays low (they carry the shared part, not the residual in the release's proportion),
+    and merges of the release keep the release's proportion: without null models the
+    fine-tunes are not found, the merges are (measured: fine-tunes E 0.17-0.20, shape
+    0.23-0.27; merges shape 0.62-0.84)."""
+    base = load_tensors(fam["base"])
+    task = 7
+
+    def model(noise: int, name: str) -> Path:
+        tensors = _fine_tune(base, task, noise, full_rank=0.45)
+        return _save(tensors, fam["base"], tmp_path / name)
+
+    original = model(0, "original")
+    same = [model(500 + seed, f"same{seed}") for seed in (1, 2, 3)]
+    merges = []
+    for method, others, c in (("task_arithmetic", ["task1"], 1.0), ("ties", ["task1", "task2",
+            "task3"], 1.0), ("slerp", ["task1"], 0.2)):  # fmt: skip
+        models = [fam[o] for o in others]
+        models = [models[0], original] if method == "slerp" else [original, *models]
+        merges.append(merge(method, fam["base"], models, tmp_path / method, coefficient=c))
+    results = detect_all([*same, *merges], original, fam["base"])
+    for r in results[:3]:  # same-task fine-tunes: above the effect floor, refused by the shape
+        assert r.p_flip <= r.alpha and r.effect >= E_MIN, (r.effect, r.p_flip)
+        assert r.shape < SHAPE_MIN and not r.found, (r.effect, r.shape)
+    for r in results[3:]:
+        assert r.found and r.shape >= SHAPE_MIN, (r.suspect, r.effect, r.shape)
 
 
 def test_residual_and_z() -> None:
