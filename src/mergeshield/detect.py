@@ -56,8 +56,8 @@ squares do not (54).  The signed sum is kept in the report (``Scores.signed``).
   ``p_null = P(t_{n-1} > (Z - m) / (d sqrt(1 + 1/n)))`` (Gaussian nulls, unknown mean and
   variance), and ``p = max(p_null, p_flip)``: the suspect must also beat the sign-flip null
   below, which holds for any model unrelated to the release (on a small ViT the calibration
-  fine-tunes' statistics clustered tightly at -2.7 to -1.6, so that DARE merges without the
-  release, at -0.5 and -0.1, fell above the t threshold alone);
+  fine-tunes' statistics clustered tightly at -2.8 to -1.8, so that DARE merges without the
+  release, at -0.53 and -0.08, fell above the t threshold alone, -0.55);
 - without them, the sign-flip null above, ``p = min(1, V P(chi2_T > sum z_t^2))``
   (Bonferroni over the ``V`` views).  Real fine-tunes of *other* tasks and same-task
   fine-tunes still correlate with the residual (measured on the text family: signed sums of
