@@ -74,11 +74,12 @@ squares do not (54).  The signed sum is kept in the report (``Scores.signed``).
   the original's proportion, diluted by foreign task vectors (shape near 1, lower where TIES
   trims the small residual entries); a same-task fine-tune carries the shared part and little
   of the residual.  Measured (BENCHMARKS.md, "Detection, session 14"): same-task fine-tunes
-  0.10 (MiniLM calibration seeds), 0.19-0.23 (SmolLM2 seeds 1-4), 0.23-0.27 (the tests'
-  high-rank task); merges of the release 0.78-0.99 (MiniLM), 0.88-0.99 (SmolLM2), 0.46 and
-  up on the small ViT (all-task TIES the lowest).  ``SHAPE_MIN = 0.35`` lies between, set on
-  these models.  Its blind spot: a soup of the release at a small weight with a same-task
-  fine-tune also has a low shape; same-task ``--null`` models find it.
+  0.10-0.12 (MiniLM seeds 1-5), 0.18-0.24 (SmolLM2 seeds 1-7), 0.23-0.27 (the tests'
+  high-rank task); merges of the release 0.74-1 (MiniLM), 0.81-0.99 (SmolLM2), 0.46 and up
+  on the small ViT (all-task TIES the lowest).  ``SHAPE_MIN = 0.35`` lies between, set on
+  these models (SmolLM2 seeds 5-7 checked after it was set).  Its blind spot: a soup of the
+  release at a small weight with a same-task fine-tune also has a low shape; same-task
+  ``--null`` models find it.
 
 The release is reported found when ``p <= alpha`` (and, without null models, ``E >= E_MIN``
 and ``E / E_shared >= SHAPE_MIN``: :func:`flip_verdict`).
