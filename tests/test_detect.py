@@ -21,7 +21,17 @@ from transformers import BertConfig, BertModel
 from mergeshield.attacks import attack
 from mergeshield.attacks.adaptive import perturb_then_align
 from mergeshield.cli import main
-from mergeshield.detect import E_MIN, SHAPE_MIN, detect, detect_all, residual, tensor_z
+from mergeshield.detect import (
+    E_MIN,
+    SHAPE_MIN,
+    detect,
+    detect_all,
+    flip_p,
+    null_p,
+    residual,
+    tensor_z,
+    threshold,
+)
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors, save_tensors
 from mergeshield.merging import merge
@@ -186,6 +196,8 @@ def test_independent_and_same_task_fine_tunes_are_not_found(fam) -> None:
         results = detect_all(suspects, fam["root"] / "original", fam["base"], null=null)
         false = [(r.suspect, r.statistic, r.p_value) for r in results if r.found]
         assert not false, null
+        # with null models the suspect must beat the sign-flip null too
+        assert all(r.p_value == max(r.p_flip, r.p_null or 0.0) for r in results)
     same = detect(fam["same4"], fam["root"] / "original", fam["base"])
     assert same.effect < 0.1 and same.scores.signed["raw"] > 3  # shares the task, not the release
 
@@ -220,6 +232,17 @@ def test_shape_refuses_same_task_fine_tunes_above_the_effect_floor(fam, tmp_path
         assert r.shape < SHAPE_MIN and not r.found, (r.effect, r.shape)
     for r in results[3:]:
         assert r.found and r.shape >= SHAPE_MIN, (r.suspect, r.effect, r.shape)
+
+
+def test_null_models_cannot_lower_the_bar_below_the_sign_flip_null() -> None:
+    """Session 14's ViT: calibration fine-tunes scored tightly at -2.8 to -1.8, so the t
+    prediction alone called a null DARE merge at Z = -0.08 found (p_null 0.004); it does not
+    beat the sign-flip null (p_flip 0.98), and the threshold with null models is never below
+    that null's quantile."""
+    nulls = [-2.18, -2.33, -1.88, -1.77, -2.78]
+    flip_only = threshold([], tensors=24, views=2, self_statistic=0.0, alpha=0.01)
+    assert threshold(nulls, tensors=24, views=2, self_statistic=0.0, alpha=0.01) == flip_only > 0
+    assert null_p(-0.08, nulls) < 0.01 < 0.9 < flip_p(-0.08, tensors=24, views=2)
 
 
 def test_residual_and_z() -> None:
