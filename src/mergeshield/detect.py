@@ -427,10 +427,16 @@ def _score_models(
                     task["aligned"] = {n: a[n] - b[n] for n in names}
                 elif "aligned" in model_views[m]:
                     task["aligned"] = task["raw"]  # in the base's frame: nothing to align
+                z, z_shared = scores[m].z, scores[m].z_shared
                 for v in model_views[m]:
+                    # an unaligned block's aligned view is its raw view, same references
+                    same = v == "aligned" and task[v] is task["raw"]
                     for n in names:
-                        scores[m].z[v][n] = tensor_z(task[v][n], refs[v][n][0])
-                        scores[m].z_shared[v][n] = tensor_z(task[v][n], refs[v][n][1])
+                        if same:
+                            z[v][n], z_shared[v][n] = z["raw"][n], z_shared["raw"][n]
+                            continue
+                        z[v][n] = tensor_z(task[v][n], refs[v][n][0])
+                        z_shared[v][n] = tensor_z(task[v][n], refs[v][n][1])
                     for n in mlp:
                         d = x[n] - frame[v][n] if v == "key" else task[v][n]
                         sq[m][v] += float(d.square().sum())
