@@ -26,11 +26,11 @@ fine-tuned merge without the victim.  Two modes: with the calibration null model
 without null models (sign-flip null + effect floor).  Results go to
 ``<cache>/detect-bench/<family>/results.json`` and are printed as markdown.
 
-``--kind llm`` (SmolLM2-135M, victim antonym, others arithmetic and bbc_topic): a stated subset
-of the merges (:data:`LLM_GRID`, every merge family), aga only, pruning only, one fine-tuned
-merge each way (the zoo's own recipe, one epoch of arithmetic), and as nulls same-task seeds
-4+, bbc_topic, :data:`LLM_NULL_GRID` merges and merges of the two other experts; calibration:
-same-task seeds 1-3 and arithmetic.
+``--kind llm`` (SmolLM2-135M, victim antonym, others arithmetic and bbc_topic): the same study
+(no head: the task models are the backbones, and a fine-tuned merge is the zoo's own fine-tune,
+one epoch); calibration: same-task seeds 1-3 and arithmetic; nulls: same-task seeds 4+,
+bbc_topic, the merges without the victim and merges of the two other experts.  ``--discard``
+deletes each merge once scored (a SmolLM2 merge takes 540 MB: the study's hundred do not fit).
 
 ``--many-nulls N`` / ``--short-nulls M`` (with ``--discard`` to delete each once scored): only
 the false-positive study over ``N`` (victim's recipe) and ``M`` (one epoch) independent null
@@ -49,6 +49,7 @@ import platform
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mergeshield.attacks import attack
@@ -66,6 +67,7 @@ from mergeshield.tasks import load_task
 COEFFICIENTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 CALIBRATION_SEEDS = (1, 2, 3)
 BATCH = 12  # suspects scored per streaming pass
+Model = Path | Callable[[], Path]  # a folder, or a merge built when it is scored
 
 
 def cached(path: Path, build) -> Path:
@@ -125,6 +127,16 @@ def merged(work: Path, name: str, method: str, base: Path, models: list[Path], c
     if not out.is_dir():
         merge(method, base, models, out, coefficient=c)
     return out
+
+
+def later(work: Path, name: str, method: str, base: Path, models: list[Path], c: float) -> Model:
+    """:func:`merged`, built only when :func:`score` gets to it (and deleted after with
+    ``discard``)."""
+    return lambda: merged(work, name, method, base, models, c)
+
+
+def materialise(model: Model) -> Path:
+    return model() if callable(model) else model
 
 
 def finetuned(
@@ -260,42 +272,12 @@ def full_grid() -> list[tuple[str, str, float]]:
     ]
 
 
-# The llm study's merges of the victim (one SmolLM2 merge takes 10-30 s here, not all 9 x 5):
-# every merge family (linear / task arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP,
-# model_stock), coefficients from 0.2 to 1, two-model and all-task.
-LLM_GRID = (
-    ("linear", "two", 0.6),
-    ("task_arithmetic", "two", 0.2),
-    ("task_arithmetic", "two", 1.0),
-    ("task_arithmetic", "all", 0.6),
-    ("ties", "two", 0.4),
-    ("ties", "all", 1.0),
-    ("dare_ties", "all", 0.6),
-    ("dare_linear", "two", 0.6),
-    ("breadcrumbs", "two", 0.6),
-    ("della", "all", 1.0),
-    ("slerp", "two", 0.2),
-    ("slerp", "two", 0.6),
-    ("model_stock", "two", 1.0),
-    ("model_stock", "all", 1.0),
-)
-# ... and its merges without the victim (the other two experts, or a same-task seed with them).
-LLM_NULL_GRID = (
-    ("task_arithmetic", "all", 1.0),
-    ("ties", "all", 1.0),
-    ("dare_linear", "two", 0.6),
-    ("della", "all", 1.0),
-    ("slerp", "two", 0.5),
-    ("model_stock", "all", 1.0),
-)
-
-
 def grid_merges(
     work: Path, prefix: str, base: Path, grid, first: Path, partner: Path, rest: list[Path]
-) -> dict[str, Path]:
-    """mergekit merges ``prefix + method-mode-c`` of ``grid``: two-model ``[first, partner]``
-    (slerp: ``slerp(partner, first; t)``, so ``t`` is ``first``'s weight), all-task
-    ``[first, *rest]``."""
+) -> dict[str, Model]:
+    """mergekit merges ``prefix + method-mode-c`` of ``grid``, built when scored: two-model
+    ``[first, partner]`` (slerp: ``slerp(partner, first; t)``, so ``t`` is ``first``'s weight),
+    all-task ``[first, *rest]``."""
     out = {}
     for method, mode, c in grid:
         if mode == "two":
@@ -303,18 +285,18 @@ def grid_merges(
         else:
             models = [first, *rest]
         name = f"{prefix}{method}-{mode}-{c:g}"
-        out[name] = merged(work, name, method, base, models, c)
+        out[name] = later(work, name, method, base, models, c)
     return out
 
 
 def build_models(
     family: zoo.Family, work: Path, n_seeds: int, calibration_only: bool = False
 ) -> dict:
-    """Every model of the study: ``{"positives": {name: path}, "key_positives": ...,
-    "calibration": [...], "nulls": {name: path}}``.  The llm family (no head: its task models
-    are the backbones) gets a smaller study: the merges of :data:`LLM_GRID` and
-    :data:`LLM_NULL_GRID`, the aga attack only, pruning only, one fine-tuned merge each way,
-    and one other expert among the calibration null models (it has two).  With
+    """Every model of the study: ``{"positives": {name: model}, "key_positives": ...,
+    "calibration": [...], "nulls": {name: model}}`` (a model: a folder, or a merge that
+    :func:`score` builds).  The llm family (no head: its task models are the backbones) has
+    one other expert among the calibration null models (it has two) and its two other experts'
+    merges among the nulls.  With
     ``calibration_only`` (the false-positive study of :func:`many_nulls`): only
     ``{"original", "calibration"}``, without the merges and attacks."""
     base = family.base
@@ -337,66 +319,65 @@ def build_models(
     if calibration_only:
         return {"original": family.tasks[victim], "calibration": calibration}
 
-    positives = grid_merges(work, "", base, LLM_GRID if llm else full_grid(), v, o1, rest)
+    positives = grid_merges(work, "", base, full_grid(), v, o1, rest)
 
     prot = work / "protected"
     key = work / "protected.key"
     if not prot.is_dir():
         protect(family.tasks[victim], prot, "all", base=base, key_out=key, seed=1)
-    for method in ("aga",) if llm else ("aga", "procrustes", "rebasin"):
+    for method in ("aga", "procrustes", "rebasin"):
         aligned = work / f"aligned-{method}"
         if not aligned.is_dir():
             attack(prot, base, aligned, method)
         a = bb_of(aligned, f"aligned-{method}")
-        positives[f"{method}-aligned-ta-two-0.6"] = merged(
+        positives[f"{method}-aligned-ta-two-0.6"] = later(
             work, f"{method}-ta", "task_arithmetic", base, [a, o1], 0.6
         )
-        positives[f"{method}-aligned-ties-all-1"] = merged(
+        positives[f"{method}-aligned-ties-all-1"] = later(
             work, f"{method}-ties", "ties", base, [a, *rest], 1.0
         )
-    for kind, kw in (("pruned", {"prune": 0.5}), ("noised", {"noise": 0.5}))[: 1 if llm else 2]:
+    for kind, kw in (("pruned", {"prune": 0.5}), ("noised", {"noise": 0.5})):
         p = work / f"aga-{kind}"
         if not p.is_dir():
             perturb_then_align(prot, base, p, attack="aga", **kw)
         pb = bb_of(p, f"aga-{kind}")
-        positives[f"aga-{kind}-ta-two-0.6"] = merged(
+        positives[f"aga-{kind}-ta-two-0.6"] = later(
             work, f"aga-{kind}-ta", "task_arithmetic", base, [pb, o1], 0.6
         )
-    ta_all = positives["task_arithmetic-all-0.6"]
-    positives["ta-all-0.6-finetuned-other-task"] = finetuned(
-        family, ta_all, others[0], work / "merges" / "ft-other"
-    )
-    if not llm:
-        positives["ta-all-0.6-finetuned-victim-task"] = finetuned(
-            family, ta_all, victim, work / "merges" / "ft-victim"
+    ta_all = materialise(positives["task_arithmetic-all-0.6"])
+    for task, name in ((others[0], "other"), (victim, "victim")):
+        positives[f"ta-all-0.6-finetuned-{name}-task"] = finetuned(
+            family, ta_all, task, work / "merges" / f"ft-{name}"
         )
     pb = bb_of(prot, "protected")
     key_positives = {
-        "protected-as-published-ta-two-0.6": merged(
+        "protected-as-published-ta-two-0.6": later(
             work, "protected-ta", "task_arithmetic", base, [pb, o1], 0.6
         ),
-        "protected-as-published-ties-all-1": merged(
+        "protected-as-published-ties-all-1": later(
             work, "protected-ties", "ties", base, [pb, *rest], 1.0
         ),
     }
 
-    nulls: dict[str, Path] = {f"same-task-seed{s}": seeds[s] for s in seeds if s > 3}
+    nulls: dict[str, Model] = {f"same-task-seed{s}": seeds[s] for s in seeds if s > 3}
     nulls.update({f"task-{t}": bb[t] for t in others[in_calibration:]})
     hard = [seeds[s] for s in seeds if s > 3] or [seeds[1]]
     if llm:
-        nulls |= grid_merges(work, "null-", base, LLM_NULL_GRID, hard[0], o1, rest)
         experts = [("task_arithmetic", "two", 1.0), ("ties", "two", 1.0)]
         nulls |= grid_merges(work, "null-experts-", base, experts, rest[1], o1, rest)
-    for method, spec in METHODS.items() if not llm else ():
+    for method, spec in METHODS.items():
         for c in (0.4, 1.0) if spec.knob is not None else (1.0,):
             modes = {"two": [hard[0], o1]}
             if spec.max_models is None:
                 modes["all"] = [hard[-1], *rest]
             for mode, models in modes.items():
                 name = f"null-{method}-{mode}-{c:g}"
-                nulls[name] = merged(work, name, method, base, models, c)
+                nulls[name] = later(work, name, method, base, models, c)
     nulls["null-ta-all-1-finetuned"] = finetuned(
-        family, nulls["null-task_arithmetic-all-1"], others[0], work / "merges" / "ft-null"
+        family,
+        materialise(nulls["null-task_arithmetic-all-1"]),
+        others[0],
+        work / "merges" / "ft-null",
     )
     return {
         "victim": bb[victim],
@@ -411,18 +392,23 @@ def build_models(
     }
 
 
-def score(models: dict, base: Path, names: dict[str, Path], **kw) -> dict[str, dict]:
+def score(
+    models: dict, base: Path, names: dict[str, Model], discard: bool = False, **kw
+) -> dict[str, dict]:
     """detect_all with the calibration null models, in batches; both verdicts from one pass:
     ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
     verdict with the null models, ``without``: the sign-flip null, the effect floor and the
-    shape floor)."""
+    shape floor).  Merges not built yet are built batch by batch and, with ``discard``,
+    deleted once scored."""
     out = {}
     items = list(names.items())
     for i in range(0, len(items), BATCH):
         part = items[i : i + BATCH]
-        results = detect_all(
-            [p for _, p in part], models["original"], base, null=models["calibration"], **kw
-        )
+        paths = [materialise(m) for _, m in part]
+        results = detect_all(paths, models["original"], base, null=models["calibration"], **kw)
+        for (_, m), path in zip(part, paths, strict=True):
+            if discard and callable(m):
+                shutil.rmtree(path)
         for (name, _), r in zip(part, results, strict=True):
             out[name] = {
                 "with": r.found,
@@ -540,7 +526,8 @@ def main() -> None:
     parser.add_argument(
         "--discard",
         action="store_true",
-        help="with --many-nulls / --short-nulls: delete each null fine-tune once scored",
+        help="delete each merge (with --many-nulls / --short-nulls: each null fine-tune) once "
+        "scored",
     )
     parser.add_argument(
         "--shard",
@@ -574,6 +561,7 @@ def main() -> None:
         "machine": f"{platform.node()} ({platform.machine()}, 2-core VM)",
         "family": str(family.root),
     }
+    results["command"] += " --discard" if args.discard else ""
     base = family.base
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
@@ -591,7 +579,6 @@ def main() -> None:
         results["command"] += f" --many-nulls {args.many_nulls} --short-nulls {args.short_nulls}"
         for flag, value in (("train", args.short_train), ("batch", args.short_batch)):
             results["command"] += f" --short-{flag} {value}" if value else ""
-        results["command"] += " --discard" if args.discard else ""
         results["build_and_score_seconds"] = round(sum(r["build_seconds"] for r in rows.values()))
         results["calibration_accuracy"] = {
             f"{victim}-seed{s}": own_accuracy(
@@ -627,12 +614,13 @@ def main() -> None:
         print(f"calibration same-task val accuracy: {results['calibration_accuracy']}")
         print(f"built and scored in {results['build_and_score_seconds']} s (sum over rows)")
         return
-    results["positives"] = score(models, base, models["positives"])
-    results["nulls"] = score(models, base, models["nulls"])
+    drop = args.discard
+    results["positives"] = score(models, base, models["positives"], drop)
+    results["nulls"] = score(models, base, models["nulls"], drop)
     results["key positives, with --key"] = score(
         models, base, models["key_positives"], key=models["key"]
     )
-    results["key positives, without --key"] = score(models, base, models["key_positives"])
+    results["key positives, without --key"] = score(models, base, models["key_positives"], drop)
     results["timing"] = timing(models, family, work, args.runs)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -649,7 +637,9 @@ def main() -> None:
         false = {k: v["statistic"] for k, v in rows[1].items() if v[mode]}
         print(f"\n{label}: missed {missed}; false positives {false}\n")
     missed = [k for k, v in results["positives"].items() if not (v["with"] and v["without"])]
-    results["explain"] = {k: explain(models, base, models["positives"][k]) for k in missed}
+    results["explain"] = {
+        k: explain(models, base, materialise(models["positives"][k])) for k in missed
+    }
     for name, rows in results["explain"].items():
         w = [r["weight"] for r in rows.values()]
         agree = sum((r["weight"] > 0) == (r["z"] > 0) for r in rows.values())

@@ -128,6 +128,7 @@ CASES: list[tuple[str, str, Any, list[str], dict[str, Any]]] = [
         PROTECTED,
         ["harden", "m", "o", "--base", "b", "--data", "d", "--method", "trap2", "--steps", "7"]
         + ["--lr", "0.001", "--batch-size", "4", "--lam", "0.5", "--max-len", "9"]
+        + ["--target", "margin", "--margin", "0.5"]
         + ["--prune-fraction", "0.3", "--proxies", "p1", "p2", "--train-embeddings"]
         + ["--then-protect", "mergelock", "--seed", "5", "--key-out", "k", "--overwrite", "-q"],
         dict(
@@ -146,6 +147,8 @@ CASES: list[tuple[str, str, Any, list[str], dict[str, Any]]] = [
                 lr=0.001,
                 batch_size=4,
                 lam=0.5,
+                target="margin",
+                margin=0.5,
                 max_len=9,
                 prune_fraction=0.3,
                 proxies=("p1", "p2"),

@@ -24,7 +24,12 @@ from mergeshield.architectures import AttentionSpec, Slot
 from mergeshield.attacks.adaptive import insert, insertion_config, perturb_update
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors as load_folder_tensors
-from mergeshield.hardening.components import aga_recovery, sample_scale, uniform_divergence
+from mergeshield.hardening.components import (
+    aga_recovery,
+    rank_margin,
+    sample_scale,
+    uniform_divergence,
+)
 from mergeshield.hardening.config import HardenConfig, parse_method
 from mergeshield.hardening.data import read_examples
 from mergeshield.hardening.harden import harden
@@ -128,6 +133,33 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_uniform_divergence_is_zero_at_uniform_and_positive_elsewhere() -> None:
     assert float(uniform_divergence(torch.zeros(3, 5))) == pytest.approx(0.0, abs=1e-6)
     assert float(uniform_divergence(torch.tensor([[4.0, 0.0, -1.0]]))) > 0.1
+
+
+def test_rank_margin_is_scale_free_where_the_uniform_divergence_is_not() -> None:
+    """A merge that keeps every prediction right and only lowers its confidence (logits times
+    0.01) has ``D`` near 0, the hardening's "merged model predicts nothing", yet the same
+    accuracy; the rank margin does not move, and it is low only where the true class trails.
+    With two classes too (a row's own spread would leave only the sign of the lead there)."""
+    torch.manual_seed(0)
+    softplus_1 = math.log1p(math.e)
+    for classes in (6, 2):
+        logits = torch.randn(64, classes)
+        right, wrong = logits.argmax(-1), logits.argmin(-1)
+        assert float(uniform_divergence(0.01 * logits)) < 1e-3 < float(uniform_divergence(logits))
+        for t in (0.01, 30.0):
+            torch.testing.assert_close(
+                rank_margin(t * logits, right, 1.0), rank_margin(logits, right, 1.0)
+            )
+        assert float(rank_margin(logits, right, 1.0)) > softplus_1  # every true class leads
+        assert float(rank_margin(logits, wrong, 1.0)) < math.log(2)  # every true class trails
+        keep_right = float(rank_margin(logits, right, 1.0, trail=False))
+        assert keep_right < softplus_1 < float(rank_margin(logits, wrong, 1.0, trail=False))
+        # the row that leads by less is pushed down (the spread is the batch's: with two
+        # classes a row's own would leave only the sign of its lead, and no gradient)
+        z = torch.tensor([[1.0, 0.0] + [-1.0] * (classes - 2), [3.0, 0.0] + [-1.0] * (classes - 2)])
+        z.requires_grad_(True)
+        rank_margin(z, torch.tensor([0, 0]), 1.0).backward()
+        assert z.grad[0, 0] > 0.05
 
 
 def test_sample_scale_avoids_the_band_around_one() -> None:
@@ -244,7 +276,7 @@ def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: 
         toy["base"],
         toy["train"],
         tmp_path / "h",
-        method="trap2+merge+arf",
+        method="trap2+merge+arf+amerge",
         steps=30,
         lr=1e-3,
         batch_size=32,
@@ -252,6 +284,7 @@ def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: 
     )
     record = json.loads((out / "mergeshield_harden.json").read_text())
     losses = [h["loss"] for h in record["history"]]
+    assert {"trap2", "merge", "arf", "amerge"} <= set(record["history"][0])
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -260,9 +293,12 @@ def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: 
     torch.testing.assert_close(model.classifier.weight, ft.classifier.weight)  # head frozen
 
 
-def test_trap2_makes_the_toy_model_scale_sensitive(toy: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["uniform", "margin"])
+def test_trap2_makes_the_toy_model_scale_sensitive(
+    toy: dict[str, Path], tmp_path: Path, target: str
+) -> None:
     """After TRAP2 hardening the release keeps its accuracy at s = 1 and loses it at
-    s = 0.5 and s = 2, where the plain fine-tune still works."""
+    s = 0.5 and s = 2, where the plain fine-tune still works; with either target."""
     data = encode(toy["ft"], toy_examples(400, seed=9))
     before = {s: acc_at_scale(toy["ft"], toy["base"], data, s) for s in (0.5, 1.0, 2.0)}
     out = harden(
@@ -275,6 +311,7 @@ def test_trap2_makes_the_toy_model_scale_sensitive(toy: dict[str, Path], tmp_pat
         lr=2e-3,
         batch_size=64,
         train_embeddings=True,
+        target=target,
     )
     after = {s: acc_at_scale(out, toy["base"], data, s) for s in (0.5, 1.0, 2.0)}
     assert before[1.0] >= 0.85

@@ -81,7 +81,7 @@ def test_every_component_runs_on_a_causal_lm_and_only_changed_tensors_train(lm, 
     model.model.norm.weight.data.copy_(base.model.norm.weight)
     model.save_pretrained(release)
     out = harden(release, lm / "base", lm / "opp-train.jsonl", tmp_path / "h", steps=5, lr=1e-3,
-                 method="trap2+merge+arf+mergeguard+prune", max_len=16)  # fmt: skip
+                 method="trap2+merge+arf+amerge+mergeguard+prune", max_len=16)  # fmt: skip
     losses = [
         h["loss"] for h in json.loads((out / "mergeshield_harden.json").read_text())["history"]
     ]

@@ -144,7 +144,10 @@ def references(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_b (o - [o]_k), P_b [o]_k)``: the release's residual (:func:`residual`) and its
     shared part, the top-``k`` directions that a same-task fine-tune shares (zero when
-    ``k = 0``)."""
+    ``k = 0``).  A tensor the fine-tune left at the base's (``o = 0``: frozen layers, such as
+    the lower half of the LLM family's experts) returns both zero without the work."""
+    if not bool(o.any()):
+        return o, o
     k = min(rank, min(o.shape) // RANK_FRACTION) if o.dim() == 2 else 0
     top = _low_rank(o, k, seed) if k > 0 else 0 * o
     bb = float(b.square().sum())

@@ -187,7 +187,7 @@ def _run_unprotect(args) -> int:
 
 def _add_harden(sub) -> None:
     from mergeshield.defenses import DEFENSES
-    from mergeshield.hardening.config import COMPONENTS, HardenConfig
+    from mergeshield.hardening.config import COMPONENTS, TARGETS, HardenConfig
 
     defaults = HardenConfig()
     p = command(sub, "harden", _run_harden)
@@ -218,6 +218,15 @@ def _add_harden(sub) -> None:
     p.add_argument(
         "--lam", type=float, default=defaults.lam, help="weight of the simulated-merge terms"
     )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default=defaults.target,
+        help="what the simulated merges are pushed to: 'uniform' predictions (KL(U||p)), or "
+        "'margin': the true class (answer token) ranked below another by --margin logit "
+        "spreads, which a merge cannot meet by only lowering its confidence",
+    )
+    p.add_argument("--margin", type=float, default=defaults.margin, help="see --target")
     p.add_argument(
         "--max-len",
         type=int,

@@ -170,6 +170,8 @@ def _run_finetune(args) -> int:
 
 
 def _add_frontier(sub) -> None:
+    from mergeshield.hardening.config import TARGETS
+
     p = sub.add_parser(
         "frontier",
         help="standalone cost vs what the best adaptive attack still merges, per candidate",
@@ -208,6 +210,12 @@ def _add_frontier(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=60, help="harden steps")
     p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="uniform",
+        help="harden's --target for every hardened candidate",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -322,7 +330,9 @@ def _run_frontier(args) -> int:
         candidates = [
             c
             if c.harden is None
-            else replace(c, harden_kwargs={"steps": args.steps, "lr": args.lr})
+            else replace(
+                c, harden_kwargs={"steps": args.steps, "lr": args.lr, "target": args.target}
+            )
             for c in candidates
         ]
         results = run_frontier(plan, candidates, args.out, family=family)

@@ -23,6 +23,7 @@ from mergeshield.attacks.matching import head_rows, out_heads
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import load_tensors
 from mergeshield.hardening.config import COMPONENTS, HardenConfig
+from mergeshield.hardening.data import IGNORE
 from mergeshield.merging.kernels import magnitude_mask
 from mergeshield.registry import Registry
 
@@ -90,6 +91,21 @@ def register(component: type[Component]) -> type[Component]:
 # ----------------------------------------------------------------------------- shared maths
 
 
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The predictions the losses look at: a classifier's logits ``[B, C]`` (``labels [B]``);
+    a causal LM's next-token logits at the answer positions ``[M, V]`` (``labels [B, T]``,
+    :data:`IGNORE` off the answer), in the order of :func:`targets`."""
+    return logits if labels.dim() == 1 else logits[:, :-1][labels[:, 1:] != IGNORE]
+
+
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """What :func:`scored`'s rows should predict: the labels, or the answer and eos tokens."""
+    if labels.dim() == 1:
+        return labels
+    target = labels[:, 1:]
+    return target[target != IGNORE]
+
+
 def uniform_divergence(logits: torch.Tensor) -> torch.Tensor:
     """``KL(U || softmax(logits))`` averaged over the batch: ``-log C - mean_c log p_c`` >= 0."""
     log_p = torch.log_softmax(logits, dim=-1)
@@ -118,10 +134,34 @@ def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     return t * magnitude_mask(t.detach(), density, exact_ties=False)
 
 
+def rank_margin(
+    logits: torch.Tensor, target: torch.Tensor, margin: float, trail: bool = True
+) -> torch.Tensor:
+    """``softplus(m + margin)`` averaged over the rows (``trail=False``: ``softplus(margin -
+    m)``), with ``m = (z_y - max_{c != y} z_c) / S`` the true class's lead over the best other
+    class in units of the batch's logit spread ``S = rms(z - mean_c z)`` (over every row and
+    class: a row's own spread would leave two classes only the sign of the lead).  Scale-free:
+    multiplying the logits by any ``t > 0`` leaves it unchanged, so unlike ``D`` it cannot be
+    met by a merge that keeps the ranking and only lowers its confidence (accuracy reads the
+    ranking).  Bounded below by 0: a row whose true class trails (leads) by ``margin``
+    spreads or more contributes little."""
+    centred = logits - logits.mean(-1, keepdim=True)
+    spread = centred.square().mean().sqrt().clamp_min(1e-6)
+    true = logits.gather(-1, target[:, None])
+    others = logits.scatter(-1, target[:, None], float("-inf")).max(-1, keepdim=True).values
+    lead = (true - others) / spread
+    return torch.nn.functional.softplus((lead if trail else -lead) + margin).mean()
+
+
 def merged_divergence(run: Run, params: Tensors, delta: Tensors, batch: Tensors) -> torch.Tensor:
-    """``D(theta_0 + Delta)``: the uniform divergence of the simulated merge on ``batch``."""
+    """The term of the simulated merge ``theta_0 + Delta`` on ``batch``: ``D`` (the uniform
+    divergence) for ``target="uniform"``, the scale-free :func:`rank_margin` of the true
+    labels (a causal LM's answer tokens) for ``target="margin"``."""
     merged = params | {n: run.theta0[n] + delta[n] for n in run.names}
-    return uniform_divergence(run.forward(merged, batch))
+    logits = run.forward(merged, batch)
+    if run.cfg.target == "margin":
+        return rank_margin(logits, targets(batch["labels"]), run.cfg.margin)
+    return uniform_divergence(logits)
 
 
 # ----------------------------------------------------------------------------- components
@@ -181,6 +221,11 @@ class Merge(Component):
         run.cache["fixed_trim"] = {n: topk_mask(t, density) for n, t in run.fixed_tau.items()}
 
     def loss(self, run, params, tau, batch):
+        return self.merged_term(run, params, tau, batch)
+
+    def merged_term(self, run, params, release, batch):
+        """One simulated merge ``theta_0 + s release + c tau_p`` (trimmed with probability
+        1/2) of the release's task vector ``release``: its ``D`` and weighted term."""
         cfg, gen = run.cfg, run.gen
         proxies = run.cache["proxies"]
         insertion = float(torch.rand((), generator=gen)) < 0.5
@@ -193,14 +238,14 @@ class Merge(Component):
         else:
             other = {
                 n: torch.randn(t.shape, generator=gen) * (t.detach().norm() / t.numel() ** 0.5)
-                for n, t in tau.items()
+                for n, t in release.items()
             }
             other = {n: topk_mask(t, cfg.ties_density) for n, t in other.items()} if trim else other
         fixed_trim = run.cache["fixed_trim"]
         mine = {
-            n: (fixed_trim[n] if n in fixed_trim else topk_mask(tau[n], cfg.ties_density))
+            n: (fixed_trim[n] if n in fixed_trim else topk_mask(release[n], cfg.ties_density))
             if trim
-            else tau[n]
+            else release[n]
             for n in run.names
         }
         d = merged_divergence(
@@ -278,6 +323,25 @@ class AnchorRepulsive(Component):
             run, params, {n: s * (rec[n] - run.theta0[n]) for n in run.names}, batch
         )
         return d, run.cfg.lam * scale_weight(s, run.cfg.weighting) * d
+
+
+@register
+class AlignedMerge(Merge):
+    """The merge-aware term after the alignment attack: ``Delta = s (rec(theta_1) - theta_0)
+    + c tau_p``, the merges of :class:`Merge` with the release's task vector replaced by that
+    of its AGA recovery (what a free-rider who aligns first merges)."""
+
+    name, record = "amerge", "amerge"
+
+    def prepare(self, run):
+        super().prepare(run)
+        run.cache["attentions"] = attention_specs(run.model.config, list(run.base))
+
+    def loss(self, run, params, tau, batch):
+        backbone = {n: params[n] for n in run.names}
+        rec = aga_recovery(backbone, run.base, run.names, run.cache["attentions"])
+        release = {n: rec[n] - run.theta0[n] for n in run.names}
+        return self.merged_term(run, params, release, batch)
 
 
 def layer_of(name: str) -> str:

@@ -10,8 +10,9 @@ from mergeshield.errors import MergeShieldError
 
 # The loss components, in the order they are applied (each registered in
 # :mod:`mergeshield.hardening.components` under this name).
-COMPONENTS = ("trap2", "merge", "arf", "mergeguard", "prune")
+COMPONENTS = ("trap2", "merge", "arf", "amerge", "mergeguard", "prune")
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
+TARGETS = ("uniform", "margin")  # what every simulated-merge term pushes its merges to
 
 
 def parse_method(method: str) -> list[str]:
@@ -33,6 +34,8 @@ class HardenConfig:
     lr: float = 3e-5
     weight_decay: float = 0.0
     lam: float = 1.0  # weight of every simulated-merge term D
+    target: str = "uniform"  # merges pushed to uniform predictions, or the true class ranked low
+    margin: float = 1.0  # target="margin": the lead (in logit spreads) pushed below -margin
     s_min: float = 0.05
     s_max: float = 2.0
     delta: float = 0.05
@@ -62,7 +65,8 @@ class HardenConfig:
         need(self.steps >= 1, "steps must be at least 1")
         need(self.batch_size >= 1 and self.max_len >= 1, "batch_size and max_len must be >= 1")
         need(self.seed >= 0, "seed must be non-negative")
-        floats = ("lr", "weight_decay", "lam", "s_min", "s_max", "delta", "c_min", "c_max")
+        floats = ("lr", "weight_decay", "lam", "margin", "s_min", "s_max", "delta", "c_min")
+        floats += ("c_max",)
         floats += ("ties_density", "guard_alpha", "guard_beta", "guard_fraction")
         floats += ("guard_keep_layers", "prune_fraction")
         for name in floats:
@@ -78,5 +82,6 @@ class HardenConfig:
         for name in ("guard_fraction", "guard_keep_layers"):
             need(0 <= getattr(self, name) <= 1, f"{name} must lie in [0, 1]")
         need(0 <= self.prune_fraction < 1, "prune_fraction must lie in [0, 1)")
+        need(self.target in TARGETS, f"target must be one of {', '.join(TARGETS)}")
         need(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}")
         need(isinstance(self.proxies, tuple), "proxies must be a tuple of folders")

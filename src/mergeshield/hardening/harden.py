@@ -19,6 +19,19 @@ predictions of a *simulated merge* ``theta_0 + Delta_k(tau)`` to the uniform dis
 (an unbounded *maximised* loss that diverges) minimising ``J`` stays finite; the merged model is
 pushed to "no information" rather than to confidently wrong answers.
 
+``D`` has a blind spot: accuracy reads the *ranking* of the classes, and a merge whose logits
+are only scaled towards 0 has ``D`` near 0 while every prediction stays right.  Measured on the
+small text family (session 15): after ``merge+arf`` at lr 3e-5, the AGA recovery of the
+release has ``D = 0.0013`` on the victim's validation data and accuracy 0.89 (the release
+0.91, the base 0.23).  ``target="margin"`` replaces every merged-model term by the scale-free
+rank margin of the true label ``y`` (a causal LM: the answer token),
+
+``R(theta) = mean softplus(m + mu)``, ``m = (z_y - max_{c != y} z_c) / rms(z - mean_c z)``
+
+(the spread taken over the batch), which falls only when the true class trails another by
+``mu`` logit spreads (``margin``), and adds its mirror ``softplus(mu - m)`` on the release to
+``L_keep`` (the release's own ranking is what its accuracy reads).
+
 Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per step):
 
 * ``trap2`` (TRAP2, Jang et al. ICML 2026): ``Delta = s tau`` with ``s ~ U(s_min, 1 - delta) U
@@ -45,6 +58,12 @@ Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per
   matching restores exactly) survives.  Pushing ``rec`` to uniform moves the useful part of
   ``tau`` into ``Pi`` (and out of the MLP).  Useful only together with a symmetry defense
   (otherwise nobody needs to align).
+* ``amerge`` (merge-aware after alignment; ours): the ``merge`` term's merges with the
+  release's task vector ``tau`` replaced by that of its simulated AGA recovery,
+  ``Delta = s (rec(theta_1) - theta_0) + c tau_p`` (``rec`` as in ``arf`` above, the same
+  ``s``, ``c`` and trimming as ``merge``).  ``merge`` sees merges of the release as published;
+  a free-rider facing a symmetry defense aligns first and merges the aligned release, which
+  ``amerge`` simulates.  Like ``arf``, useful only together with a symmetry defense.
 * ``mergeguard`` (MergeGuard, Chen et al. CVPR 2026): a per-layer L2 penalty
   ``alpha sum_l ||tau_l||^2 / ||theta_0,l||^2`` during the fine-tune (spreads the task over
   layers), then ``theta <- theta - beta M . tau`` on a mask ``M`` that excludes the
@@ -98,10 +117,9 @@ from torch.func import functional_call
 
 from mergeshield.errors import MergeShieldError
 from mergeshield.folders import atomic_dir, copy_preprocessing_files
-from mergeshield.hardening.components import REGISTRY, Run
+from mergeshield.hardening.components import REGISTRY, Run, rank_margin, scored, targets
 from mergeshield.hardening.config import HardenConfig, parse_method
 from mergeshield.hardening.data import (
-    IGNORE,
     TrainingSet,
     encode_examples,
     encode_prompt_answers,
@@ -211,6 +229,8 @@ def harden(
             0.5 * torch.nn.functional.nll_loss(log_p, targets(batch["labels"]))
             + 0.5 * (p_orig * (torch.log(p_orig + 1e-12) - log_p)).sum(-1).mean()
         )
+        if cfg.target == "margin":  # the release's ranking kept as the merges' is pushed
+            keep = keep + rank_margin(logits, targets(batch["labels"]), cfg.margin, trail=False)
         total = keep
         record = {"step": float(len(history)), "keep": float(keep.detach())}
         for component in components:
@@ -259,21 +279,6 @@ def harden(
         copy_preprocessing_files(tok_dir, tmp)
         (tmp / "mergeshield_harden.json").write_text(json.dumps(record_out, indent=1) + "\n")
     return out
-
-
-def scored(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The predictions the losses look at: a classifier's logits ``[B, C]`` (``labels [B]``);
-    a causal LM's next-token logits at the answer positions ``[M, V]`` (``labels [B, T]``,
-    :data:`IGNORE` off the answer), in the order of :func:`targets`."""
-    return logits if labels.dim() == 1 else logits[:, :-1][labels[:, 1:] != IGNORE]
-
-
-def targets(labels: torch.Tensor) -> torch.Tensor:
-    """What :func:`scored`'s rows should predict: the labels, or the answer and eos tokens."""
-    if labels.dim() == 1:
-        return labels
-    target = labels[:, 1:]
-    return target[target != IGNORE]
 
 
 def training_set(
