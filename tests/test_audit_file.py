@@ -327,7 +327,7 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     out = tmp_path / "frontier"
     args = ["frontier", "--config", str(config), "--out", str(out), "--methods", "task_arithmetic"]
     args += ["--attacks", "none", "--candidates", "trap2+merge", "--steps", "3", "--lr", "1e-3"]
-    args += ["--finetune", "32", "4"]
+    args += ["--target", "margin", "--finetune", "32", "4"]
     assert main(args) == 0, capsys.readouterr().err
     assert "skipped" not in capsys.readouterr().out
     bad = [*args[:-2], "0", "4", "--overwrite"]
@@ -335,8 +335,9 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     data = json.loads((out / "frontier.json").read_text())
     (result,) = data["details"]
     released = out / "builds" / "trap2+merge" / "hardened"
-    # the frontier's harden call: the file's train data and max_length, no proxies
+    # the frontier's harden call: the file's train data and max_length, no proxies, --target
     options: dict = {"method": "trap2+merge", "steps": 3, "lr": 1e-3, "max_len": 16}
+    options["target"] = "margin"
     data_file = user_files / "noun-train.jsonl"
     again = harden(user_files / "noun", user_files / "base", data_file, tmp_path / "a", **options)
     ours, theirs = load_tensors(released), load_tensors(again)

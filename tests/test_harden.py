@@ -293,6 +293,34 @@ def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: 
     torch.testing.assert_close(model.classifier.weight, ft.classifier.weight)  # head frozen
 
 
+def test_merge_term_adds_partners_outside_attention_for_frame_mismatched_merges(
+    toy: dict[str, Path],
+) -> None:
+    """The merge-aware term's frame-mismatched merges (a re-based or rotated protected release
+    plus a partner's task vector, which acts only where the frames agree) keep the partner on
+    every tensor outside the heads' Q, K, V and O: the MLP, norms and embeddings."""
+    from mergeshield.hardening.components import REGISTRY, Run
+    from mergeshield.modeling import base_in_module_names
+
+    model = AutoModelForSequenceClassification.from_pretrained(toy["ft"])
+    base = base_in_module_names(model, toy["base"])
+    names = backbone_map(model, base)
+    theta0 = {n: base[short] for n, short in names.items()}
+    run = Run(model, HardenConfig(), torch.Generator(), names, theta0, base, toy["base"], {},
+              lambda params, batch: torch.zeros(1))  # fmt: skip
+    REGISTRY.lookup("merge").prepare(run)
+    outside = set(run.cache["outside_attention"])
+    inside = set(names) - outside
+    assert inside == {
+        f"bert.encoder.layer.{i}.attention.{m}.{p}"
+        for i in range(2)
+        for m in ("self.query", "self.key", "self.value", "output.dense")
+        for p in ("weight", "bias")
+    }
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in outside
+    assert "bert.encoder.layer.1.attention.output.LayerNorm.weight" in outside
+
+
 @pytest.mark.parametrize("target", ["uniform", "margin"])
 def test_trap2_makes_the_toy_model_scale_sensitive(
     toy: dict[str, Path], tmp_path: Path, target: str
