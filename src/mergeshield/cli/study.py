@@ -170,7 +170,7 @@ def _run_finetune(args) -> int:
 
 
 def _add_frontier(sub) -> None:
-    from mergeshield.hardening.config import TARGETS
+    from mergeshield.hardening.config import TARGETS, HardenConfig
 
     p = sub.add_parser(
         "frontier",
@@ -213,7 +213,7 @@ def _add_frontier(sub) -> None:
     p.add_argument(
         "--target",
         choices=TARGETS,
-        default="uniform",
+        default=HardenConfig().target,
         help="harden's --target for every hardened candidate",
     )
     p.add_argument(

@@ -236,7 +236,8 @@ class Merge(Component):
 
     def merged_term(self, run, params, release, batch):
         """One simulated merge ``theta_0 + s release + c tau_p`` (trimmed with probability
-        1/2) of the release's task vector ``release``: its ``D`` and weighted term."""
+        1/2; ``tau_p`` outside attention only with probability 1/3) of the release's task
+        vector ``release``: its term (:func:`merged_divergence`) and the weighted term."""
         cfg, gen = run.cfg, run.gen
         proxies = run.cache["proxies"]
         insertion = float(torch.rand((), generator=gen)) < 0.5

@@ -65,9 +65,8 @@ class HardenConfig:
         need(self.steps >= 1, "steps must be at least 1")
         need(self.batch_size >= 1 and self.max_len >= 1, "batch_size and max_len must be >= 1")
         need(self.seed >= 0, "seed must be non-negative")
-        floats = ("lr", "weight_decay", "lam", "margin", "s_min", "s_max", "delta", "c_min")
-        floats += ("c_max",)
-        floats += ("ties_density", "guard_alpha", "guard_beta", "guard_fraction")
+        floats = ("lr", "weight_decay", "lam", "margin", "s_min", "s_max", "delta")
+        floats += ("c_min", "c_max", "ties_density", "guard_alpha", "guard_beta", "guard_fraction")
         floats += ("guard_keep_layers", "prune_fraction")
         for name in floats:
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number")

@@ -47,8 +47,11 @@ Components (``method`` joins them with ``+``; one Monte-Carlo sample of each per
   lost and the merge is the release itself, which must keep working), else a symmetric merge
   ``s = c ~ U(c_min, c_max)`` (task arithmetic / TIES at the coefficients where both task
   vectors count); with probability 1/2 both task vectors are first cut to their top
-  ``ties_density`` magnitudes per tensor (what TIES keeps).  Without proxies, ``tau_p`` is a
-  random Gaussian direction with the per-tensor norm of ``tau``.
+  ``ties_density`` magnitudes per tensor (what TIES keeps); with probability 1/3 ``tau_p`` is
+  kept only outside attention (Q, K, V, O), as it acts in a merge with a protected release
+  that re-basin or Procrustes brought back to the base's MLP frame while its heads keep their
+  maps.  Without proxies, ``tau_p`` is a random Gaussian direction with the per-tensor norm
+  of ``tau``.
 * ``arf`` (anchor-repulsive; AGA paper's proposed fix, our differentiable version):
   ``Delta = s (rec(theta_1) - theta_0)``, ``s`` from {1} U the TRAP2 set, where ``rec`` is the AGA
   recovery simulated in closed form.  For one head, with ``X = [W_h | b_h]`` the ``d_h x (d+1)``
