@@ -140,14 +140,18 @@ def materialise(model: Model) -> Path:
 
 
 def finetuned(
-    family: zoo.Family, merged_backbone: Path, task: str, out: Path, steps: int = 50
+    family: zoo.Family, merged_backbone: Model, task: str, out: Path, steps: int = 50
 ) -> Path:
     """``merged_backbone`` with ``task``'s head, fine-tuned ``steps`` steps on ``task``'s
     training data (:func:`finetune_recovery`); its backbone is written to ``out``.  The model
     is loaded from a folder (backbone + head under the task model's names), so transformers'
     own name conversion applies (ViT's in-memory names differ from its stored ones).  The llm
     family has no head: the merge gets the zoo's own fine-tune (its trained layers, one
-    epoch of ``task``; ``steps`` is not used)."""
+    epoch of ``task``; ``steps`` is not used).  The merge is built only when ``out`` is not
+    cached yet."""
+    if out.is_dir():
+        return out
+    merged_backbone = materialise(merged_backbone)
     if family.kind == "llm":
         return same_task_model(dataclasses.replace(family, base=merged_backbone), task, 0, out, 1)
     import torch
@@ -344,7 +348,7 @@ def build_models(
         positives[f"aga-{kind}-ta-two-0.6"] = later(
             work, f"aga-{kind}-ta", "task_arithmetic", base, [pb, o1], 0.6
         )
-    ta_all = materialise(positives["task_arithmetic-all-0.6"])
+    ta_all = positives["task_arithmetic-all-0.6"]
     for task, name in ((others[0], "other"), (victim, "victim")):
         positives[f"ta-all-0.6-finetuned-{name}-task"] = finetuned(
             family, ta_all, task, work / "merges" / f"ft-{name}"
@@ -374,10 +378,7 @@ def build_models(
                 name = f"null-{method}-{mode}-{c:g}"
                 nulls[name] = later(work, name, method, base, models, c)
     nulls["null-ta-all-1-finetuned"] = finetuned(
-        family,
-        materialise(nulls["null-task_arithmetic-all-1"]),
-        others[0],
-        work / "merges" / "ft-null",
+        family, nulls["null-task_arithmetic-all-1"], others[0], work / "merges" / "ft-null"
     )
     return {
         "victim": bb[victim],
@@ -614,13 +615,13 @@ def main() -> None:
         print(f"calibration same-task val accuracy: {results['calibration_accuracy']}")
         print(f"built and scored in {results['build_and_score_seconds']} s (sum over rows)")
         return
-    drop = args.discard
-    results["positives"] = score(models, base, models["positives"], drop)
-    results["nulls"] = score(models, base, models["nulls"], drop)
+    results["positives"] = score(models, base, models["positives"], args.discard)
+    results["nulls"] = score(models, base, models["nulls"], args.discard)
     results["key positives, with --key"] = score(
         models, base, models["key_positives"], key=models["key"]
     )
-    results["key positives, without --key"] = score(models, base, models["key_positives"], drop)
+    keyless = score(models, base, models["key_positives"], args.discard)
+    results["key positives, without --key"] = keyless
     results["timing"] = timing(models, family, work, args.runs)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -637,9 +638,12 @@ def main() -> None:
         false = {k: v["statistic"] for k, v in rows[1].items() if v[mode]}
         print(f"\n{label}: missed {missed}; false positives {false}\n")
     missed = [k for k, v in results["positives"].items() if not (v["with"] and v["without"])]
-    results["explain"] = {
-        k: explain(models, base, materialise(models["positives"][k])) for k in missed
-    }
+    results["explain"] = {}
+    for k in missed:  # a merge deleted after scoring is built again, and deleted again
+        model = models["positives"][k]
+        results["explain"][k] = explain(models, base, materialise(model))
+        if args.discard and callable(model):
+            shutil.rmtree(materialise(model))
     for name, rows in results["explain"].items():
         w = [r["weight"] for r in rows.values()]
         agree = sum((r["weight"] > 0) == (r["z"] > 0) for r in rows.values())

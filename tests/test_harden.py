@@ -309,8 +309,8 @@ def test_merge_term_adds_partners_outside_attention_for_frame_mismatched_merges(
     run = Run(model, HardenConfig(), torch.Generator(), names, theta0, base, toy["base"], {},
               lambda params, batch: torch.zeros(1))  # fmt: skip
     REGISTRY.lookup("merge").prepare(run)
-    outside = set(run.cache["outside_attention"])
-    inside = set(names) - outside
+    inside = run.cache["attention"]
+    outside = set(names) - inside
     assert inside == {
         f"bert.encoder.layer.{i}.attention.{m}.{p}"
         for i in range(2)

@@ -432,14 +432,14 @@ def _score_models(
                     task["aligned"] = task["raw"]  # in the base's frame: nothing to align
                 z, z_shared = scores[m].z, scores[m].z_shared
                 for v in model_views[m]:
-                    # an unaligned block's aligned view is its raw view, same references
-                    same = v == "aligned" and task[v] is task["raw"]
-                    for n in names:
-                        if same:
-                            z[v][n], z_shared[v][n] = z["raw"][n], z_shared["raw"][n]
-                            continue
-                        z[v][n] = tensor_z(task[v][n], refs[v][n][0])
-                        z_shared[v][n] = tensor_z(task[v][n], refs[v][n][1])
+                    if v == "aligned" and task[v] is task["raw"]:
+                        # an unaligned block's aligned view is its raw view, same references
+                        z[v].update({n: z["raw"][n] for n in names})
+                        z_shared[v].update({n: z_shared["raw"][n] for n in names})
+                    else:
+                        for n in names:
+                            z[v][n] = tensor_z(task[v][n], refs[v][n][0])
+                            z_shared[v][n] = tensor_z(task[v][n], refs[v][n][1])
                     for n in mlp:
                         d = x[n] - frame[v][n] if v == "key" else task[v][n]
                         sq[m][v] += float(d.square().sum())

@@ -229,7 +229,7 @@ class Merge(Component):
             }
         except MergeShieldError:  # fused attention: no frame-mismatched merges simulated
             slots = set()
-        run.cache["outside_attention"] = [n for n, short in run.names.items() if short not in slots]
+        run.cache["attention"] = {n for n, short in run.names.items() if short in slots}
 
     def loss(self, run, params, tau, batch):
         return self.merged_term(run, params, tau, batch)
@@ -253,12 +253,12 @@ class Merge(Component):
                 for n, t in release.items()
             }
             other = {n: topk_mask(t, cfg.ties_density) for n, t in other.items()} if trim else other
-        if float(torch.rand((), generator=gen)) < 1 / 3 and run.cache["outside_attention"]:
+        if float(torch.rand((), generator=gen)) < 1 / 3:
             # the partner in another frame than the release's attention: a free-rider who
             # re-based or rotated a protected release onto the base (exact on MLP units,
             # not on the heads' maps) adds a task vector that acts only outside attention
-            outside = set(run.cache["outside_attention"])
-            other = {n: other[n] if n in outside else torch.zeros_like(other[n]) for n in other}
+            attention = run.cache["attention"]
+            other = {n: torch.zeros_like(t) if n in attention else t for n, t in other.items()}
         fixed_trim = run.cache["fixed_trim"]
         mine = {
             n: (fixed_trim[n] if n in fixed_trim else topk_mask(release[n], cfg.ties_density))

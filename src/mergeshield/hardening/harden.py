@@ -228,12 +228,13 @@ def harden(
             [torch.arange(int(offsets[i]), int(offsets[i] + counts[i])) for i in batch["row"]]
         )
         p_orig = torch.softmax(orig_logits[rows], -1)
+        target = targets(batch["labels"])
         keep = (
-            0.5 * torch.nn.functional.nll_loss(log_p, targets(batch["labels"]))
+            0.5 * torch.nn.functional.nll_loss(log_p, target)
             + 0.5 * (p_orig * (torch.log(p_orig + 1e-12) - log_p)).sum(-1).mean()
         )
         if cfg.target == "margin":  # the release's ranking kept as the merges' is pushed
-            keep = keep + rank_margin(logits, targets(batch["labels"]), cfg.margin, trail=False)
+            keep = keep + rank_margin(logits, target, cfg.margin, trail=False)
         total = keep
         record = {"step": float(len(history)), "keep": float(keep.detach())}
         for component in components:
