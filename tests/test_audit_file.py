@@ -55,7 +55,8 @@ def user_files(tmp_path_factory) -> Path:
     base = tf.BertModel(config).eval()
     base.save_pretrained(root / "base")
     tok = _tokenizer(root / "base")
-    for name, labels, seed in (("noun", ["a", "b", "c"], 1), ("verb", ["x", "y", "z"], 3)):
+    tasks = (("noun", ["a", "b", "c"], 1), ("verb", ["x", "y", "z"], 3), ("adj", ["p", "q"], 5))
+    for name, labels, seed in tasks:
         cfg = tf.BertConfig(
             **config.to_diff_dict() | {"num_labels": len(labels)},
             id2label=dict(enumerate(labels)),
@@ -309,6 +310,46 @@ def test_frontier_sweeps_every_merge_method(user_files, tmp_path, capsys):
     assert main(bad) == 2 and "lineer" in capsys.readouterr().err
 
 
+def test_frontier_merges_the_victim_with_every_free_rider_at_once(user_files, tmp_path, capsys):
+    """With two free-riders the frontier's attacker merges the victim with each (two-model) and
+    with both at once (all-task), per method that takes three models (slerp takes two); the
+    all-task merge is judged by its weakest task over all three, its best setting re-merged by
+    mergekit, and its curve scores every merged task."""
+    config = user_files / "audit-two-free-riders.yml"
+    adj = "  - {model: adj, val: adj-val.jsonl, test: adj-test.jsonl}\n"
+    text = (user_files / "audit.yml").read_text()
+    config.write_text(text.replace("free_riders:\n", "free_riders:\n" + adj))
+    out = tmp_path / "frontier"
+    args = ["frontier", "--config", str(config), "--out", str(out), "--candidates", "unprotected"]
+    args += ["--methods", "task_arithmetic", "slerp", "--attacks", "none"]
+    assert main(args) == 0, capsys.readouterr().err
+    data = json.loads((out / "frontier.json").read_text())
+    (result,) = data["details"]
+    all_tasks = "task_arithmetic, all tasks"
+    assert set(result["best"]) == {"task_arithmetic", "slerp", all_tasks}
+    groups = {(r["method"], tuple(r["partners"])) for r in result["rows"]}
+    assert groups == {
+        ("task_arithmetic", ("adj",)),
+        ("task_arithmetic", ("verb",)),
+        ("task_arithmetic", ("adj", "verb")),
+        ("slerp", ("adj",)),
+        ("slerp", ("verb",)),
+    }
+    rows = [r for r in result["rows"] if len(r["partners"]) == 2]
+    assert {r["search"] for r in rows} == {"sweep", "insertion"}
+    assert all(len(point) == 4 for r in rows for point in r["curve"])  # c, victim, adj, verb
+    best = result["best"][all_tasks]
+    assert best["val_joint"] == max(r["val_joint"] for r in rows)
+    assert best["test_partners"].keys() == best["test_partners_mergekit"].keys() == {"adj", "verb"}
+    for task, acc in best["test_partners"].items():
+        assert best["test_partners_mergekit"][task] == pytest.approx(acc, abs=0.02)
+    summary = data["summary"][0][all_tasks]
+    assert summary["weakest"] == pytest.approx(
+        min(summary["kept"], *summary["partner_kept"].values())
+    )
+    assert f"| unprotected | {all_tasks} |" in (out / "frontier.md").read_text()
+
+
 def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     user_files, tmp_path, capsys
 ):
@@ -353,7 +394,7 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     best = result["best"]["task_arithmetic"]
     # before any step: the best merge's own test scores, the victim's and the free-rider's
     assert finetune["best_merge"][0][1:] == pytest.approx(
-        [best["test_victim"], best["test_partner"]]
+        [best["test_victim"], best["test_partners"]["verb"]]
     )
     assert [step for step, *_ in finetune["merge_without_victim"]] == [0, 2, 4]
 

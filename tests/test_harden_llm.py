@@ -147,10 +147,11 @@ def test_frontier_on_a_causal_lm_audit_file(lm, tmp_path, capsys):
         assert {row["variant"] for row in res["rows"]} == {"none", "aga"}
         best = res["best"]["task_arithmetic"]
         assert abs(best["test_victim_mergekit"] - best["test_victim"]) <= 1 / 20
-        assert abs(best["test_partner_mergekit"] - best["test_partner"]) <= 1 / 20
+        (rider,) = best["partners"]
+        assert abs(best["test_partners_mergekit"][rider] - best["test_partners"][rider]) <= 1 / 20
         curve = res["finetune"]["best_merge"]
         assert [step for step, *_ in curve] == [0, 2, 4]
-        assert curve[0][1:] == pytest.approx([best["test_victim"], best["test_partner"]])
+        assert curve[0][1:] == pytest.approx([best["test_victim"], best["test_partners"][rider]])
     assert "trap2+merge/mergelock" in (out / "frontier.md").read_text()
 
 

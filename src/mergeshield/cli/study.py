@@ -197,7 +197,12 @@ def _add_frontier(sub) -> None:
     )
     p.add_argument("--setting", choices=["small", "full"], help="default small")
     p.add_argument("--victim", help="victim task (default: the family's first)")
-    p.add_argument("--free-riders", nargs="+", help="default: the family's last task")
+    p.add_argument(
+        "--free-riders",
+        nargs="+",
+        help="default: the family's last task; with two or more, each is merged with the victim "
+        "and all of them at once (the all-task merge)",
+    )
     p.add_argument(
         "--proxies", nargs="*", help="proxy fine-tunes for 'merge' (default: the second task)"
     )
@@ -339,9 +344,10 @@ def _run_frontier(args) -> int:
     for r in results:
         s = r.summary()
         kept = ", ".join(
-            f"{m} victim {s[m]['kept']:.0%} / free-rider {s[m]['partner_kept']:.0%} "
-            f"({s[m]['attack']})"
-            for m in plan.methods
+            f"{m} victim {s[m]['kept']:.0%} / free-riders "
+            + " ".join(f"{k:.0%}" for k in s[m]["partner_kept"].values())
+            + f" ({s[m]['attack']})"
+            for m in r.best
         )
         print(f"{r.name}: standalone {r.standalone:.3f}; best joint attack keeps: {kept}")
     print(f"report: {args.out / 'frontier.md'}")

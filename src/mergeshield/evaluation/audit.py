@@ -235,7 +235,7 @@ def run_audit(
         runs = []
         for method in plan.methods:
             for partners in groups:
-                if _takes(method, 1 + len(partners)):
+                if get_method(method).takes(1 + len(partners)):
                     runs.append((method, partners))
                 else:
                     result.skipped.append(
@@ -279,7 +279,7 @@ def run_audit(
             # the papers' protocol measures releases as the papers did: no attacker
             for method, coefficient in plan.protocol if attack == "" else ():
                 for partners in groups:
-                    if _takes(method, 1 + len(partners)):
+                    if get_method(method).takes(1 + len(partners)):
                         result.protocol.append(
                             _protocol_row(
                                 plan,
@@ -301,12 +301,6 @@ def run_audit(
     write_report(result, out)
     partial.unlink(missing_ok=True)
     return result
-
-
-def _takes(method: str, n_models: int) -> bool:
-    """Whether ``method`` merges ``n_models`` models (slerp takes two, model_stock two or more)."""
-    spec = get_method(method)
-    return n_models >= spec.min_models and (spec.max_models is None or n_models <= spec.max_models)
 
 
 def _family_summary(family: Family) -> dict[str, Any]:

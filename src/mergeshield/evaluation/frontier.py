@@ -9,18 +9,19 @@ model from :mod:`mergeshield.hardening.harden`, or hardened then symmetry-protec
    :mod:`mergeshield.attacks` (``aga``, ``rebasin``, ``procrustes``), optionally followed by
    pruning or noising the aligned update (``aga+prune``, :func:`parse_attack`);
 3. for every variant, merge method (any of :data:`mergeshield.merging.methods.METHODS`) and
-   free-rider, the attacker's **coefficient search**: ``merge(theta_0; variant, free-rider;
-   c)`` over the method's grid (:meth:`FrontierPlan.grid`), plus, for the task-vector
-   methods, the **coefficient-1 insertion** ``theta_0 + tau_variant + lam tau_free-rider``
-   over ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
+   group of free-riders (each alone: two-model merges; all of them: the all-task merge,
+   :meth:`FrontierPlan.groups`), the attacker's **coefficient search**: ``merge(theta_0;
+   variant, free-riders; c)`` over the method's grid (:meth:`FrontierPlan.grid`), plus, for
+   the task-vector methods, the **coefficient-1 insertion** ``theta_0 + tau_variant + lam
+   sum tau_free-rider`` over ``insertion_grid`` (:mod:`mergeshield.attacks.adaptive`);
 4. the attacker's choice on the *validation* split, for the sweep and for insertion alike:
    the coefficient with the best joint score over the merged tasks under ``plan.objective``
    (:mod:`mergeshield.objective`; by default the weakest task's share of gain kept, so a
    ``lam -> 0`` insertion, which is the release alone, scores as what it is);
-5. **best attack** per method = the variant/search with the best validation joint score;
-   its *test* accuracies are reported, re-merged by real mergekit when
-   ``verify_mergekit`` (the sweeps themselves run the same formulas in memory, see
-   :mod:`mergeshield.merging.kernels`, parity-tested against mergekit);
+5. **best attack** per method and merge kind (:func:`merge_key`) = the variant/search with
+   the best validation joint score; its *test* accuracies are reported, re-merged by real
+   mergekit when ``verify_mergekit`` (the sweeps themselves run the same formulas in memory,
+   see :mod:`mergeshield.merging.kernels`, parity-tested against mergekit);
 6. optionally the **short fine-tune** attack from the best task-arithmetic merge
    (:func:`mergeshield.attacks.adaptive.finetune_recovery`), next to the same fine-tune from
    ``theta_0 + lam tau_free-rider`` (a merge without the victim).
@@ -95,6 +96,7 @@ class FrontierPlan:
     grid_stride: int = 2  # methods without a grid above: every k-th of the method's own grid
     insertion_grid: tuple[float, ...] = (0.3, 0.5, 1.0)
     attacks: tuple[str, ...] = ("none", "aga", "rebasin", "procrustes")
+    merge_all: bool = True  # also merge the victim with every free-rider at once (all-task)
     objective: str = "min"
     verify_mergekit: bool = True
     finetune: tuple[int, int] | None = (64, 24)  # (examples, steps) or None
@@ -110,22 +112,43 @@ class FrontierPlan:
         (:data:`mergeshield.attacks.adaptive.INSERTION_METHODS`)."""
         return ("sweep", "insertion") if method in INSERTION_METHODS else ("sweep",)
 
+    def groups(self) -> list[tuple[str, ...]]:
+        """The free-riders merged with the victim: each alone (two-model merges) and, with
+        ``merge_all`` and two or more of them, all at once (the all-task merge)."""
+        groups = [(p,) for p in self.free_riders]
+        if self.merge_all and len(self.free_riders) > 1:
+            groups.append(tuple(self.free_riders))
+        return groups
+
+
+def merge_key(method: str, partners: Sequence[str]) -> str:
+    """The name of a method's merge kind in the results: ``ties`` (the victim and one
+    free-rider), ``ties, all tasks`` (the victim and every free-rider)."""
+    return method if len(partners) == 1 else f"{method}, all tasks"
+
 
 @dataclass
 class MergeResult:
+    """The attacker's choice for one method, merge kind and variant: validation scores of the
+    victim and of each merged free-rider; test scores once chosen as the best attack."""
+
     method: str
-    partner: str
+    partners: tuple[str, ...]  # the free-riders merged with the victim
     variant: str  # attack name
     search: str  # "sweep" or "insertion"
     coefficient: float
     val_victim: float
-    val_partner: float
+    val_partners: dict[str, float]
     val_joint: float = float("nan")
     test_victim: float = float("nan")
-    test_partner: float = float("nan")
+    test_partners: dict[str, float] = field(default_factory=dict)
     test_victim_mergekit: float = float("nan")
-    test_partner_mergekit: float = float("nan")
-    curve: list[tuple[float, float, float]] = field(default_factory=list)
+    test_partners_mergekit: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[float, ...]] = field(default_factory=list)  # (c, victim, *partners)
+
+    @property
+    def key(self) -> str:
+        return merge_key(self.method, self.partners)
 
 
 @dataclass
@@ -135,7 +158,7 @@ class ReleaseResult:
     base: float
     finetuned: float
     rows: list[MergeResult] = field(default_factory=list)
-    best: dict[str, MergeResult] = field(default_factory=dict)  # method -> best attack
+    best: dict[str, MergeResult] = field(default_factory=dict)  # merge_key -> best attack
     finetune: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -145,8 +168,9 @@ class ReleaseResult:
         return kept(acc, self.base, self.finetuned)
 
     def summary(self) -> dict[str, Any]:
-        """Per method: test accuracies and shares kept of the best attack (mergekit's figures
-        where re-merged), the weakest share, the attack; and whether the target is met."""
+        """Per method and merge kind (:func:`merge_key`): test accuracies and shares kept of
+        the best attack (mergekit's figures where re-merged), the weakest share over the merged
+        tasks, the attack; and whether the target is met."""
         out: dict[str, Any] = {
             "name": self.name,
             "standalone": self.standalone,
@@ -154,15 +178,15 @@ class ReleaseResult:
         }
         for m, r in self.best.items():
             acc = _prefer(r.test_victim_mergekit, r.test_victim)
-            partner = _prefer(r.test_partner_mergekit, r.test_partner)
+            partners = r.test_partners_mergekit or r.test_partners
             victim_kept = self.kept(acc)
-            partner_kept = kept(partner, *self.partner_refs[r.partner])
+            partner_kept = {p: kept(a, *self.partner_refs[p]) for p, a in partners.items()}
             out[m] = {
                 "victim": acc,
                 "kept": victim_kept,
-                "partner": partner,
+                "partners": partners,
                 "partner_kept": partner_kept,
-                "weakest": weakest(victim_kept, {r.partner: partner_kept}),
+                "weakest": weakest(victim_kept, partner_kept),
                 "attack": f"{r.variant}/{r.search}@{r.coefficient:g}",
             }
         out["meets_target"] = (self.finetuned - self.standalone) <= TARGET_COST and all(
@@ -228,46 +252,45 @@ def evaluate_release(
             variant_folders[attack_name] = extract_backbone(
                 source, family.base, work / "variants" / folder_name
             )
+        runs = [
+            (method, partners)
+            for method in plan.methods
+            for partners in plan.groups()
+            if get_method(method).takes(1 + len(partners))
+        ]
         for variant, folder in variant_folders.items():
             theta = backbone_tensors(folder)
-            for partner in plan.free_riders:
-                for method in plan.methods:
-                    models = [theta, partner_models[partner]]
-                    for search in plan.searches(method):
-                        row = _search(
-                            plan,
-                            family,
-                            method,
-                            search,
-                            partner,
-                            variant,
-                            base,
-                            models,
-                            victim_scorer,
-                            partner_scorers[partner],
+            for method, partners in runs:
+                models = [theta, *(partner_models[p] for p in partners)]
+                scorers = {p: partner_scorers[p] for p in partners}
+                for search in plan.searches(method):
+                    row = _search(
+                        plan, family, method, search, variant, base, models, victim_scorer, scorers
+                    )
+                    result.rows.append(row)
+                    if progress:
+                        print(
+                            f"  {name} {variant:10s} {row.key:25s} {search:9s} "
+                            f"c={row.coefficient:<5g} val victim {row.val_victim:.3f} "
+                            f"free-riders {_scores(row.val_partners)} joint {row.val_joint:.2f}",
+                            flush=True,
                         )
-                        result.rows.append(row)
-                        if progress:
-                            print(
-                                f"  {name} {variant:10s} {method:15s} {search:9s} "
-                                f"c={row.coefficient:<5g} val victim {row.val_victim:.3f} "
-                                f"partner {row.val_partner:.3f} joint {row.val_joint:.2f}",
-                                flush=True,
-                            )
-        for method in plan.methods:
-            rows = [r for r in result.rows if r.method == method]
+        for method, partners in runs:
+            key = merge_key(method, partners)
+            rows = [r for r in result.rows if r.key == key]
             best = max(rows, key=lambda r: -math.inf if math.isnan(r.val_joint) else r.val_joint)
-            models = [backbone_tensors(variant_folders[best.variant]), partner_models[best.partner]]
+            folders = [variant_folders[best.variant], *(partner_folders[p] for p in partners)]
+            models = [backbone_tensors(f) for f in folders]
             merged = _merged(method, best.search, base, models, best.coefficient, plan.seed)
             best.test_victim = victim_scorer(merged, "test")
-            best.test_partner = partner_scorers[best.partner](merged, "test")
+            best.test_partners = {p: partner_scorers[p](merged, "test") for p in partners}
             if plan.verify_mergekit:
-                folder = work / "mergekit" / method
+                folder = work / "mergekit" / key.replace(", ", "-").replace(" ", "-")
                 if best.search == "insertion":
                     insert(
                         family.base,
-                        variant_folders[best.variant],
-                        [partner_folders[best.partner]],
+                        folders[0],
+                        folders[1:],
                         folder,
                         coefficient=best.coefficient,
                         method=method,
@@ -277,26 +300,27 @@ def evaluate_release(
                     merge(
                         method,
                         family.base,
-                        [variant_folders[best.variant], partner_folders[best.partner]],
+                        folders,
                         folder,
                         coefficient=best.coefficient,
                         seed=plan.seed,
                     )
-                merged_by_mergekit = backbone_tensors(folder)
-                best.test_victim_mergekit = victim_scorer(merged_by_mergekit, "test")
-                best.test_partner_mergekit = partner_scorers[best.partner](
-                    merged_by_mergekit, "test"
-                )
+                by_mergekit = backbone_tensors(folder)
+                best.test_victim_mergekit = victim_scorer(by_mergekit, "test")
+                best.test_partners_mergekit = {
+                    p: partner_scorers[p](by_mergekit, "test") for p in partners
+                }
                 shutil.rmtree(folder, ignore_errors=True)
-            result.best[method] = best
+            result.best[key] = best
             if progress:
                 print(
-                    f"  {name} best {method}: {best.variant}/{best.search}@{best.coefficient:g}"
+                    f"  {name} best {key}: {best.variant}/{best.search}@{best.coefficient:g}"
                     f" test victim {best.test_victim:.3f} (mergekit "
-                    f"{best.test_victim_mergekit:.3f}) partner {best.test_partner:.3f}",
+                    f"{best.test_victim_mergekit:.3f}) free-riders {_scores(best.test_partners)}",
                     flush=True,
                 )
         if plan.finetune is not None and "task_arithmetic" in result.best:
+            best = result.best["task_arithmetic"]
             result.finetune = _finetune_attack(
                 plan,
                 family,
@@ -305,11 +329,15 @@ def evaluate_release(
                 variant_folders,
                 partner_models,
                 victim_scorer,
-                partner_scorers[result.best["task_arithmetic"].partner],
-                result.best["task_arithmetic"],
+                partner_scorers[best.partners[0]],
+                best,
             )
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return " ".join(f"{t} {a:.3f}" for t, a in scores.items())
 
 
 def _merged(
@@ -330,14 +358,14 @@ def _search(
     family: Family,
     method: str,
     search: str,
-    partner: str,
     variant: str,
     base: Tensors,
     models: list[Tensors],
     victim_scorer: Scorer,
-    partner_scorer: Scorer,
+    partner_scorers: dict[str, Scorer],
 ) -> MergeResult:
-    """Try every coefficient of the search; keep the one with the best joint validation score
+    """Try every coefficient of the search on ``models`` (the variant, then the free-riders of
+    ``partner_scorers``, in that order); keep the one with the best joint validation score
     under ``plan.objective`` (first on ties, NaN never wins)."""
     grid = plan.grid(method) if search == "sweep" else plan.insertion_grid
     refs = {
@@ -345,20 +373,24 @@ def _search(
             family.manifest["tasks"][t]["base_val_accuracy"],
             family.manifest["tasks"][t]["finetuned_val_accuracy"],
         )
-        for t in (plan.victim, partner)
+        for t in (plan.victim, *partner_scorers)
     }
     curve, shares = [], []
     sweep = prepare(method, base, models, seed=plan.seed) if search == "sweep" else None
     for c in grid:
         merged = sweep(c) if sweep else _merged(method, search, base, models, c, plan.seed)
-        v, p = victim_scorer(merged, "val"), partner_scorer(merged, "val")
-        curve.append((c, v, p))
-        shares.append((c, kept(v, *refs[plan.victim]), {partner: kept(p, *refs[partner])}))
+        v = victim_scorer(merged, "val")
+        p = {t: scorer(merged, "val") for t, scorer in partner_scorers.items()}
+        curve.append((c, v, *p.values()))
+        shares.append(
+            (c, kept(v, *refs[plan.victim]), {t: kept(a, *refs[t]) for t, a in p.items()})
+        )
     chosen = choose(shares, plan.objective)
     index = 0 if math.isnan(chosen) else [c for c, _, _ in shares].index(chosen)
-    c, v, p = curve[index]
+    c, v, *p = curve[index]
     score = joint_score(shares[index][1], shares[index][2], plan.objective)
-    return MergeResult(method, partner, variant, search, c, v, p, score, curve=curve)
+    partners = dict(zip(partner_scorers, p, strict=True))
+    return MergeResult(method, tuple(partners), variant, search, c, v, partners, score, curve=curve)
 
 
 def _finetune_attack(
@@ -383,7 +415,7 @@ def _finetune_attack(
     train = {k: v[perm] for k, v in train.items()}
     test = victim_scorer.data["test"]
     theta = backbone_tensors(variant_folders[best.variant])
-    partner = partner_models[best.partner]
+    partner = partner_models[best.partners[0]]
     c = best.coefficient
     starts = {
         "best_merge": _merged("task_arithmetic", best.search, base, [theta, partner], c),
@@ -616,8 +648,7 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
     ]
     summaries = [r.summary() for r in results]
     for r, s in zip(results, summaries, strict=True):
-        methods = [m for m in plan.methods if m in r.best]
-        worst = max(methods, key=lambda m: s[m]["weakest"], default=None)
+        worst = max(r.best, key=lambda m: s[m]["weakest"], default=None)
         cell = f"{worst} {s[worst]['weakest']:.0%} ({s[worst]['attack']})" if worst else "-"
         lines.append(
             f"| {r.name} | {r.standalone:.3f} ({100 * s['cost']:+.1f} pt) | {cell} | "
@@ -626,22 +657,23 @@ def frontier_markdown(results: Sequence[ReleaseResult], plan: FrontierPlan, fami
         )
     lines += [
         "",
-        "Per candidate and method, the attacker's best merge: victim accuracy (share of its "
-        "gain kept); the free-rider's accuracy in the same merge (share of *its* gain kept); the "
-        "weakest share; the attack (`variant/search@coefficient`).",
+        "Per candidate and method, the attacker's best merge with one free-rider and, marked "
+        "`all tasks`, with every free-rider at once: victim accuracy (share of its gain kept); "
+        "each free-rider's accuracy in the same merge (share of *its* gain kept); the weakest "
+        "share; the attack (`variant/search@coefficient`).",
         "",
-        "| candidate | method | victim (kept) | free-rider (kept) | weakest | attack |",
+        "| candidate | method | victim (kept) | free-riders (kept) | weakest | attack |",
         "|---|---|---|---|---|---|",
     ]
     for r, s in zip(results, summaries, strict=True):
-        for m in plan.methods:
-            c, best = s.get(m), r.best.get(m)
-            if c is None or best is None:
-                continue
+        for m in r.best:
+            c = s[m]
+            riders = ", ".join(
+                f"{p} {a:.3f} ({c['partner_kept'][p]:.0%})" for p, a in c["partners"].items()
+            )
             lines.append(
-                f"| {r.name} | {m} | {c['victim']:.3f} ({c['kept']:.0%}) | {best.partner} "
-                f"{c['partner']:.3f} ({c['partner_kept']:.0%}) | {c['weakest']:.0%} | "
-                f"{c['attack']} |"
+                f"| {r.name} | {m} | {c['victim']:.3f} ({c['kept']:.0%}) | {riders} | "
+                f"{c['weakest']:.0%} | {c['attack']} |"
             )
     tuned = [r for r in results if r.finetune]
     if tuned:
@@ -670,7 +702,8 @@ def plot_frontier(
     results: Sequence[ReleaseResult], plan: FrontierPlan, family: Family, path: Path
 ) -> None:
     """x: standalone accuracy cost (points); y: the weakest merged task's share of gain kept
-    after the best attack; one marker per candidate and method, the target box shaded."""
+    after the best attack; one marker per candidate, method and merge kind (all-task: faint,
+    ``*``), the target box shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -681,10 +714,11 @@ def plot_frontier(
     for r in results:
         cost = 100 * (r.finetuned - r.standalone)
         summary = r.summary()
-        for m in r.best:
+        for m, best in r.best.items():
             y = summary[m]["weakest"]
-            ax.scatter(cost, y, marker=markers.get(m, "x"))
-            ax.annotate(f"{r.name} ({m[:4]})", (cost, y), fontsize=7)
+            all_tasks = len(best.partners) > 1
+            ax.scatter(cost, y, marker=markers.get(best.method, "x"), alpha=0.5 if all_tasks else 1)
+            ax.annotate(f"{r.name} ({m[:4]}{'*' if all_tasks else ''})", (cost, y), fontsize=7)
     ax.axvspan(-100, 100 * TARGET_COST, ymax=1, alpha=0.05, color="g")
     ax.axhline(TARGET_KEPT, color="g", ls="--", lw=1, label=f"target weakest <= {TARGET_KEPT:.0%}")
     ax.axvline(100 * TARGET_COST, color="g", ls=":", lw=1, label="target cost <= 0.5 pt")

@@ -141,6 +141,13 @@ class MergeMethod:
     max_models: int | None = None
     randomized: bool = False
 
+    def takes(self, n_models: int) -> bool:
+        """Whether the method merges ``n_models`` models (slerp takes two, model_stock two or
+        more)."""
+        return n_models >= self.min_models and (
+            self.max_models is None or n_models <= self.max_models
+        )
+
     def thinned(self, stride: int = 1) -> tuple[float, ...]:
         """Every ``stride``-th coefficient of ``grid`` counted from the largest, which is always
         kept (a method without a knob keeps its one coefficient)."""
