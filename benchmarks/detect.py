@@ -37,6 +37,9 @@ the false-positive study over ``N`` (victim's recipe) and ``M`` (one epoch) inde
 fine-tunes (:func:`null_specs`, :func:`many_nulls`), each with its own test accuracy;
 ``--shard I/N`` splits them over ``N`` processes (rows in ``many-nulls-shardI.jsonl``; any
 ``many-nulls*.jsonl`` in the study's folder counts as done, so rows kept elsewhere resume a run).
+
+``--key``: every positive and null model (``--many-nulls`` too) is also scored with the key of
+the study's protected release, what its owner runs; rows under ``"key"``.
 """
 
 from __future__ import annotations
@@ -222,14 +225,21 @@ def null_specs(
 
 
 def many_nulls(
-    family: zoo.Family, models: dict, work: Path, specs: list, discard: bool, shard: str = ""
+    family: zoo.Family,
+    models: dict,
+    work: Path,
+    specs: list,
+    discard: bool,
+    shard: str = "",
+    key: Path | None = None,
 ) -> dict[str, dict]:
     """Build, score (:func:`score`, against the calibration null models) and, with
     ``discard``, delete the null fine-tunes of ``specs``, :data:`BATCH` at a time (a MiniLM
     fine-tune and its backbone take 180 MB: hundreds do not fit on disk).  Each row, with the
     fine-tune's accuracy on its own validation split and its build time, is appended to
     ``work/many-nulls.jsonl`` (``many-nulls-shard<shard>.jsonl`` for one of several processes)
-    as its batch is scored; a rerun skips the names already in any of these files."""
+    as its batch is scored; a rerun skips the names already in any of these files.  ``key``:
+    each is also scored with the owner's key (:func:`score`'s ``also_key``)."""
     log = work / f"many-nulls{'-shard' + shard if shard else ''}.jsonl"
     rows = {}
     for old in sorted(work.glob("many-nulls*.jsonl")):
@@ -246,7 +256,8 @@ def many_nulls(
             bb = backbone(model, family.base, work / "bb-many" / name)
             info["build_seconds"] = round(time.perf_counter() - t, 1)
             built[name] = (bb, info)
-        scored = score(models, family.base, {name: bb for name, (bb, _) in built.items()})
+        suspects = {name: bb for name, (bb, _) in built.items()}
+        scored = score(models, family.base, suspects, also_key=key)
         with log.open("a") as f:
             for name, (bb, info) in built.items():
                 rows[name] = info | scored[name]
@@ -320,13 +331,14 @@ def build_models(
     rest = [bb[t] for t in others]
     in_calibration = 1 if llm else 2  # other tasks among the calibration null models
     calibration = [seeds[s] for s in CALIBRATION_SEEDS] + rest[:in_calibration]
+    key = work / "protected.key"
     if calibration_only:
-        return {"original": family.tasks[victim], "calibration": calibration}
+        found = key if key.is_file() else None
+        return {"original": family.tasks[victim], "calibration": calibration, "key": found}
 
     positives = grid_merges(work, "", base, full_grid(), v, o1, rest)
 
     prot = work / "protected"
-    key = work / "protected.key"
     if not prot.is_dir():
         protect(family.tasks[victim], prot, "all", base=base, key_out=key, seed=1)
     for method in ("aga", "procrustes", "rebasin"):
@@ -394,38 +406,57 @@ def build_models(
 
 
 def score(
-    models: dict, base: Path, names: dict[str, Model], discard: bool = False, **kw
+    models: dict,
+    base: Path,
+    names: dict[str, Model],
+    discard: bool = False,
+    key: Path | None = None,
+    also_key: Path | None = None,
 ) -> dict[str, dict]:
     """detect_all with the calibration null models, in batches; both verdicts from one pass:
     ``{name: {with, without, statistic, p_null, p_flip, effect, view}}`` (``with``: the
     verdict with the null models, ``without``: the sign-flip null, the effect floor and the
-    shape floor).  Merges not built yet are built batch by batch and, with ``discard``,
-    deleted once scored."""
+    shape floor); ``key``: detect with ``--key``.  ``also_key``: a second pass with that key
+    on the same models, its row under ``"key"`` (what an owner who protected the release
+    runs).  Merges not built yet are built batch by batch and, with ``discard``, deleted once
+    scored."""
     out = {}
     items = list(names.items())
     for i in range(0, len(items), BATCH):
         part = items[i : i + BATCH]
         paths = [materialise(m) for _, m in part]
-        results = detect_all(paths, models["original"], base, null=models["calibration"], **kw)
+        results = detect_all(paths, models["original"], base, null=models["calibration"], key=key)
+        keyed = (
+            detect_all(paths, models["original"], base, null=models["calibration"], key=also_key)
+            if also_key is not None
+            else None
+        )
         for (_, m), path in zip(part, paths, strict=True):
             if discard and callable(m):
                 shutil.rmtree(path)
-        for (name, _), r in zip(part, results, strict=True):
-            out[name] = {
-                "with": r.found,
-                "without": r.found_without_nulls,
-                "statistic": round(r.statistic, 2),
-                "p_null": r.p_null,
-                "p_flip": r.p_flip,
-                "effect": round(r.effect, 3),
-                "shape": round(r.shape, 3),
-                "view": max(r.views, key=r.views.get),
-                "null_statistics": [round(z, 2) for z in r.null_statistics],
-                "signed": round(max(r.scores.signed.values()), 2),
-                "signed_nulls": [round(max(n.signed.values()), 2) for n in r.null_scores],
-            }
+        for j, (name, _) in enumerate(part):
+            out[name] = _row(results[j])
+            if keyed is not None:
+                out[name]["key"] = _row(keyed[j])
         print(f"  scored {i + len(part)}/{len(items)} in {results[0].seconds:.0f} s", flush=True)
     return out
+
+
+def _row(r) -> dict:
+    """One suspect's verdicts and statistics, as the study keeps them."""
+    return {
+        "with": r.found,
+        "without": r.found_without_nulls,
+        "statistic": round(r.statistic, 2),
+        "p_null": r.p_null,
+        "p_flip": r.p_flip,
+        "effect": round(r.effect, 3),
+        "shape": round(r.shape, 3),
+        "view": max(r.views, key=r.views.get),
+        "null_statistics": [round(z, 2) for z in r.null_statistics],
+        "signed": round(max(r.scores.signed.values()), 2),
+        "signed_nulls": [round(max(n.signed.values()), 2) for n in r.null_scores],
+    }
 
 
 def explain(models: dict, base: Path, path: Path) -> dict[str, dict]:
@@ -537,6 +568,13 @@ def main() -> None:
         "it then summarises the rows they wrote",
     )
     parser.add_argument(
+        "--key",
+        action="store_true",
+        help="also score every positive and null model with the owner's key (detect --key, "
+        "what an owner who protected the release runs; the key of the study's protected "
+        "release, which --many-nulls needs the whole study to have built)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -567,6 +605,11 @@ def main() -> None:
     if args.timing_only:
         print(json.dumps(timing(models, family, work, args.runs), indent=2))
         return
+    key = models["key"] if args.key else None
+    if args.key and (key is None or not key.is_file()):
+        raise SystemExit("--key: the study's protected release is not built: run it without "
+                         "--many-nulls / --short-nulls first")  # fmt: skip
+    results["command"] += " --key" if args.key else ""
     if only_nulls:
         victim = list(family.tasks)[0]
         specs = null_specs(family, args.many_nulls)
@@ -574,9 +617,10 @@ def main() -> None:
         specs += null_specs(family, args.short_nulls, first_seed=1000, epochs=1, **short)
         if args.shard:
             index, count = map(int, args.shard.split("/"))
-            many_nulls(family, models, work, specs[index::count], args.discard, str(index))
+            part = specs[index::count]
+            many_nulls(family, models, work, part, args.discard, str(index), key)
             return
-        rows = many_nulls(family, models, work, specs, args.discard)
+        rows = many_nulls(family, models, work, specs, args.discard, key=key)
         results["command"] += f" --many-nulls {args.many_nulls} --short-nulls {args.short_nulls}"
         for flag, value in (("train", args.short_train), ("batch", args.short_batch)):
             results["command"] += f" --short-{flag} {value}" if value else ""
@@ -604,6 +648,11 @@ def main() -> None:
                 continue
             top = max(part.values(), key=lambda v: v["statistic"])
             cells = [f"{mode} null models {rate(part, mode, True)}" for mode in ("with", "without")]
+            keyed = {k: v["key"] for k, v in part.items() if "key" in v}
+            if keyed:
+                cells += [
+                    f"--key, {m} null models {rate(keyed, m, True)}" for m in ("with", "without")
+                ]
             worst = f"{top['statistic']} (effect {top['effect']}, p_null {top['p_null']:.2g})"
             acc = sorted(v["accuracy"] for v in part.values())
             low = sum(v["p_null"] < 0.05 for v in part.values())
@@ -615,8 +664,8 @@ def main() -> None:
         print(f"calibration same-task val accuracy: {results['calibration_accuracy']}")
         print(f"built and scored in {results['build_and_score_seconds']} s (sum over rows)")
         return
-    results["positives"] = score(models, base, models["positives"], args.discard)
-    results["nulls"] = score(models, base, models["nulls"], args.discard)
+    results["positives"] = score(models, base, models["positives"], args.discard, also_key=key)
+    results["nulls"] = score(models, base, models["nulls"], args.discard, also_key=key)
     results["key positives, with --key"] = score(
         models, base, models["key_positives"], key=models["key"]
     )
@@ -637,6 +686,15 @@ def main() -> None:
         missed = {k: v["statistic"] for k, v in rows[0].items() if not v[mode]}
         false = {k: v["statistic"] for k, v in rows[1].items() if v[mode]}
         print(f"\n{label}: missed {missed}; false positives {false}\n")
+    if key is not None:
+        print("| mode, with --key | TPR | FPR: null models |\n|---|---|---|")
+        for mode, label in (("with", "with null models"), ("without", "without null models")):
+            pos = {k: v["key"] for k, v in results["positives"].items()}
+            neg = {k: v["key"] for k, v in results["nulls"].items()}
+            print(f"| {label} | {rate(pos, mode, True)} | {rate(neg, mode, False)} |")
+            missed = {k: v["statistic"] for k, v in pos.items() if not v[mode]}
+            false = {k: v["statistic"] for k, v in neg.items() if v[mode]}
+            print(f"\n{label}, --key: missed {missed}; false positives {false}\n")
     missed = [k for k, v in results["positives"].items() if not (v["with"] and v["without"])]
     results["explain"] = {}
     for k in missed:  # a merge deleted after scoring is built again, and deleted again
