@@ -335,6 +335,12 @@ def test_frontier_merges_the_victim_with_every_free_rider_at_once(user_files, tm
         ("slerp", ("adj",)),
         ("slerp", ("verb",)),
     }
+    for key, best in result["best"].items():  # each re-merged with the free-riders it chose
+        assert set(best["test_partners"]) == set(best["partners"]), key
+        assert best["test_partners_mergekit"].keys() == best["test_partners"].keys(), key
+        two = [r for r in result["rows"] if r["method"] == best["method"]]
+        two = [r for r in two if len(r["partners"]) == len(best["partners"])]
+        assert best["val_joint"] == max(r["val_joint"] for r in two), key
     rows = [r for r in result["rows"] if len(r["partners"]) == 2]
     assert {r["search"] for r in rows} == {"sweep", "insertion"}
     assert all(len(point) == 4 for r in rows for point in r["curve"])  # c, victim, adj, verb

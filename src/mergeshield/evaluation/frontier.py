@@ -275,10 +275,10 @@ def evaluate_release(
                             f"free-riders {_scores(row.val_partners)} joint {row.val_joint:.2f}",
                             flush=True,
                         )
-        for method, partners in runs:
-            key = merge_key(method, partners)
+        for key in dict.fromkeys(merge_key(method, partners) for method, partners in runs):
             rows = [r for r in result.rows if r.key == key]
             best = max(rows, key=lambda r: -math.inf if math.isnan(r.val_joint) else r.val_joint)
+            method, partners = best.method, best.partners
             folders = [variant_folders[best.variant], *(partner_folders[p] for p in partners)]
             models = [backbone_tensors(f) for f in folders]
             merged = _merged(method, best.search, base, models, best.coefficient, plan.seed)
