@@ -166,10 +166,33 @@ def test_protected_then_aligned_pruned_or_noised_is_found(fam) -> None:
                  ("aligned", "pruned", "noised")]  # fmt: skip
     results = detect_all(suspects, root / "original", fam["base"])
     assert all(r.found for r in results), [(r.suspect, r.statistic, r.effect) for r in results]
-    # merged as published: only the owner's key sees it
+    # merged as published: the owner's key view sees it on its own (here the tensors that
+    # `all` leaves in place show it in the other views too)
     as_published = _merge(fam, "protected-ta", "task_arithmetic", ["protected", "task1"], 0.5)
     with_key = detect(as_published, root / "original", fam["base"], key=root / "p.key")
-    assert with_key.found and with_key.views["key"] > max(with_key.views.values()) - 1e-9
+    assert with_key.found and with_key.views["key"] > 10
+
+
+def test_the_key_view_finds_no_model_without_the_release(fam, tmp_path) -> None:
+    """With the owner's key, models that do not contain the release stay not found: the key
+    view's reference ``T(theta_original) - b`` holds the frame change ``T(b) - b``, whose part
+    along ``-b`` every fine-tune's weight decay and every re-weighted merge (a linear merge's
+    weights summing to 1 in floating point: ``x = (1 + eps) b`` where nothing was trained)
+    carries; the reference is taken off ``b`` as well as ``T(b)``."""
+    key = tmp_path / "p.key"
+    protect(fam["victim"], tmp_path / "p", "all", base=fam["base"], key_out=key, seed=7)
+    suspects = [fam[f"task{t}"] for t in (1, 2)] + [fam[f"same{s}"] for s in (4, 5)]
+    suspects += [
+        _merge(fam, "null-linear-key", "linear", ["same4", "task1"], 0.4),
+        _merge(fam, "null-ta-key", "task_arithmetic", ["same5", "task3"], 0.5),
+    ]
+    nulls = [fam[f"same{s}"] for s in (1, 2, 3)] + [fam["task1"]]
+    for null in ([], nulls):
+        results = detect_all(suspects, fam["root"] / "original", fam["base"], null=null, key=key)
+        false = [(r.suspect, r.views, r.effect, r.shape) for r in results if r.found]
+        assert not false, null
+    in_frame = _merge(fam, "key-ta-in-frame", "task_arithmetic", ["victim", "task1"], 0.5)
+    assert detect(in_frame, fam["root"] / "original", fam["base"], key=key).found
 
 
 def test_alignment_runs_only_off_the_base_frame(fam, tmp_path) -> None:

@@ -140,20 +140,36 @@ def residual(o: torch.Tensor, b: torch.Tensor, rank: int = RANK, seed: int = 0) 
 
 
 def references(
-    o: torch.Tensor, b: torch.Tensor, rank: int = RANK, seed: int = 0
+    o: torch.Tensor,
+    b: torch.Tensor,
+    rank: int = RANK,
+    seed: int = 0,
+    also: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_b (o - [o]_k), P_b [o]_k)``: the release's residual (:func:`residual`) and its
     shared part, the top-``k`` directions that a same-task fine-tune shares (zero when
-    ``k = 0``).  A tensor the fine-tune left at the base's (``o = 0``: frozen layers, such as
-    the lower half of the LLM family's experts) returns both zero without the work."""
+    ``k = 0``).  ``also``: ``P`` removes the span of ``b`` and ``also`` (the key view: ``b``
+    is ``T(b)``, ``also`` the base itself, the direction of every fine-tune's weight decay).
+    A tensor the fine-tune left at the base's (``o = 0``: frozen layers, such as the lower
+    half of the LLM family's experts) returns both zero without the work."""
     if not bool(o.any()):
         return o, o
     k = min(rank, min(o.shape) // RANK_FRACTION) if o.dim() == 2 else 0
     top = _low_rank(o, k, seed) if k > 0 else 0 * o
-    bb = float(b.square().sum())
+    basis: list[torch.Tensor] = []  # orthonormal, Gram-Schmidt in float64 sums
+    for d in (b, also):
+        if d is None:
+            continue
+        for u in basis:
+            d = d - float((d * u).sum()) * u
+        norm = float(d.norm())
+        if norm > 1e-6 * float(b.norm()) and norm > 0:
+            basis.append(d / norm)
 
     def off_base(x: torch.Tensor) -> torch.Tensor:
-        return x - (float((x * b).sum()) / bb) * b if bb > 0 else x
+        for u in basis:
+            x = x - float((x * u).sum()) * u
+        return x
 
     return off_base(o - top), off_base(top)
 
@@ -417,7 +433,7 @@ def _score_models(
                 apply_transform(p, bspec, t)
                 apply_transform(tb, bspec, t)
                 p, tb = {n: v.float() for n, v in p.items()}, {n: v.float() for n, v in tb.items()}
-                refs["key"] = {n: references(p[n] - b[n], tb[n], rank) for n in names}
+                refs["key"] = {n: references(p[n] - b[n], tb[n], rank, also=b[n]) for n in names}
                 frame["key"] = tb
             base_sq += sum(float(b[n].square().sum()) for n in mlp)
             base_norm = {n: float(b[n].norm()) for n in names}
