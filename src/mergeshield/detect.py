@@ -14,8 +14,12 @@ role, other tensors by name up to a prefix such as ``bert.``).
   are aligned; the others are already in the base's frame and keep ``s = x - b`` (measured:
   aligning them changed ``Z`` by under 1% on the text and ViT families, and it was 40% of the
   run time);
-- ``key`` (with ``--key``): ``s = x - b`` against the reference ``T(theta_original) - b``,
-  ``T`` the owner's own transform: a merge of the *protected* release as published.
+- ``key`` (with ``--key``): a merge of the *protected* release as published, ``x - b = c (T(b)
+  - b) + c T(o) + ...`` with ``T`` the owner's own transform: ``s`` is ``x - b`` without its
+  least-squares multiple of the frame change ``T(b) - b`` (per matrix), the reference is the
+  release's own task vector in that frame, ``T(o) = T(theta_original) - T(b)``.  (The frame
+  change itself is not compared: it is a base-sized matrix, and every model's weight decay
+  and its correlation with the base reach it.)
 
 **Statistic.**  A same-task fine-tune (other seed, other data) shares the task's direction
 with ``o`` but not the release's own noise.  The shared direction is concentrated in a few
@@ -23,7 +27,7 @@ singular directions of each matrix (task vectors are nearly low-rank), the relea
 part is spread over all of them.  Weight decay moves every fine-tune along ``-b``.  So the
 reference is the *residual* ``r = P_b (o - [o]_k)``, where ``[o]_k`` is the best rank-``k``
 approximation of ``o`` (``k = min(RANK, min(shape) // 2)``) and ``P_b`` removes the component
-along ``b`` (the key view uses ``T(theta_original) - b`` for ``o`` and ``T(b)`` for ``b``).
+along ``b`` (the key view uses ``T(o)`` for ``o`` and removes ``T(b)`` and ``b``).
 Measured on the text family (rank 0 / 8 / 32, signed sums ``sum z_t / sqrt(T)``): same-task
 fine-tunes 650 / 104 / 39-45, merges of the release 1280-1810 / 820-1200 / 630-910; on the
 small ViT (width 64) a cap of ``min(shape) // 8`` left same-task fine-tunes at 9-13 against
@@ -381,6 +385,12 @@ def _off_frame(task: dict[str, torch.Tensor], base_norm: dict[str, float]) -> bo
     return any(float(t.norm()) > ALIGN_FROM * base_norm[n] for n, t in task.items())
 
 
+def _off(s: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``s`` without its least-squares multiple of ``f`` (``s`` itself when ``f = 0``)."""
+    ff = float(f.square().sum())
+    return s - (float((s * f).sum()) / ff) * f if ff > 0 else s
+
+
 def _matrices(block_names: tuple[str, ...], tensors: dict) -> list[str]:
     return [n for n in block_names if tensors[n].dim() == 2]
 
@@ -432,15 +442,18 @@ def _score_models(
                 tb = {n: v.double() for n, v in b.items()}
                 apply_transform(p, bspec, t)
                 apply_transform(tb, bspec, t)
-                p, tb = {n: v.float() for n, v in p.items()}, {n: v.float() for n, v in tb.items()}
-                refs["key"] = {n: references(p[n] - b[n], tb[n], rank, also=b[n]) for n in names}
+                own = {n: (p[n] - tb[n]).float() for n in names}  # T(o), exact zeros kept
+                tb = {n: v.float() for n, v in tb.items()}
+                shift = {n: tb[n] - b[n] for n in names}  # the frame change T(b) - b
+                refs["key"] = {n: references(own[n], tb[n], rank, also=b[n]) for n in names}
                 frame["key"] = tb
             base_sq += sum(float(b[n].square().sum()) for n in mlp)
             base_norm = {n: float(b[n].norm()) for n in names}
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
                 x = _block32(rd, model.spec.blocks[i], like=bspec)
-                task = {"raw": {n: x[n] - b[n] for n in names}}  # s of the raw and key views
-                task["key"] = task["raw"]
+                task = {"raw": {n: x[n] - b[n] for n in names}}
+                if "key" in model_views[m]:
+                    task["key"] = {n: _off(task["raw"][n], shift[n]) for n in names}
                 if "aligned" in model_views[m] and _off_frame(task["raw"], base_norm):
                     a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
                     task["aligned"] = {n: a[n] - b[n] for n in names}
