@@ -160,22 +160,28 @@ def references(
         return o, o
     k = min(rank, min(o.shape) // RANK_FRACTION) if o.dim() == 2 else 0
     top = _low_rank(o, k, seed) if k > 0 else 0 * o
-    basis: list[torch.Tensor] = []  # orthonormal, Gram-Schmidt in float64 sums
-    for d in (b, also):
-        if d is None:
-            continue
-        for u in basis:
-            d = d - float((d * u).sum()) * u
+    basis = unit_basis(b) if also is None else unit_basis(b, also)
+    return off_span(o - top, basis), off_span(top, basis)
+
+
+def unit_basis(*directions: torch.Tensor) -> list[torch.Tensor]:
+    """An orthonormal basis of the span of ``directions`` (Gram-Schmidt, in order); a
+    direction within ``1e-6`` of its own norm of the span before it, or zero, adds nothing."""
+    basis: list[torch.Tensor] = []
+    for d in directions:
+        size = float(d.norm())
+        d = off_span(d, basis)
         norm = float(d.norm())
-        if norm > 1e-6 * float(b.norm()) and norm > 0:
+        if norm > 1e-6 * size and norm > 0:
             basis.append(d / norm)
+    return basis
 
-    def off_base(x: torch.Tensor) -> torch.Tensor:
-        for u in basis:
-            x = x - float((x * u).sum()) * u
-        return x
 
-    return off_base(o - top), off_base(top)
+def off_span(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    """``x`` without its components along the orthonormal ``basis``: ``x - sum <x, u> u``."""
+    for u in basis:
+        x = x - float((x * u).sum()) * u
+    return x
 
 
 def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
@@ -385,12 +391,6 @@ def _off_frame(task: dict[str, torch.Tensor], base_norm: dict[str, float]) -> bo
     return any(float(t.norm()) > ALIGN_FROM * base_norm[n] for n, t in task.items())
 
 
-def _off(s: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``s`` without its least-squares multiple of ``f`` (``s`` itself when ``f = 0``)."""
-    ff = float(f.square().sum())
-    return s - (float((s * f).sum()) / ff) * f if ff > 0 else s
-
-
 def _matrices(block_names: tuple[str, ...], tensors: dict) -> list[str]:
     return [n for n in block_names if tensors[n].dim() == 2]
 
@@ -444,7 +444,7 @@ def _score_models(
                 apply_transform(tb, bspec, t)
                 own = {n: (p[n] - tb[n]).float() for n in names}  # T(o), exact zeros kept
                 tb = {n: v.float() for n, v in tb.items()}
-                shift = {n: tb[n] - b[n] for n in names}  # the frame change T(b) - b
+                shift = {n: unit_basis(tb[n] - b[n]) for n in names}  # frame change T(b) - b
                 refs["key"] = {n: references(own[n], tb[n], rank, also=b[n]) for n in names}
                 frame["key"] = tb
             base_sq += sum(float(b[n].square().sum()) for n in mlp)
@@ -453,7 +453,7 @@ def _score_models(
                 x = _block32(rd, model.spec.blocks[i], like=bspec)
                 task = {"raw": {n: x[n] - b[n] for n in names}}
                 if "key" in model_views[m]:
-                    task["key"] = {n: _off(task["raw"][n], shift[n]) for n in names}
+                    task["key"] = {n: off_span(task["raw"][n], shift[n]) for n in names}
                 if "aligned" in model_views[m] and _off_frame(task["raw"], base_norm):
                     a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
                     task["aligned"] = {n: a[n] - b[n] for n in names}

@@ -280,7 +280,7 @@ def evaluate_release(
             best = max(rows, key=lambda r: -math.inf if math.isnan(r.val_joint) else r.val_joint)
             method, partners = best.method, best.partners
             folders = [variant_folders[best.variant], *(partner_folders[p] for p in partners)]
-            models = [backbone_tensors(f) for f in folders]
+            models = [backbone_tensors(folders[0]), *(partner_models[p] for p in partners)]
             merged = _merged(method, best.search, base, models, best.coefficient, plan.seed)
             best.test_victim = victim_scorer(merged, "test")
             best.test_partners = {p: partner_scorers[p](merged, "test") for p in partners}
