@@ -406,3 +406,53 @@ def test_llama_release_in_a_mergekit_merge(tmp_path) -> None:
         assert found.found and aligned.found, (found.line(), aligned.line())
         assert not without.found, without.line()
         assert found.statistic > 4 * max(without.statistic, 1.0)
+
+
+def test_the_key_view_follows_a_release_merged_in_a_frame_of_its_own(tmp_path) -> None:
+    """Tiny Llama, release protected with ``all`` (head maps, unit permutations and signs):
+    re-basin undoes only its permutations, so a merge of it mixes the key's head maps and
+    unit signs with the base's frame, and TIES keeps some of its entries whole and drops
+    others; the key view finds both merges and TIES of the release as published (permuting
+    the owner's frame onto the suspect's, removing the frame change entry by entry).  Another
+    owner's release (a same-task fine-tune, protected with its own key) merged the same ways
+    is not found with this owner's key."""
+    from tests.tiny_models import build
+
+    build("llama-gqa2", tmp_path / "base")
+    base = load_tensors(tmp_path / "base")
+    fam = {"root": tmp_path, "base": tmp_path / "base"}
+
+    def upper_only(task: int, noise: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        tuned = _fine_tune(base, task, noise, scale)
+        return {k: tuned[k] if k.startswith("model.layers.1.") else b for k, b in base.items()}
+
+    models = {"victim": (0, 0, 1.0), "task1": (1, 11, 1.0), "task2": (2, 12, 1.0)}
+    models |= {"same": (0, 105, 1.0)}
+    for label, (task, noise, scale) in models.items():
+        fam[label] = _save(upper_only(task, noise, scale), fam["base"], tmp_path / label)
+    key = tmp_path / "victim.key"
+    protect(fam["victim"], tmp_path / "protected", "all", base=fam["base"], key_out=key, seed=4)
+    protect(fam["same"], tmp_path / "other", "all", base=fam["base"], seed=5)
+    for release in ("protected", "other"):
+        fam[release] = tmp_path / release
+        fam[f"{release}-rb"] = attack(
+            fam[release], fam["base"], tmp_path / f"{release}-rb", "rebasin"
+        )
+    merges = {
+        f"{release}-{kind}": _merge(fam, f"{release}-{kind}", method, [model, *partners], c)
+        for release in ("protected", "other")
+        for kind, method, model, partners, c in (
+            ("rb-ta", "task_arithmetic", f"{release}-rb", ["task1"], 0.6),
+            ("rb-ties", "ties", f"{release}-rb", ["task1", "task2"], 1.0),
+            ("ties", "ties", release, ["task1", "task2"], 1.0),
+        )
+    }
+    names = list(merges)
+    found = detect_all(list(merges.values()), fam["victim"], fam["base"], key=key)
+    results = dict(zip(names, found, strict=True))
+    for name, result in results.items():
+        if name.startswith("protected"):
+            # before the key view followed the frame: the re-basin TIES merge at key Z -0.1
+            assert result.found and result.views["key"] > 5, (name, result.line(), result.views)
+        else:
+            assert not result.found and result.views["key"] < 3, (name, result.line(), result.views)

@@ -19,7 +19,16 @@ role, other tensors by name up to a prefix such as ``bert.``).
   least-squares multiple of the frame change ``T(b) - b`` (per matrix), the reference is the
   release's own task vector in that frame, ``T(o) = T(theta_original) - T(b)``.  (The frame
   change itself is not compared: it is a base-sized matrix, and every model's weight decay
-  and its correlation with the base reach it.)
+  and its correlation with the base reach it.)  Where that leaves a block far from the base
+  (:func:`key_task`; never for a fine-tune or a merge of fine-tunes), the release was merged
+  in a frame of its own or entry by entry: a free-rider's re-basin permuted its heads and
+  units (the key's head maps and unit signs stay), or TIES kept some of its entries whole
+  and averaged others.  Then the owner's frame is also permuted onto the suspect's
+  (:func:`onto_suspect`), the frame change is removed entry by entry where that fits better
+  (:func:`off_frame_change`), and the frame that explains the suspect best is compared.
+  Measured on SmolLM2 (the study's ``all``-protected release): re-basin-aligned then merged
+  by task arithmetic at 0.6, key ``Z`` 198 -> 320 000; by all-task TIES -1 -> 27 000; TIES of
+  the release as published 32 -> 27 000; same-task fine-tunes stay at -0.5 to 2.
 
 **Statistic.**  A same-task fine-tune (other seed, other data) shares the task's direction
 with ``o`` but not the release's own noise.  The shared direction is concentrated in a few
@@ -119,6 +128,11 @@ from mergeshield.shards import reader
 if TYPE_CHECKING:
     import torch
 
+    from mergeshield.architectures.spec import BlockSpec
+    from mergeshield.symmetries.transform import BlockTransform
+
+    Tensors = dict[str, torch.Tensor]
+
 POWER_STEPS = 1
 RANK_FRACTION = 2  # and k <= min(shape) / RANK_FRACTION (small matrices; measured on ViT)
 RANK = 32  # singular directions of the owner's task vector treated as the shared task direction
@@ -199,6 +213,114 @@ def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     q = torch.linalg.qr(y)[0]
     u, s, vt = torch.linalg.svd(q.T @ a, full_matrices=False)
     return (((q @ u[:, :rank]) * s[:rank]) @ vt[:rank]).to(o.dtype)
+
+
+# --- the key view ----------------------------------------------------------------------------
+
+LEVELS = tuple(1 / k for k in range(1, 9))  # TIES's disjoint mean over k agreeing models
+
+
+class KeyFrame:
+    """The owner's frame in one block: ``p = T(theta_original)`` and ``tb = T(b)`` (float64, as
+    transformed), the frame change ``f = T(b) - b`` and its unit direction per matrix
+    (``change``, ``shift``), and the key view's references (:func:`references` of ``T(o) =
+    p - tb`` off ``T(b)`` and ``b``), computed on first use."""
+
+    def __init__(self, p: Tensors, tb: Tensors, b: Tensors, names: list[str], rank: int):
+        self.p, self.tb, self.b, self.names, self.rank = p, tb, b, names, rank
+        self.tb32 = {n: v.float() for n, v in tb.items()}
+        self.change = {n: self.tb32[n] - b[n] for n in names}
+        self.shift = {n: unit_basis(self.change[n]) for n in names}
+        self._refs: dict | None = None
+
+    @property
+    def refs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._refs is None:
+            own = {n: (self.p[n] - self.tb[n]).float() for n in self.names}  # exact zeros kept
+            self._refs = {
+                n: references(own[n], self.tb32[n], self.rank, also=self.b[n]) for n in self.names
+            }
+        return self._refs
+
+    def permuted(self, transform: BlockTransform, block: BlockSpec) -> KeyFrame:
+        from mergeshield.symmetries.transform import apply_transform
+
+        p = {n: v.clone() for n, v in self.p.items()}
+        tb = {n: v.clone() for n, v in self.tb.items()}
+        apply_transform(p, block, transform)
+        apply_transform(tb, block, transform)
+        return KeyFrame(p, tb, self.b, self.names, self.rank)
+
+
+def off_frame_change(s: torch.Tensor, f: torch.Tensor, shift: list[torch.Tensor]) -> torch.Tensor:
+    """``s = x - b`` without the frame change ``f`` it carries: the smaller of ``s - lam f``
+    (``lam`` least squares: a linear merge weighs the whole release alike) and ``s - w * f``
+    per entry with ``w_i`` the value of ``{0} u LEVELS`` nearest ``s_i / f_i`` (TIES keeps an
+    entry whole, drops it, or averages it with ``k - 1`` agreeing models: ``w = 1 / k``)."""
+    import torch
+
+    linear = off_span(s, shift)
+    entry, err = s, s.abs()
+    for w in LEVELS:
+        candidate = s - w * f
+        closer = candidate.abs() < err
+        entry, err = (
+            torch.where(closer, candidate, entry),
+            torch.where(closer, candidate.abs(), err),
+        )
+    return entry if float(entry.norm()) < float(linear.norm()) else linear
+
+
+def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> KeyFrame:
+    """The owner's frame permuted onto the suspect's: a free-rider's re-basin of the release
+    permutes its heads and MLP units but leaves the key's head maps, unit scales and signs.
+    Heads by the assignment maximizing ``sum_i <x_i - b_i, T(b)_perm(i)>`` (the frame change
+    each head brings; a T5 stack's shared head order is left), then MLP units by the
+    Hungarian algorithm on the cosine of ``T(b)``'s units with the suspect's."""
+    from mergeshield.attacks.matching import (
+        inner_cost,
+        match_heads,
+        match_units_cosine,
+        read_heads,
+    )
+    from mergeshield.symmetries.transform import BlockTransform
+
+    x64 = {n: v.double() for n, v in x.items()}
+    att = block.attention
+    if att.shared_heads is None:
+        moved = read_heads({n: v - b[n].double() for n, v in x64.items()}, att)
+        kv_perm, q_perm = match_heads(att, moved, read_heads(frame.tb, att), inner_cost)
+        frame = frame.permuted(BlockTransform(kv_perm=kv_perm, q_perm=q_perm), block)
+    if block.mlps():
+        perms = [match_units_cosine(mlp, frame.tb, x64) for mlp in block.mlps()]
+        frame = frame.permuted(BlockTransform.of_units(perms=perms), block)
+    return frame
+
+
+def key_task(
+    block: BlockSpec, x: Tensors, b: Tensors, owner: KeyFrame, base_norm: dict[str, float]
+) -> tuple[Tensors, KeyFrame]:
+    """The key view's ``s`` of one block and the frame it is compared in.
+
+    ``s = x - b`` without its least-squares multiple of the owner's frame change, unless that
+    leaves some matrix ``ALIGN_FROM`` times its base norm away (the frame change does not
+    explain the suspect: no fine-tune or merge of fine-tunes gets there, so null models never
+    take this path).  Then the release was merged in a frame of its own (re-basin permuted
+    it) or entry by entry (TIES): the owner's frame and that frame permuted onto the suspect
+    (:func:`onto_suspect`) are each removed by :func:`off_frame_change`, and the one that
+    leaves the smaller residual is kept (chosen on norms dominated by the frame change, not
+    on the release's residual)."""
+    names = owner.names
+    s = {n: off_span(x[n] - b[n], owner.shift[n]) for n in names}
+    if not _off_frame(s, base_norm):
+        return s, owner
+    best: tuple[float, Tensors, KeyFrame] | None = None
+    for frame in (owner, onto_suspect(block, x, b, owner)):
+        s = {n: off_frame_change(x[n] - b[n], frame.change[n], frame.shift[n]) for n in names}
+        err = sum(float(v.square().sum()) for v in s.values())
+        if best is None or err < best[0]:
+            best = (err, s, frame)
+    return best[1], best[2]
 
 
 def tensor_z(s: torch.Tensor, r: torch.Tensor) -> float:
@@ -442,18 +564,15 @@ def _score_models(
                 tb = {n: v.double() for n, v in b.items()}
                 apply_transform(p, bspec, t)
                 apply_transform(tb, bspec, t)
-                own = {n: (p[n] - tb[n]).float() for n in names}  # T(o), exact zeros kept
-                tb = {n: v.float() for n, v in tb.items()}
-                shift = {n: unit_basis(tb[n] - b[n]) for n in names}  # frame change T(b) - b
-                refs["key"] = {n: references(own[n], tb[n], rank, also=b[n]) for n in names}
-                frame["key"] = tb
+                owner = KeyFrame(p, tb, b, names, rank)
             base_sq += sum(float(b[n].square().sum()) for n in mlp)
             base_norm = {n: float(b[n].norm()) for n in names}
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
                 x = _block32(rd, model.spec.blocks[i], like=bspec)
                 task = {"raw": {n: x[n] - b[n] for n in names}}
                 if "key" in model_views[m]:
-                    task["key"] = {n: off_span(task["raw"][n], shift[n]) for n in names}
+                    task["key"], key_frame = key_task(bspec, x, b, owner, base_norm)
+                    refs["key"], frame["key"] = key_frame.refs, key_frame.tb32
                 if "aligned" in model_views[m] and _off_frame(task["raw"], base_norm):
                     a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
                     task["aligned"] = {n: a[n] - b[n] for n in names}
