@@ -202,8 +202,19 @@ def test_alignment_runs_only_off_the_base_frame(fam, tmp_path) -> None:
     in_frame = _merge(fam, "frame-ta", "task_arithmetic", ["victim", "task1"], 0.5)
     prot = tmp_path / "p"
     protect(fam["victim"], prot, "all", base=fam["base"], seed=5)
-    merged, protected = detect_all([in_frame, prot], fam["root"] / "original", fam["base"])
+    suspects = [in_frame, prot, fam["task2"]]
+    merged, protected, other = detect_all(suspects, fam["root"] / "original", fam["base"])
     assert merged.views["aligned"] == merged.views["raw"]
+    # the same test twice: the sign-flip p-value counts it once (Bonferroni over 1 view)
+    tensors = len(other.scores.z["raw"])
+    assert other.views["aligned"] == other.views["raw"]
+    assert (
+        0
+        < other.p_flip
+        == flip_p(other.statistic, tensors, 1)
+        < flip_p(other.statistic, tensors, 2)
+    )
+    assert protected.p_flip == flip_p(protected.statistic, tensors, 2)
     assert protected.views["aligned"] > 2 * max(protected.views["raw"], 1.0)  # measured 4.2x
     assert protected.found
 

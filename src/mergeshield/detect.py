@@ -25,7 +25,7 @@ role, other tensors by name up to a prefix such as ``bert.``).
   units (the key's head maps and unit signs stay), or TIES kept some of its entries whole
   and averaged others.  Then the owner's frame is also permuted onto the suspect's
   (:func:`onto_suspect`), the frame change is removed entry by entry where that fits better
-  (:func:`off_frame_change`), and the frame that explains the suspect best is compared.
+  (:func:`per_entry_off`), and what explains the suspect best is compared.
   Measured on SmolLM2 (the study's ``all``-protected release): re-basin-aligned then merged
   by task arithmetic at 0.6, key ``Z`` 198 -> 320 000; by all-task TIES -1 -> 27 000; TIES of
   the release as published 32 -> 27 000; same-task fine-tunes stay at -0.5 to 2.
@@ -72,7 +72,9 @@ squares do not (54).  The signed sum is kept in the report (``Scores.signed``).
   fine-tunes' statistics clustered tightly at -2.8 to -1.8, so that DARE merges without the
   release, at -0.53 and -0.08, fell above the t threshold alone, -0.55);
 - without them, the sign-flip null above, ``p = min(1, V P(chi2_T > sum z_t^2))``
-  (Bonferroni over the ``V`` views).  Real fine-tunes of *other* tasks and same-task
+  (Bonferroni over the ``V`` distinct views: a view equal to another on every tensor, as the
+  ``aligned`` view of a model in the base's frame is to ``raw``, is the same test and
+  counts once, :func:`distinct_views`).  Real fine-tunes of *other* tasks and same-task
   fine-tunes still correlate with the residual (measured on the text family: signed sums of
   10-45 where a merge of the release gets hundreds), so this null alone would call them
   positives.  Without null models the verdict
@@ -218,6 +220,9 @@ def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
 # --- the key view ----------------------------------------------------------------------------
 
 LEVELS = tuple(1 / k for k in range(1, 9))  # TIES's disjoint mean over k agreeing models
+KEY_FROM = 0.05  # least-squares weight of the frame change from which a block is in the key's frame
+SWITCH = 4  # key_task's other frames and fits replace the first only if 4x closer
+KAPPA = 8  # a frame change entry is fitted on its own where it is KAPPA times the release's rms
 
 
 class KeyFrame:
@@ -231,6 +236,9 @@ class KeyFrame:
         self.tb32 = {n: v.float() for n, v in tb.items()}
         self.change = {n: self.tb32[n] - b[n] for n in names}
         self.shift = {n: unit_basis(self.change[n]) for n in names}
+        # the entries of the frame change that per_entry_off fits one by one
+        own = {n: p[n] - tb[n] for n in names}
+        self.floor = {n: KAPPA * float(own[n].norm()) / own[n].numel() ** 0.5 for n in names}
         self._refs: dict | None = None
 
     @property
@@ -252,23 +260,25 @@ class KeyFrame:
         return KeyFrame(p, tb, self.b, self.names, self.rank)
 
 
-def off_frame_change(s: torch.Tensor, f: torch.Tensor, shift: list[torch.Tensor]) -> torch.Tensor:
-    """``s = x - b`` without the frame change ``f`` it carries: the smaller of ``s - lam f``
-    (``lam`` least squares: a linear merge weighs the whole release alike) and ``s - w * f``
-    per entry with ``w_i`` the value of ``{0} u LEVELS`` nearest ``s_i / f_i`` (TIES keeps an
-    entry whole, drops it, or averages it with ``k - 1`` agreeing models: ``w = 1 / k``)."""
+def per_entry_off(s: torch.Tensor, f: torch.Tensor, floor: float) -> torch.Tensor:
+    """``s = x - b`` without the frame change ``f`` entry by entry: ``s - w * f`` with ``w_i``
+    the value of ``{0} u LEVELS`` nearest ``s_i / f_i`` (TIES keeps an entry of the release
+    whole, drops it, or averages it with ``k - 1`` agreeing models: ``w = 1 / k``).  Only
+    where ``|f_i| >= floor``: there the release's own entry (or a partner's) moves the ratio
+    by under ``1 / KAPPA`` of ``w``, too little to pick another level; elsewhere the nearest
+    level could be the one that cancels the release, so ``w_i = 0`` (``s_i`` kept)."""
     import torch
 
-    linear = off_span(s, shift)
     entry, err = s, s.abs()
+    big = f.abs() >= floor
     for w in LEVELS:
         candidate = s - w * f
-        closer = candidate.abs() < err
+        closer = big & (candidate.abs() < err)
         entry, err = (
             torch.where(closer, candidate, entry),
             torch.where(closer, candidate.abs(), err),
         )
-    return entry if float(entry.norm()) < float(linear.norm()) else linear
+    return entry
 
 
 def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> KeyFrame:
@@ -299,28 +309,54 @@ def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> K
 
 def key_task(
     block: BlockSpec, x: Tensors, b: Tensors, owner: KeyFrame, base_norm: dict[str, float]
-) -> tuple[Tensors, KeyFrame]:
-    """The key view's ``s`` of one block and the frame it is compared in.
+) -> tuple[Tensors, KeyFrame] | None:
+    """The key view's ``s`` of one block and the frame it is compared in, or None where the
+    suspect is in no frame of the key's (the key view then takes the ``aligned`` view's block,
+    so that for a model without the release both views are one test).
 
-    ``s = x - b`` without its least-squares multiple of the owner's frame change, unless that
-    leaves some matrix ``ALIGN_FROM`` times its base norm away (the frame change does not
-    explain the suspect: no fine-tune or merge of fine-tunes gets there, so null models never
-    take this path).  Then the release was merged in a frame of its own (re-basin permuted
-    it) or entry by entry (TIES): the owner's frame and that frame permuted onto the suspect
-    (:func:`onto_suspect`) are each removed by :func:`off_frame_change`, and the one that
-    leaves the smaller residual is kept (chosen on norms dominated by the frame change, not
-    on the release's residual)."""
+    A frame holds the suspect when ``x - b`` weighs its frame change ``f`` by ``lam = <x - b,
+    f> / |f|^2``, averaged over the block's matrices that ``f`` moves, ``>= KEY_FROM`` (a
+    merge of the release carries ``c f``, ``c`` its weight or the share of entries TIES
+    kept; a fine-tune's weight decay and a foreign task vector give about 0; another owner's
+    release about ``c / 2``, as every frame change holds ``-b``, but its residual is not
+    ``T(o)``'s).  The frames: the owner's, and where that leaves some matrix of ``x - b``
+    ``ALIGN_FROM`` times its base norm away after its least-squares multiple of ``f`` is
+    removed (the release merged in a frame of its own: re-basin permuted it), the owner's
+    permuted onto the suspect's (:func:`onto_suspect`).  The frame change is removed by least
+    squares (a linear merge weighs the whole release alike) or, in that second case, also
+    entry by entry (:func:`per_entry_off`: TIES).  The first frame's least-squares ``s`` is
+    kept unless another candidate leaves under ``1 / SWITCH`` of its squared norm (a choice
+    made on norms that the frame change dominates, not on the release's residual)."""
     names = owner.names
-    s = {n: off_span(x[n] - b[n], owner.shift[n]) for n in names}
+    moved = {n: x[n] - b[n] for n in names}
+
+    def holds(frame: KeyFrame) -> bool:
+        changed = [n for n in names if bool(frame.change[n].any())]
+        weights = [
+            float((moved[n] * frame.change[n]).sum()) / float(frame.change[n].square().sum())
+            for n in changed
+        ]
+        return bool(changed) and sum(weights) >= KEY_FROM * len(changed)
+
+    def size(t: Tensors) -> float:
+        return sum(float(v.square().sum()) for v in t.values())
+
+    s = {n: off_span(moved[n], owner.shift[n]) for n in names}
     if not _off_frame(s, base_norm):
-        return s, owner
-    best: tuple[float, Tensors, KeyFrame] | None = None
-    for frame in (owner, onto_suspect(block, x, b, owner)):
-        s = {n: off_frame_change(x[n] - b[n], frame.change[n], frame.shift[n]) for n in names}
-        err = sum(float(v.square().sum()) for v in s.values())
-        if best is None or err < best[0]:
-            best = (err, s, frame)
-    return best[1], best[2]
+        return (s, owner) if holds(owner) else None
+    frames = [f for f in (owner, onto_suspect(block, x, b, owner)) if holds(f)]
+    candidates = [
+        (fit, frame)
+        for frame in frames
+        for fit in (
+            {n: off_span(moved[n], frame.shift[n]) for n in names},
+            {n: per_entry_off(moved[n], frame.change[n], frame.floor[n]) for n in names},
+        )
+    ]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: size(c[0]))
+    return best if size(best[0]) * SWITCH < size(candidates[0][0]) else candidates[0]
 
 
 def tensor_z(s: torch.Tensor, r: torch.Tensor) -> float:
@@ -344,6 +380,12 @@ def flip_p(z: float, tensors: int, views: int) -> float:
     from scipy.stats import chi2
 
     return min(1.0, views * float(chi2.sf(tensors + z * math.sqrt(2 * tensors), tensors)))
+
+
+def distinct_views(score: Scores) -> int:
+    """How many of the score's views differ on some tensor's ``z`` (the Bonferroni count: the
+    maximum of identical statistics is one statistic)."""
+    return len({tuple(score.z[v].values()) for v in score.Z})
 
 
 def _prediction(nulls: list[float]) -> tuple[float, float, int]:
@@ -557,7 +599,6 @@ def _score_models(
             # (residual, shared part) of the release, per matrix and view
             refs = {"raw": {n: references(o[n] - b[n], b[n], rank) for n in names}}
             refs["aligned"] = refs["raw"]
-            frame = {"raw": b, "aligned": b}
             if transforms is not None:
                 t = transforms.get(i, BlockTransform())
                 p = {n: v.double() for n, v in o.items()}
@@ -570,26 +611,37 @@ def _score_models(
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
                 x = _block32(rd, model.spec.blocks[i], like=bspec)
                 task = {"raw": {n: x[n] - b[n] for n in names}}
-                if "key" in model_views[m]:
-                    task["key"], key_frame = key_task(bspec, x, b, owner, base_norm)
-                    refs["key"], frame["key"] = key_frame.refs, key_frame.tb32
                 if "aligned" in model_views[m] and _off_frame(task["raw"], base_norm):
                     a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
                     task["aligned"] = {n: a[n] - b[n] for n in names}
                 elif "aligned" in model_views[m]:
                     task["aligned"] = task["raw"]  # in the base's frame: nothing to align
+                # a view that reuses another's block: same tensors, same references, same z
+                same = (
+                    {"aligned": "raw"}
+                    if "aligned" in task and task["aligned"] is task["raw"]
+                    else {}
+                )
+                if "key" in model_views[m]:
+                    keyed = key_task(bspec, x, b, owner, base_norm)
+                    if keyed is None:  # not in the owner's frame
+                        same["key"] = "aligned" if "aligned" in task else "raw"
+                        task["key"] = task[same["key"]]
+                    else:
+                        task["key"], key_frame = keyed
+                        refs["key"] = key_frame.refs
                 z, z_shared = scores[m].z, scores[m].z_shared
                 for v in model_views[m]:
-                    if v == "aligned" and task[v] is task["raw"]:
-                        # an unaligned block's aligned view is its raw view, same references
-                        z[v].update({n: z["raw"][n] for n in names})
-                        z_shared[v].update({n: z_shared["raw"][n] for n in names})
+                    if v in same:
+                        z[v].update({n: z[same[v]][n] for n in names})
+                        z_shared[v].update({n: z_shared[same[v]][n] for n in names})
                     else:
                         for n in names:
                             z[v][n] = tensor_z(task[v][n], refs[v][n][0])
                             z_shared[v][n] = tensor_z(task[v][n], refs[v][n][1])
-                    for n in mlp:
-                        d = x[n] - frame[v][n] if v == "key" else task[v][n]
+                    for n in mlp:  # the key view: distance to the frame it compares in
+                        keyed_here = v == "key" and v not in same
+                        d = x[n] - key_frame.tb32[n] if keyed_here else task[v][n]
                         sq[m][v] += float(d.square().sum())
         for name, oname in orig_outside.items():
             b = base_r.get(name).float()
@@ -700,14 +752,15 @@ def detect_all(
         z = score.statistic
         best = max(score.Z, key=score.Z.get)
         tensors = len(score.z[best])
-        p_flip = flip_p(z, tensors, len(score.Z))
+        views = distinct_views(score)
+        p_flip = flip_p(z, tensors, views)
         p_null = null_p(z, nulls)
         effect = math.sqrt(max(z, 0.0) / max(orig_score.Z["raw"], 1e-300))
         shared = math.sqrt(max(score.Z_shared[best], 0.0) / max(orig_score.Z_shared["raw"], 1e-300))
         shape = effect / shared if shared > 0 else 0.0
         p = p_flip if p_null is None else max(p_null, p_flip)
         found = p <= alpha if p_null is not None else flip_verdict(p_flip, effect, shape, alpha)
-        needed = threshold(nulls, tensors, len(score.Z), orig_score.Z["raw"], alpha)
+        needed = threshold(nulls, tensors, views, orig_score.Z["raw"], alpha)
         results.append(
             Detection(
                 suspect=score.path,
