@@ -369,7 +369,8 @@ def test_other_families(name, tmp_path) -> None:
     """A task-arithmetic mix of the victim is found and another task's model is not, on the
     tiny models of the other families (RoPE and GQA, fused transposed c_attn, ViT, q/k/v
     biases, T5's attention-only cross-attention blocks, MoE experts, q/k norms); the original
-    is compared in its own layout."""
+    is compared in its own layout; with the key, a mix of the release protected with ``all``
+    and re-basin-aligned is found too (the key view's frame matching on every layout)."""
     from tests.tiny_models import build
 
     build(name, tmp_path / "base")
@@ -382,6 +383,20 @@ def test_other_families(name, tmp_path) -> None:
     found, not_found = detect_all(
         [tmp_path / "mix", tmp_path / "other"], tmp_path / "original", tmp_path / "base"
     )
+    assert found.found and not not_found.found, (found.line(), not_found.line())
+    # with the key: the release protected with `all`, re-basin-aligned, then mixed the same way
+    key = tmp_path / "original.key"
+    protect(tmp_path / "original", tmp_path / "protected", "all", base=tmp_path / "base",
+            key_out=key, seed=1)  # fmt: skip
+    aligned = load_tensors(attack(tmp_path / "protected", tmp_path / "base", tmp_path / "rb",
+                                  "rebasin"))  # fmt: skip
+    mixed = {k: b + 0.6 * (aligned[k] - b) + 0.6 * (other[k] - b) if b.is_floating_point() else b
+             for k, b in base.items()}  # fmt: skip
+    _save(mixed, tmp_path / "base", tmp_path / "rb-mix")
+    found, not_found = detect_all(
+        [tmp_path / "rb-mix", tmp_path / "other"], tmp_path / "original", tmp_path / "base",
+        key=key,
+    )  # fmt: skip
     assert found.found and not not_found.found, (found.line(), not_found.line())
 
 
