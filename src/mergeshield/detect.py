@@ -19,16 +19,19 @@ role, other tensors by name up to a prefix such as ``bert.``).
   least-squares multiple of the frame change ``T(b) - b`` (per matrix), the reference is the
   release's own task vector in that frame, ``T(o) = T(theta_original) - T(b)``.  (The frame
   change itself is not compared: it is a base-sized matrix, and every model's weight decay
-  and its correlation with the base reach it.)  Where that leaves a block far from the base
-  (:func:`key_task`; never for a fine-tune or a merge of fine-tunes), the release was merged
-  in a frame of its own or entry by entry: a free-rider's re-basin permuted its heads and
-  units (the key's head maps and unit signs stay), or TIES kept some of its entries whole
-  and averaged others.  Then the owner's frame is also permuted onto the suspect's
-  (:func:`onto_suspect`), the frame change is removed entry by entry where that fits better
-  (:func:`per_entry_off`), and what explains the suspect best is compared.
-  Measured on SmolLM2 (the study's ``all``-protected release): re-basin-aligned then merged
-  by task arithmetic at 0.6, key ``Z`` 198 -> 320 000; by all-task TIES -1 -> 27 000; TIES of
-  the release as published 32 -> 27 000; same-task fine-tunes stay at -0.5 to 2.
+  and its correlation with the base reach it.)  Per block (:func:`key_task`): a block that
+  the frame change does not weigh (``<x - b, f> / |f|^2 < KEY_FROM`` on average over its
+  matrices: every fine-tune and merge of fine-tunes, and a release aligned back onto the
+  base) takes the ``aligned`` view's ``s`` and references, so that for a model without the
+  release the key view is the same test as the aligned one and counts once; where, without
+  the frame change, a block is still far from the base, the release was merged in a frame of its
+  own or entry by entry (a free-rider's re-basin permuted its heads and units and left the
+  key's head maps and unit signs; TIES kept some of its entries whole and averaged others):
+  the owner's frame is also permuted onto the suspect's (:func:`onto_suspect`) and the frame
+  change is also removed entry by entry (:func:`per_entry_off`), and what explains the
+  suspect best is compared.  Measured on SmolLM2 (the study's ``all``-protected release,
+  session 17): re-basin-aligned then merged by task arithmetic at 0.6, key ``Z`` 198 -> 226
+  000; by all-task TIES -1 -> 18 700; all-task TIES of the release as published 32 -> 18 600.
 
 **Statistic.**  A same-task fine-tune (other seed, other data) shares the task's direction
 with ``o`` but not the release's own noise.  The shared direction is concentrated in a few
