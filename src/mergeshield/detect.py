@@ -272,16 +272,10 @@ def per_entry_off(s: torch.Tensor, f: torch.Tensor, floor: float) -> torch.Tenso
     level could be the one that cancels the release, so ``w_i = 0`` (``s_i`` kept)."""
     import torch
 
-    entry, err = s, s.abs()
     big = f.abs() >= floor
-    for w in LEVELS:
-        candidate = s - w * f
-        closer = big & (candidate.abs() < err)
-        entry, err = (
-            torch.where(closer, candidate, entry),
-            torch.where(closer, candidate.abs(), err),
-        )
-    return entry
+    levels = torch.tensor(sorted((0.0, *LEVELS)), dtype=s.dtype)
+    nearest = torch.bucketize(s / torch.where(big, f, 1.0), (levels[1:] + levels[:-1]) / 2)
+    return s - torch.where(big, levels[nearest], 0.0) * f
 
 
 def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> KeyFrame:
@@ -298,14 +292,13 @@ def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> K
     )
     from mergeshield.symmetries.transform import BlockTransform
 
-    x64 = {n: v.double() for n, v in x.items()}
     att = block.attention
     if att.shared_heads is None:
-        moved = read_heads({n: v - b[n].double() for n, v in x64.items()}, att)
-        kv_perm, q_perm = match_heads(att, moved, read_heads(frame.tb, att), inner_cost)
+        moved = read_heads({n: v - b[n] for n, v in x.items()}, att)
+        kv_perm, q_perm = match_heads(att, moved, read_heads(frame.tb32, att), inner_cost)
         frame = frame.permuted(BlockTransform(kv_perm=kv_perm, q_perm=q_perm), block)
-    if block.mlps():
-        perms = [match_units_cosine(mlp, frame.tb, x64) for mlp in block.mlps()]
+    if block.mlps():  # float32: the assignment needs no more
+        perms = [match_units_cosine(mlp, frame.tb32, x) for mlp in block.mlps()]
         frame = frame.permuted(BlockTransform.of_units(perms=perms), block)
     return frame
 
