@@ -615,7 +615,10 @@ def _score_models(
             for m, (model, rd) in enumerate(zip(models, readers, strict=True)):
                 x = _block32(rd, model.spec.blocks[i], like=bspec)
                 task = {"raw": {n: x[n] - b[n] for n in names}}
-                if "aligned" in model_views[m] and _off_frame(task["raw"], base_norm):
+                keyed = key_task(bspec, x, b, owner, base_norm) if "key" in model_views[m] else None
+                # a block in a frame of the key's is compared there, not also aligned onto the base
+                off_base = keyed is None and _off_frame(task["raw"], base_norm)
+                if "aligned" in model_views[m] and off_base:
                     a = align.align_block(bspec, {n: v.clone() for n, v in x.items()}, b)
                     task["aligned"] = {n: a[n] - b[n] for n in names}
                 elif "aligned" in model_views[m]:
@@ -627,7 +630,6 @@ def _score_models(
                     else {}
                 )
                 if "key" in model_views[m]:
-                    keyed = key_task(bspec, x, b, owner, base_norm)
                     if keyed is None:  # not in the owner's frame
                         same["key"] = "aligned" if "aligned" in task else "raw"
                         task["key"] = task[same["key"]]
