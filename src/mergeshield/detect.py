@@ -224,7 +224,7 @@ def _low_rank(o: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
 
 LEVELS = tuple(1 / k for k in range(1, 9))  # TIES's disjoint mean over k agreeing models
 KEY_FROM = 0.05  # least-squares weight of the frame change from which a block is in the key's frame
-SWITCH = 4  # key_task's other frames and fits replace the first only if 4x closer
+SWITCH = 4  # key_task's per-entry fit replaces the least-squares one only if 4x closer
 KAPPA = 8  # a frame change entry is fitted on its own where it is KAPPA times the release's rms
 
 
@@ -275,7 +275,10 @@ def per_entry_off(s: torch.Tensor, f: torch.Tensor, floor: float) -> torch.Tenso
     big = f.abs() >= floor
     levels = torch.tensor(sorted((0.0, *LEVELS)), dtype=s.dtype)
     nearest = torch.bucketize(s / torch.where(big, f, 1.0), (levels[1:] + levels[:-1]) / 2)
-    return s - torch.where(big, levels[nearest], 0.0) * f
+    w = torch.where(big, levels[nearest], -1.0)
+    # where the release's entry was dropped (w = 0 on a large frame change), s holds only the
+    # other models' entries: left out (0), they add no noise to z
+    return torch.where(w == 0, 0.0, s - w.clamp_min(0.0) * f)
 
 
 def onto_suspect(block: BlockSpec, x: Tensors, b: Tensors, frame: KeyFrame) -> KeyFrame:
@@ -318,11 +321,13 @@ def key_task(
     ``T(o)``'s).  The frames: the owner's, and where that leaves some matrix of ``x - b``
     ``ALIGN_FROM`` times its base norm away after its least-squares multiple of ``f`` is
     removed (the release merged in a frame of its own: re-basin permuted it), the owner's
-    permuted onto the suspect's (:func:`onto_suspect`).  The frame change is removed by least
-    squares (a linear merge weighs the whole release alike) or, in that second case, also
-    entry by entry (:func:`per_entry_off`: TIES).  The first frame's least-squares ``s`` is
-    kept unless another candidate leaves under ``1 / SWITCH`` of its squared norm (a choice
-    made on norms that the frame change dominates, not on the release's residual)."""
+    permuted onto the suspect's (:func:`onto_suspect`).  Of the frames that hold the suspect,
+    the one whose least-squares fit leaves the smaller residual is kept, and its frame change
+    is removed entry by entry instead (:func:`per_entry_off`: TIES) where that leaves under
+    ``1 / SWITCH`` of the least-squares residual's squared norm (choices made on norms that
+    the frame change dominates, not on the release's residual; measured on the small ViT,
+    whose task vectors are large against the frame change, a per-entry fit chosen whenever
+    smaller lost the TIES merge as published)."""
     names = owner.names
     moved = {n: x[n] - b[n] for n in names}
 
@@ -341,18 +346,12 @@ def key_task(
     if not _off_frame(s, base_norm):
         return (s, owner) if holds(owner) else None
     frames = [f for f in (owner, onto_suspect(block, x, b, owner)) if holds(f)]
-    candidates = [
-        (fit, frame)
-        for frame in frames
-        for fit in (
-            {n: off_span(moved[n], frame.shift[n]) for n in names},
-            {n: per_entry_off(moved[n], frame.change[n], frame.floor[n]) for n in names},
-        )
-    ]
-    if not candidates:
+    if not frames:
         return None
-    best = min(candidates, key=lambda c: size(c[0]))
-    return best if size(best[0]) * SWITCH < size(candidates[0][0]) else candidates[0]
+    fits = [({n: off_span(moved[n], f.shift[n]) for n in names}, f) for f in frames]
+    s, frame = min(fits, key=lambda fit: size(fit[0]))  # the frame: least squares decides
+    entry = {n: per_entry_off(moved[n], frame.change[n], frame.floor[n]) for n in names}
+    return (entry, frame) if size(entry) * SWITCH < size(s) else (s, frame)
 
 
 def tensor_z(s: torch.Tensor, r: torch.Tensor) -> float:
