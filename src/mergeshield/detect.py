@@ -29,9 +29,11 @@ role, other tensors by name up to a prefix such as ``bert.``).
   key's head maps and unit signs; TIES kept some of its entries whole and averaged others):
   the owner's frame is also permuted onto the suspect's (:func:`onto_suspect`) and the frame
   change is also removed entry by entry (:func:`per_entry_off`), and what explains the
-  suspect best is compared.  Measured on SmolLM2 (the study's ``all``-protected release,
-  session 17): re-basin-aligned then merged by task arithmetic at 0.6, key ``Z`` 198 -> 226
-  000; by all-task TIES -1 -> 18 700; all-task TIES of the release as published 32 -> 18 600.
+  suspect best is compared.  With the key, a block in a frame of the key's is compared there
+  and not also aligned onto the base.  Measured on SmolLM2 (the study's ``all``-protected
+  release, session 17): re-basin-aligned then merged by task arithmetic at 0.6, key ``Z`` 198
+  -> 226 000; by all-task TIES -1 -> 25 400; all-task TIES of the release as published 32 ->
+  55 800.
 
 **Statistic.**  A same-task fine-tune (other seed, other data) shares the task's direction
 with ``o`` but not the release's own noise.  The shared direction is concentrated in a few
