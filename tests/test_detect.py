@@ -400,25 +400,30 @@ def test_other_families(name, tmp_path) -> None:
     assert found.found and not not_found.found, (found.line(), not_found.line())
 
 
+def _llama_family(root: Path, more: dict[str, tuple[int, int, float]]) -> dict[str, Path]:
+    """Tiny Llama (RoPE, GQA 2, tied embeddings) and fine-tunes of its upper decoder layer
+    only, like the llm family: ``victim``, ``task1``, ``task2`` and ``more`` (label: task,
+    noise, scale)."""
+    from tests.tiny_models import build
+
+    build("llama-gqa2", root / "base")
+    base = load_tensors(root / "base")
+    fam = {"root": root, "base": root / "base"}
+    models = {"victim": (0, 0, 1.0), "task1": (1, 11, 1.0), "task2": (2, 12, 1.0)} | more
+    for label, (task, noise, scale) in models.items():
+        tuned = _fine_tune(base, task, noise, scale)
+        upper = {k: tuned[k] if k.startswith("model.layers.1.") else b for k, b in base.items()}
+        fam[label] = _save(upper, fam["base"], root / label)
+    return fam
+
+
 def test_llama_release_in_a_mergekit_merge(tmp_path) -> None:
     """Tiny Llama (RoPE, GQA 2, tied embeddings) trained like the llm family, only its upper
     decoder layer: the release is found in a mergekit TIES merge with two other experts and,
     protected then aligned by aga, in a task-arithmetic merge; it is not found in the same
     TIES merge with a same-task fine-tune in its place, with or without null models."""
-    from tests.tiny_models import build
-
-    build("llama-gqa2", tmp_path / "base")
-    base = load_tensors(tmp_path / "base")
-    fam = {"root": tmp_path, "base": tmp_path / "base"}
-
-    def upper_only(task: int, noise: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        tuned = _fine_tune(base, task, noise, scale)
-        return {k: tuned[k] if k.startswith("model.layers.1.") else b for k, b in base.items()}
-
-    models = {"victim": (0, 0, 1.0), "task1": (1, 11, 1.0), "task2": (2, 12, 1.0)}
-    models |= {f"same{s}": (0, 100 + s, 0.7 + 0.1 * s) for s in (1, 2, 3, 4)}
-    for label, (task, noise, scale) in models.items():
-        fam[label] = _save(upper_only(task, noise, scale), fam["base"], tmp_path / label)
+    same = {f"same{s}": (0, 100 + s, 0.7 + 0.1 * s) for s in (1, 2, 3, 4)}
+    fam = _llama_family(tmp_path, same)
     protect(fam["victim"], tmp_path / "protected", "all", base=fam["base"], seed=2)
     fam["aligned"] = attack(tmp_path / "protected", fam["base"], tmp_path / "aligned", "aga")
     suspects = [
@@ -442,20 +447,7 @@ def test_the_key_view_follows_a_release_merged_in_a_frame_of_its_own(tmp_path) -
     the owner's frame onto the suspect's, removing the frame change entry by entry).  Another
     owner's release (a same-task fine-tune, protected with its own key) merged the same ways
     is not found with this owner's key."""
-    from tests.tiny_models import build
-
-    build("llama-gqa2", tmp_path / "base")
-    base = load_tensors(tmp_path / "base")
-    fam = {"root": tmp_path, "base": tmp_path / "base"}
-
-    def upper_only(task: int, noise: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        tuned = _fine_tune(base, task, noise, scale)
-        return {k: tuned[k] if k.startswith("model.layers.1.") else b for k, b in base.items()}
-
-    models = {"victim": (0, 0, 1.0), "task1": (1, 11, 1.0), "task2": (2, 12, 1.0)}
-    models |= {"same": (0, 105, 1.0)}
-    for label, (task, noise, scale) in models.items():
-        fam[label] = _save(upper_only(task, noise, scale), fam["base"], tmp_path / label)
+    fam = _llama_family(tmp_path, {"same": (0, 105, 1.0)})
     key = tmp_path / "victim.key"
     protect(fam["victim"], tmp_path / "protected", "all", base=fam["base"], key_out=key, seed=4)
     protect(fam["same"], tmp_path / "other", "all", base=fam["base"], seed=5)
