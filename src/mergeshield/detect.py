@@ -271,15 +271,15 @@ def per_entry_off(s: torch.Tensor, f: torch.Tensor, floor: float) -> torch.Tenso
     whole, drops it, or averages it with ``k - 1`` agreeing models: ``w = 1 / k``).  Only
     where ``|f_i| >= floor``: there the release's own entry (or a partner's) moves the ratio
     by under ``1 / KAPPA`` of ``w``, too little to pick another level; elsewhere the nearest
-    level could be the one that cancels the release, so ``w_i = 0`` (``s_i`` kept)."""
+    level could be the one that cancels the release, so ``s_i`` is kept whole.  An entry
+    whose nearest level is 0 (TIES dropped the release's value there) holds only the other
+    models' entries and is left out (set to 0: no term of ``z``)."""
     import torch
 
     big = f.abs() >= floor
     levels = torch.tensor(sorted((0.0, *LEVELS)), dtype=s.dtype)
     nearest = torch.bucketize(s / torch.where(big, f, 1.0), (levels[1:] + levels[:-1]) / 2)
     w = torch.where(big, levels[nearest], -1.0)
-    # where the release's entry was dropped (w = 0 on a large frame change), s holds only the
-    # other models' entries: left out (0), they add no noise to z
     return torch.where(w == 0, 0.0, s - w.clamp_min(0.0) * f)
 
 
