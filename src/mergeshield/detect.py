@@ -232,26 +232,29 @@ KAPPA = 8  # a frame change entry is fitted on its own where it is KAPPA times t
 
 class KeyFrame:
     """The owner's frame in one block: ``p = T(theta_original)`` and ``tb = T(b)`` (float64, as
-    transformed), the frame change ``f = T(b) - b`` and its unit direction per matrix
-    (``change``, ``shift``), and the key view's references (:func:`references` of ``T(o) =
-    p - tb`` off ``T(b)`` and ``b``), computed on first use."""
+    transformed), the frame change ``f = T(b) - b``, its squared norm and unit direction per
+    matrix (``change``, ``change_sq``, ``shift``), ``own = T(o) = p - tb`` (float32), and the
+    key view's references (:func:`references` of ``T(o)`` off ``T(b)`` and ``b``), computed on
+    first use."""
 
     def __init__(self, p: Tensors, tb: Tensors, b: Tensors, names: list[str], rank: int):
         self.p, self.tb, self.b, self.names, self.rank = p, tb, b, names, rank
         self.tb32 = {n: v.float() for n, v in tb.items()}
         self.change = {n: self.tb32[n] - b[n] for n in names}
+        self.change_sq = {n: float(self.change[n].square().sum()) for n in names}
         self.shift = {n: unit_basis(self.change[n]) for n in names}
+        own = {n: p[n] - tb[n] for n in names}  # T(o), exact zeros kept
+        self.own = {n: v.float() for n, v in own.items()}
         # the entries of the frame change that per_entry_off fits one by one
-        own = {n: p[n] - tb[n] for n in names}
         self.floor = {n: KAPPA * float(own[n].norm()) / own[n].numel() ** 0.5 for n in names}
         self._refs: dict | None = None
 
     @property
     def refs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self._refs is None:
-            own = {n: (self.p[n] - self.tb[n]).float() for n in self.names}  # exact zeros kept
             self._refs = {
-                n: references(own[n], self.tb32[n], self.rank, also=self.b[n]) for n in self.names
+                n: references(self.own[n], self.tb32[n], self.rank, also=self.b[n])
+                for n in self.names
             }
         return self._refs
 
@@ -334,11 +337,8 @@ def key_task(
     moved = {n: x[n] - b[n] for n in names}
 
     def holds(frame: KeyFrame) -> bool:
-        changed = [n for n in names if bool(frame.change[n].any())]
-        weights = [
-            float((moved[n] * frame.change[n]).sum()) / float(frame.change[n].square().sum())
-            for n in changed
-        ]
+        changed = [n for n in names if frame.change_sq[n] > 0]
+        weights = [float((moved[n] * frame.change[n]).sum()) / frame.change_sq[n] for n in changed]
         return bool(changed) and sum(weights) >= KEY_FROM * len(changed)
 
     def size(t: Tensors) -> float:
