@@ -27,20 +27,21 @@ from pathlib import Path
 
 import torch
 
+from mergeshield.architectures.families import describe
 from mergeshield.attacks import attack
 from mergeshield.evaluation import zoo
 from mergeshield.evaluation.frontier import Candidate, FrontierPlan, build_candidate
 from mergeshield.folders import load_tensors
 from mergeshield.hardening.components import aga_recovery, attention_specs
 
-ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")
 
-
-def role(name: str) -> str | None:
-    for r in ROLES[:4]:
-        if f".{r}." in name:
-            return r
-    return "mlp" if ".mlp." in name else None
+def roles(config, names: list[str]) -> dict[str, str]:
+    """Tensor name -> ``q``, ``k``, ``v``, ``o`` or ``mlp``, from the architecture spec."""
+    out = {}
+    for block in describe(config, names).blocks:
+        out |= {slot.weight: role for role, slot in block.attention.slots().items()}
+        out |= {s.weight: "mlp" for mlp in block.mlps() for s in mlp.slots().values()}
+    return out
 
 
 def compare(release: Path, protected: Path, base: Path, work: Path) -> dict[str, dict]:
@@ -54,13 +55,10 @@ def compare(release: Path, protected: Path, base: Path, work: Path) -> dict[str,
     b = {n: v.float() for n, v in b.items()}
     r = {n: v.float() for n, v in r.items() if n in b}
     a = {n: v.float() for n, v in a.items() if n in b}
-    specs = attention_specs(AutoConfig.from_pretrained(release), list(b))
-    proxy = aga_recovery(r, b, {n: n for n in r}, specs)
+    config = AutoConfig.from_pretrained(release)
+    proxy = aga_recovery(r, b, {n: n for n in r}, attention_specs(config, list(b)))
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for n in r:
-        part = role(n)
-        if part is None or r[n].dim() != 2:
-            continue
+    for n, part in roles(config, list(b)).items():
         tau, real, prox = r[n] - b[n], a[n] - b[n], proxy[n] - b[n]
         s = sums[part]
         s["tau"] += float(tau.square().sum())

@@ -61,13 +61,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (method, parts, c) in cases.items():
             merge_s, detect_s = [], []
+            config = Path(tmp) / "merge.yml"  # what mergekit-yaml reads (--cli)
+            config.write_text(
+                yaml.safe_dump(merge_config(method, family.base, parts, coefficient=c))
+            )
             for run in range(args.runs):
                 out = Path(tmp) / f"merge{run}"
                 if args.cli:
-                    config = Path(tmp) / "merge.yml"
-                    config.write_text(
-                        yaml.safe_dump(merge_config(method, family.base, parts, coefficient=c))
-                    )
                     merge_s.append(_timed([BIN / "mergekit-yaml", config, out]))
                     detect_s.append(
                         _timed(
