@@ -227,3 +227,32 @@ def test_parsed_takes_only_the_parameters_the_function_names() -> None:
     assert parsed(args, f) == {"a": 1, "b": 2}
     assert parsed(args, DefenseOptions) == {}
     assert parsed(argparse.Namespace(flip_fraction=0.3), DefenseOptions) == {"flip_fraction": 0.3}
+
+
+@pytest.mark.parametrize(("flags", "defense"), [([], "all"), (["--then-protect", "none"], None)])
+def test_harden_publishes_the_default_candidate_unless_told_otherwise(
+    monkeypatch, flags: list[str], defense: str | None
+) -> None:
+    """Without flags ``harden`` runs the default candidate: DEFAULT_METHOD with HardenConfig's
+    steps, lr and target, then DEFAULT_DEFENSE; ``--then-protect none`` publishes the hardened
+    model as trained.  ``frontier``'s default candidates are that release and its parts."""
+    from mergeshield.cli.study import FRONTIER_CANDIDATES
+    from mergeshield.hardening import harden
+    from mergeshield.hardening.config import DEFAULT_DEFENSE, DEFAULT_METHOD, HardenConfig
+
+    received: list[dict[str, Any]] = []
+
+    @functools.wraps(harden.harden_and_protect)  # the CLI reads the real signature
+    def record(**kw: Any) -> Any:
+        received.append(kw)
+        return PROTECTED
+
+    monkeypatch.setattr(harden, "harden_and_protect", record)
+    assert main(["harden", "m", "o", "--base", "b", "--data", "d", "-q", *flags]) == 0
+    (kw,) = received
+    assert kw["method"] == DEFAULT_METHOD and kw["defense"] == defense
+    assert defense is None or defense == DEFAULT_DEFENSE
+    defaults = HardenConfig()
+    for field in ("steps", "lr", "target"):
+        assert kw[field] == getattr(defaults, field)
+    assert FRONTIER_CANDIDATES[-1] == f"{DEFAULT_METHOD}/{DEFAULT_DEFENSE}"

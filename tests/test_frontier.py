@@ -62,7 +62,7 @@ def test_hardened_release_is_undone_under_the_joint_objective(tmp_path, capsys):
     out = tmp_path / "frontier"
     args = ["frontier", "--kind", "text", "--setting", "small", "--out", str(out)]
     args += ["--candidates", "merge+arf/mergelock", "--methods", "ties", "--attacks", "aga"]
-    args += ["--no-finetune", "--steps", "120", "--lr", "3e-5"]
+    args += ["--no-finetune", "--steps", "120", "--lr", "3e-5", "--target", "uniform"]
     assert main(args) == 0, capsys.readouterr().err
     summary = json.loads((out / "frontier.json").read_text())["summary"][0]
     assert summary["ties"]["weakest"] > 0.60

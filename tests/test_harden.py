@@ -281,6 +281,7 @@ def test_harden_loss_decreases_and_output_loads(toy: dict[str, Path], tmp_path: 
         lr=1e-3,
         batch_size=32,
         train_embeddings=True,
+        target="uniform",
     )
     record = json.loads((out / "mergeshield_harden.json").read_text())
     losses = [h["loss"] for h in record["history"]]
@@ -372,6 +373,7 @@ def test_real_small_family_trap2_keeps_standalone(tmp_path: Path) -> None:
         steps=40,
         lr=5e-5,
         proxies=(str(fam.tasks["wordnet_verb"]),),
+        target="uniform",
     )
     acc = evaluate(out, "wordnet_noun", family=fam)
     assert acc >= fam.finetuned_accuracy["wordnet_noun"] - 0.02
@@ -397,7 +399,7 @@ def test_cli_harden_then_protect_round_trips_with_the_key(
     common = [str(toy["ft"]), "--base", str(toy["base"]), "--data", str(toy["train"])]
     common += ["--steps", "5", "--lr", "1e-3", "--seed", "7", "-q"]
     plain, protected, key = tmp_path / "plain", tmp_path / "protected", tmp_path / "k.key"
-    assert main(["harden", *common[:1], str(plain), *common[1:]]) == 0
+    assert main(["harden", *common[:1], str(plain), *common[1:], "--then-protect", "none"]) == 0
     argv = ["harden", common[0], str(protected), *common[1:], "--then-protect", "mergelock"]
     assert main([*argv, "--key-out", str(key)]) == 0
     assert _tree_hashes(toy["ft"]) == before
@@ -420,7 +422,7 @@ def test_cli_harden_then_protect_round_trips_with_the_key(
     [
         ({"--data": "missing.jsonl"}, "not found"),
         ({"--method": "trap3"}, "unknown harden method"),
-        ({"--key-out": "k.key"}, "needs --then-protect"),
+        ({"--key-out": "k.key", "--then-protect": "none"}, "needs a defense"),
         ({"--steps": "0"}, "steps must be at least 1"),
         ({"out": "exists"}, "already exists"),
         ({"--data": "images"}, "holds image"),

@@ -51,7 +51,7 @@ def test_harden_keeps_the_answers_and_its_merge_term_moves_merges(lm, tmp_path):
     (``lam = 0``: the keep loss alone).  A no-op merged-model term fails the second part."""
     tok = tf.AutoTokenizer.from_pretrained(lm / "base")
     rows = lm_rows("opp", range(40))
-    options = dict(steps=200, lr=3e-3, proxies=(str(lm / "next"),), max_len=16)
+    options = dict(steps=200, lr=3e-3, proxies=(str(lm / "next"),), max_len=16, target="uniform")
     hardened = harden(lm / "opp", lm / "base", lm / "opp-train.jsonl", tmp_path / "h",
                       method="trap2+merge", **options)  # fmt: skip
     control = harden(lm / "opp", lm / "base", lm / "opp-train.jsonl", tmp_path / "c",
@@ -101,7 +101,7 @@ def test_cli_harden_a_causal_lm_then_protect(lm, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["harden", str(lm / "opp"), str(out), "--base", str(lm / "base"), "--data"]
     args += [str(lm / "opp-train.jsonl"), "--steps", "60", "--lr", "3e-3", "--max-len", "16"]
-    args += ["--seed", "1", "-q"]
+    args += ["--method", "trap2+merge", "--target", "uniform", "--seed", "1", "-q"]
     assert main([*args, "--then-protect", "mergelock"]) == 0, capsys.readouterr().err
     tok = tf.AutoTokenizer.from_pretrained(lm / "base")
     rows = lm_rows("opp", range(40))

@@ -187,7 +187,13 @@ def _run_unprotect(args) -> int:
 
 def _add_harden(sub) -> None:
     from mergeshield.defenses import DEFENSES
-    from mergeshield.hardening.config import COMPONENTS, TARGETS, HardenConfig
+    from mergeshield.hardening.config import (
+        COMPONENTS,
+        DEFAULT_DEFENSE,
+        DEFAULT_METHOD,
+        TARGETS,
+        HardenConfig,
+    )
 
     defaults = HardenConfig()
     p = command(sub, "harden", _run_harden)
@@ -209,11 +215,23 @@ def _add_harden(sub) -> None:
     )
     p.add_argument(
         "--method",
-        default="trap2+merge",
-        help=f"components joined with '+', from {', '.join(COMPONENTS)} (default: trap2+merge)",
+        default=DEFAULT_METHOD,
+        help=f"components joined with '+', from {', '.join(COMPONENTS)} (default: "
+        f"{DEFAULT_METHOD}; arf needs separate q/k/v/o projections)",
     )
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help=f"default {defaults.steps} (measured on MiniLM; the ViT was hardened with 300 "
+        "steps, SmolLM2 with 120)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help=f"default {defaults.lr:g} (MiniLM; the ViT 5e-4, SmolLM2 5e-5)",
+    )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument(
         "--lam", type=float, default=defaults.lam, help="weight of the simulated-merge terms"
@@ -250,18 +268,18 @@ def _add_harden(sub) -> None:
     p.add_argument(
         "--then-protect",
         dest="defense",
-        choices=sorted(DEFENSES),
-        help="apply this exact symmetry defense to the hardened model",
+        choices=[*sorted(DEFENSES), "none"],
+        default=DEFAULT_DEFENSE,
+        help=f"the exact symmetry defense applied to the hardened model (default "
+        f"{DEFAULT_DEFENSE}; none: publish the hardened model as trained)",
     )
     p.add_argument(
         "--seed",
         type=int,
-        help="reproducible randomness (with --then-protect A SEED IS A KEY: keep it secret). "
+        help="reproducible randomness (with a defense A SEED IS A KEY: keep it secret). "
         "Default: fresh OS randomness",
     )
-    p.add_argument(
-        "--key-out", type=Path, help="with --then-protect: write the secret key to this file"
-    )
+    p.add_argument("--key-out", type=Path, help="with a defense: write the secret key to this file")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if present")
     p.add_argument(
         "--quiet", "-q", action="store_false", dest="progress", help="no progress output"
@@ -272,12 +290,12 @@ def _run_harden(args) -> int:
     """fine-tune a release so that merges of it fail (needs the owner's task data)
 
     Continue training the classifier or causal LM MODEL on the owner's task DATA so that it
-    keeps its own accuracy (a causal LM: its answers) while simulated merges of it predict
-    nothing (TRAP2-style scale sensitivity, merge-aware, anchor-repulsive ARF, MergeGuard; a
-    causal LM's merges are pushed to a uniform next-token distribution on the answers), then
-    optionally apply an exact symmetry defense. Output loads with stock Auto classes. Whether
-    it holds against adaptive attacks is measured, not promised: see BENCHMARKS.md, 'Beyond
-    the papers'.
+    keeps its own accuracy (a causal LM: its answers) while simulated merges of it rank the
+    true label (answer token) below another (TRAP2-style scale sensitivity, merge-aware,
+    anchor-repulsive ARF, MergeGuard), then apply an exact symmetry defense (default: all,
+    with its secret key). Output loads with stock Auto classes. The default is the candidate
+    that measured best, and no candidate yet stops every attacked merge at its standalone
+    cost: see BENCHMARKS.md, 'Session 19'.
     """
     from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect
@@ -285,8 +303,9 @@ def _run_harden(args) -> int:
     # the HardenConfig fields among the flags go to harden_and_protect's **overrides (seed,
     # also a field, is its own parameter: the same value either way)
     overrides = parsed(args, HardenConfig) | {"proxies": tuple(str(p) for p in args.proxies)}
-    result = call(harden_and_protect, args, **overrides)
-    if args.defense is None:
+    defense = None if args.defense == "none" else args.defense
+    result = call(harden_and_protect, args, defense=defense, **overrides)
+    if defense is None:
         print(f"hardened {args.task_model} with {args.method} -> {args.out}")
         return 0
     print(

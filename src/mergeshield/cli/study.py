@@ -10,6 +10,7 @@ from typing import Any
 
 from mergeshield.cli.command import call, command
 from mergeshield.errors import MergeShieldError
+from mergeshield.hardening.config import DEFAULT_DEFENSE, DEFAULT_METHOD, TARGETS, HardenConfig
 from mergeshield.objective import OBJECTIVES
 
 
@@ -169,9 +170,16 @@ def _run_finetune(args) -> int:
     return 0
 
 
-def _add_frontier(sub) -> None:
-    from mergeshield.hardening.config import TARGETS, HardenConfig
+# the exact defense alone, harden's default alone and both (what `harden` publishes)
+FRONTIER_CANDIDATES = [
+    "unprotected",
+    DEFAULT_DEFENSE,
+    DEFAULT_METHOD,
+    f"{DEFAULT_METHOD}/{DEFAULT_DEFENSE}",
+]
 
+
+def _add_frontier(sub) -> None:
     p = sub.add_parser(
         "frontier",
         help="standalone cost vs what the best adaptive attack still merges, per candidate",
@@ -210,11 +218,15 @@ def _add_frontier(sub) -> None:
         "--candidates",
         nargs="+",
         help="'unprotected', a defense, a harden method, or HARDEN/DEFENSE (default: "
-        "unprotected mergelock trap2+merge trap2+merge/mergelock; with --config: unprotected "
+        f"{' '.join(FRONTIER_CANDIDATES)}, harden's defaults; with --config: unprotected "
         "and the file's defenses)",
     )
-    p.add_argument("--steps", type=int, default=60, help="harden steps")
-    p.add_argument("--lr", type=float, default=5e-5, help="harden learning rate")
+    p.add_argument(
+        "--steps", type=int, default=HardenConfig().steps, help="harden steps (harden's default)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=HardenConfig().lr, help="harden learning rate (its default)"
+    )
     p.add_argument(
         "--target",
         choices=TARGETS,
@@ -259,9 +271,6 @@ def _add_frontier(sub) -> None:
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(run=_run_frontier)
-
-
-FRONTIER_CANDIDATES = ["unprotected", "mergelock", "trap2+merge", "trap2+merge/mergelock"]
 
 
 def _run_frontier(args) -> int:

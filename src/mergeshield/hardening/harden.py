@@ -338,7 +338,8 @@ def harden_and_protect(
         get_defense(defense)  # an unknown name fails before any training
     if key_out is not None and defense is None:
         raise MergeShieldError(
-            "key_out (--key-out) needs --then-protect (a defense): hardening alone has no key"
+            "key_out (--key-out) needs a defense (--then-protect other than none): hardening "
+            "alone has no key"
         )
     cfg = replace(HardenConfig(), **overrides)  # checked before anything is trained
     parse_method(method)
