@@ -294,8 +294,8 @@ def _run_harden(args) -> int:
     true label (answer token) below another (TRAP2-style scale sensitivity, merge-aware,
     anchor-repulsive ARF, MergeGuard), then apply an exact symmetry defense (default: all,
     with its secret key). Output loads with stock Auto classes. The default is the candidate
-    that measured best, and no candidate yet stops every attacked merge at its standalone
-    cost: see BENCHMARKS.md, 'Session 19'.
+    that measured strongest on two of three families, and no candidate yet stops every
+    attacked merge at a small standalone cost: see BENCHMARKS.md, 'Session 19'.
     """
     from mergeshield.hardening.config import HardenConfig
     from mergeshield.hardening.harden import harden_and_protect

@@ -15,8 +15,9 @@ WEIGHTINGS = ("inv", "inv_sqrt", "none")
 TARGETS = ("uniform", "margin")  # what every simulated-merge term pushes its merges to
 
 # `mergeshield harden`'s default release, with the steps, lr and target of HardenConfig: the
-# candidate that measured best across the full text, full vision and SmolLM2 families
-# (BENCHMARKS.md, "Session 19"); none of them meets the issue's target, see there.
+# candidate that measured strongest on the full ViT and SmolLM2 families (on the full MiniLM
+# merge+arf then all held task arithmetic better); none meets the target of 10% kept at 0.5
+# points of cost (BENCHMARKS.md, "Session 19").
 DEFAULT_METHOD = "trap2+merge+arf"
 DEFAULT_DEFENSE = "all"  # the exact symmetry applied after hardening ("none": skip)
 
