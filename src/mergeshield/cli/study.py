@@ -180,6 +180,7 @@ FRONTIER_CANDIDATES = [
 
 
 def _add_frontier(sub) -> None:
+    defaults = HardenConfig()
     p = sub.add_parser(
         "frontier",
         help="standalone cost vs what the best adaptive attack still merges, per candidate",
@@ -222,15 +223,15 @@ def _add_frontier(sub) -> None:
         "and the file's defenses)",
     )
     p.add_argument(
-        "--steps", type=int, default=HardenConfig().steps, help="harden steps (harden's default)"
+        "--steps", type=int, default=defaults.steps, help="harden steps (harden's default)"
     )
     p.add_argument(
-        "--lr", type=float, default=HardenConfig().lr, help="harden learning rate (its default)"
+        "--lr", type=float, default=defaults.lr, help="harden learning rate (its default)"
     )
     p.add_argument(
         "--target",
         choices=TARGETS,
-        default=HardenConfig().target,
+        default=defaults.target,
         help="harden's --target for every hardened candidate",
     )
     p.add_argument(

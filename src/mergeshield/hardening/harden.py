@@ -23,8 +23,8 @@ pushed to "no information" rather than to confidently wrong answers.
 are only scaled towards 0 has ``D`` near 0 while every prediction stays right.  Measured on the
 small text family (session 15): after ``amerge+arf`` at lr 3e-5, the AGA recovery of the
 release has ``D = 0.0013`` on the victim's validation data and accuracy 0.89 (the release
-0.91, the base 0.23).  ``target="margin"`` replaces every merged-model term by the scale-free
-rank margin of the true label ``y`` (a causal LM: the answer token),
+0.91, the base 0.23).  ``target="margin"`` (the default) replaces every merged-model term by
+the scale-free rank margin of the true label ``y`` (a causal LM: the answer token),
 
 ``R(theta) = mean softplus(m + mu)``, ``m = (z_y - max_{c != y} z_c) / rms(z - mean_c z)``
 
