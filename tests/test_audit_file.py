@@ -357,13 +357,15 @@ def test_frontier_merges_the_victim_with_every_free_rider_at_once(user_files, tm
 
 
 def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
-    user_files, tmp_path, capsys
+    user_files, tmp_path, capsys, monkeypatch
 ):
     """With ``train:`` on the victim, ``frontier --config`` builds a hardening candidate (3
     steps) and runs the fine-tune attack (32 examples, 4 steps); its figures are
     re-computable: the hardened release is what ``harden`` makes of the same file, its
     standalone accuracy is that checkpoint's test accuracy measured here, and the fine-tune
-    attack starts (step 0) at the best task-arithmetic merge's in-memory test accuracy."""
+    attack starts (step 0) at the best task-arithmetic merge's in-memory test accuracy.
+    ``--builds`` reuses that release for another study without training it again, and refuses
+    it for other settings or a folder frontier did not build."""
     from mergeshield.folders import load_tensors
     from mergeshield.hardening.harden import harden
     from mergeshield.modeling import load_classifier
@@ -382,6 +384,7 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     data = json.loads((out / "frontier.json").read_text())
     (result,) = data["details"]
     released = out / "builds" / "trap2+merge" / "hardened"
+    made = released.stat().st_mtime_ns
     # the frontier's harden call: the file's train data and max_length, no proxies, --target
     options: dict = {"method": "trap2+merge", "steps": 3, "lr": 1e-3, "max_len": 16}
     options["target"] = "margin"
@@ -403,6 +406,29 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
         [best["test_victim"], best["test_partners"]["verb"]]
     )
     assert [step for step, *_ in finetune["merge_without_victim"]] == [0, 2, 4]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a release built with the same settings was trained again")
+
+    monkeypatch.setattr("mergeshield.hardening.harden.harden", no_training)
+    more = [*args[:-3], "--no-finetune", "--builds", str(out / "builds")]
+    more[more.index("--out") + 1] = str(tmp_path / "more")
+    assert main(more) == 0, capsys.readouterr().err
+    again_data = json.loads((tmp_path / "more" / "frontier.json").read_text())
+    assert again_data["details"][0]["standalone"] == result["standalone"]
+    assert released.stat().st_mtime_ns == made
+    other = [*more[: more.index("--steps") + 1], "4", *more[more.index("--steps") + 2 :]]
+    other[other.index("--out") + 1] = str(tmp_path / "other")
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "built with other harden_kwargs" in err and "another --builds" in err
+    foreign = tmp_path / "foreign" / "trap2+merge"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("not a build")
+    other = [*more[: more.index("--builds") + 1], str(tmp_path / "foreign")]
+    other[other.index("--out") + 1] = str(tmp_path / "third")
+    assert main(other) == 2 and "is not a frontier build" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "not a build"
 
 
 def test_finetune_command_builds_a_classifier_of_the_base(user_files, tmp_path, capsys):

@@ -192,6 +192,15 @@ def _add_frontier(sub) -> None:
     )
     p.add_argument("--out", "-o", type=Path, default=Path("reports/frontier"))
     p.add_argument(
+        "--builds",
+        type=Path,
+        metavar="DIR",
+        help="keep the candidate releases in DIR and evaluate those built there before with "
+        "the same settings again instead of retraining them (to add attacks or methods to a "
+        "finished study); a folder built with other settings is refused (default: OUT/builds, "
+        "replaced with --overwrite)",
+    )
+    p.add_argument(
         "--config",
         type=Path,
         help="an audit file (as for audit): its family (built-in, your own classifiers or "
@@ -350,7 +359,7 @@ def _run_frontier(args) -> int:
             )
             for c in candidates
         ]
-        results = run_frontier(plan, candidates, args.out, family=family)
+        results = run_frontier(plan, candidates, args.out, family=family, builds=args.builds)
     for r in results:
         s = r.summary()
         kept = ", ".join(

@@ -484,14 +484,57 @@ def training_inputs(family: Family, task: str) -> Tensors:
     return encode_split(family, data, "train", ZooSettings(**family.manifest["settings"]))
 
 
+BUILD_RECORD = "frontier_build.json"
+
+
+def build_settings(candidate: Candidate, family: Family, plan: FrontierPlan) -> dict[str, Any]:
+    """What a candidate's release depends on (recorded beside it as :data:`BUILD_RECORD`): the
+    victim and base folders, the proxies, the hardening method and options, the defense and
+    the seed it was protected with."""
+    return {
+        "candidate": candidate.name,
+        "victim": str(Path(family.tasks[plan.victim]).resolve()),
+        "base": str(Path(family.base).resolve()),
+        "proxies": [str(Path(family.tasks[p]).resolve()) for p in plan.proxies],
+        "harden": candidate.harden,
+        "harden_kwargs": {k: candidate.harden_kwargs[k] for k in sorted(candidate.harden_kwargs)},
+        "defense": candidate.defense,
+        "seed": plan.seed,
+    }
+
+
+def check_build_folder(folder: Path, settings: dict[str, Any]) -> None:
+    """Claim ``folder`` for a candidate built with ``settings``: a new folder gets the record;
+    one that holds another build (other settings, or no record) is refused in one line, so a
+    reused ``--builds`` folder never passes a release off as another's."""
+    record = folder / BUILD_RECORD
+    if record.is_file():
+        held = json.loads(record.read_text())
+        if held != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in settings | held if held.get(k) != settings.get(k))
+            raise MergeShieldError(
+                f"{folder} holds {held.get('candidate')!r} built with other {', '.join(diff)}; "
+                "pass another --builds folder or remove it"
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise MergeShieldError(
+            f"{folder} is not a frontier build (no {BUILD_RECORD}); pass another --builds "
+            "folder or remove it"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def build_candidate(
     candidate: Candidate, family: Family, plan: FrontierPlan, folder: Path, *, progress: bool
 ) -> Path:
     """The release folder of ``candidate`` (hardened and/or protected), built under ``folder``
-    unless already there."""
+    unless already there with the same settings (:func:`check_build_folder`)."""
     from mergeshield.hardening.harden import harden
     from mergeshield.protect import protect
 
+    check_build_folder(folder, build_settings(candidate, family, plan))
     model = family.tasks[plan.victim]
     if candidate.harden is not None:
         hardened = folder / "hardened"
@@ -528,16 +571,21 @@ def run_frontier(
     progress: bool = True,
 ) -> list[ReleaseResult]:
     """Build and evaluate every candidate; write ``frontier.json`` and ``frontier.png`` to
-    ``out``.  ``builds`` keeps the candidate releases between runs (default ``out/builds``)."""
+    ``out``.  ``builds`` keeps the candidate releases between runs (default ``out/builds``):
+    a release already built there with the same settings is evaluated again, not rebuilt, so
+    more attacks or methods can be run on a finished study's releases."""
     from mergeshield.evaluation.zoo import build_family
 
     family = family or build_family("text", "small", progress=progress)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     builds = Path(builds or out / "builds")
+    folders = [builds / cand.name.replace("/", "_") for cand in candidates]  # flat, one each
+    for cand, folder in zip(candidates, folders, strict=True):  # refused before any work
+        check_build_folder(folder, build_settings(cand, family, plan))
+    out.mkdir(parents=True, exist_ok=True)
     results = []
-    for cand in candidates:
-        released = build_candidate(cand, family, plan, builds / cand.name, progress=progress)
+    for cand, folder in zip(candidates, folders, strict=True):
+        released = build_candidate(cand, family, plan, folder, progress=progress)
         res = evaluate_release(family, released, plan, name=cand.name, progress=progress)
         results.append(res)
         write_frontier(results, plan, family, out)
