@@ -508,10 +508,11 @@ def check_build_folder(folder: Path, settings: dict[str, Any]) -> None:
     one that holds another build (other settings, or no record) is refused in one line, so a
     reused ``--builds`` folder never passes a release off as another's."""
     record = folder / BUILD_RECORD
+    want = json.loads(json.dumps(settings, default=str))  # as the record reads back
     if record.is_file():
         held = json.loads(record.read_text())
-        if held != json.loads(json.dumps(settings)):
-            diff = sorted(k for k in settings | held if held.get(k) != settings.get(k))
+        if held != want:
+            diff = sorted(k for k in want | held if held.get(k) != want.get(k))
             raise MergeShieldError(
                 f"{folder} holds {held.get('candidate')!r} built with other {', '.join(diff)}; "
                 "pass another --builds folder or remove it"
@@ -523,7 +524,7 @@ def check_build_folder(folder: Path, settings: dict[str, Any]) -> None:
             "folder or remove it"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=1) + "\n")
+    record.write_text(json.dumps(want, indent=1) + "\n")
 
 
 def build_candidate(
