@@ -422,6 +422,7 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     assert main(other) == 2
     err = capsys.readouterr().err
     assert "built with other harden_kwargs" in err and "another --builds" in err
+    assert not (tmp_path / "other").exists()  # refused before any report is written
     foreign = tmp_path / "foreign" / "trap2+merge"
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("not a build")
