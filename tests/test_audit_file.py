@@ -417,7 +417,8 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     again_data = json.loads((tmp_path / "more" / "frontier.json").read_text())
     assert again_data["details"][0]["standalone"] == result["standalone"]
     assert released.stat().st_mtime_ns == made
-    other = [*more[: more.index("--steps") + 1], "4", *more[more.index("--steps") + 2 :]]
+    other = list(more)
+    other[other.index("--steps") + 1] = "4"
     other[other.index("--out") + 1] = str(tmp_path / "other")
     assert main(other) == 2
     err = capsys.readouterr().err
@@ -426,7 +427,8 @@ def test_frontier_config_hardens_and_fine_tunes_on_the_files_train_data(
     foreign = tmp_path / "foreign" / "trap2+merge"
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("not a build")
-    other = [*more[: more.index("--builds") + 1], str(tmp_path / "foreign")]
+    other = list(more)
+    other[other.index("--builds") + 1] = str(tmp_path / "foreign")
     other[other.index("--out") + 1] = str(tmp_path / "third")
     assert main(other) == 2 and "is not a frontier build" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "not a build"

@@ -497,7 +497,7 @@ def build_settings(candidate: Candidate, family: Family, plan: FrontierPlan) -> 
         "base": str(Path(family.base).resolve()),
         "proxies": [str(Path(family.tasks[p]).resolve()) for p in plan.proxies],
         "harden": candidate.harden,
-        "harden_kwargs": {k: candidate.harden_kwargs[k] for k in sorted(candidate.harden_kwargs)},
+        "harden_kwargs": dict(sorted(candidate.harden_kwargs.items())),
         "defense": candidate.defense,
         "seed": plan.seed,
     }
